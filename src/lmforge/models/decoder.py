@@ -1,0 +1,263 @@
+"""The decoder-only language model family: GPT-2 style and Llama style in one readable file.
+
+``arch`` picks the defaults of a family; each component (positions, norm, MLP, biases, tied
+embeddings) can still be set on its own, and the resolved config always shows every choice.
+
+    gpt2:  learned positions, LayerNorm, GELU MLP, biases, tied embeddings
+    llama: RoPE, RMSNorm, SwiGLU MLP, no biases, grouped-query attention
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lmforge.config import Section
+from lmforge.models.layers import (
+    Block,
+    CausalSelfAttention,
+    KVCache,
+    RotaryEmbedding,
+    make_mlp,
+    make_norm,
+)
+
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        positions="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,
+    ),
+    "llama": dict(
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        norm_eps=1e-5,
+    ),
+}
+
+
+class DecoderConfig(Section):
+    """Architecture of a decoder-only transformer. Sizes are counts, not bytes."""
+
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="family whose defaults fill unset fields"
+    )
+    vocab_size: int | None = Field(
+        None, gt=0, description="vocabulary size; null = the tokenizer's"
+    )
+    context_length: int = Field(256, gt=0, description="maximum sequence length in tokens")
+    n_layer: int = Field(4, gt=0, description="transformer blocks")
+    n_head: int = Field(4, gt=0, description="attention heads")
+    n_kv_head: int | None = Field(None, gt=0, description="key/value heads (GQA); null = n_head")
+    d_model: int = Field(256, gt=0, description="residual stream width")
+    d_ff: int | None = Field(
+        None, gt=0, description="MLP hidden width; null = 4·d (gelu) or ≈8/3·d (swiglu)"
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="dropout on attention, residual and embeddings"
+    )
+    positions: Literal["learned", "rope"] | None = Field(None, description="position encoding")
+    norm: Literal["layernorm", "rmsnorm"] | None = Field(None, description="normalisation layer")
+    mlp: Literal["gelu", "swiglu"] | None = Field(None, description="MLP type")
+    bias: bool | None = Field(None, description="biases in linear layers and LayerNorm")
+    tie_embeddings: bool | None = Field(
+        None, description="share the input embedding and output head"
+    )
+    norm_eps: float | None = Field(None, gt=0, description="epsilon of the norm layers")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    init: Literal["gpt2", "xavier", "he"] = Field(
+        "gpt2",
+        description="weight init: gpt2 (N(0,0.02), residual projections scaled by 1/sqrt(2L)), xavier, he",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_arch_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            arch = data.get("arch", "gpt2")
+            for key, value in ARCH_DEFAULTS.get(arch, {}).items():
+                if data.get(key) is None:
+                    data = {**data, key: value}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> DecoderConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.kv_heads})"
+            )
+        if self.positions == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (model.d_model / model.n_head)")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_width(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # 2/3 of 4·d keeps the parameter count of a GELU MLP; round to 64
+            return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+        return 4 * self.d_model
+
+
+def gpt2_small() -> DecoderConfig:
+    """GPT-2 124M (Radford et al. 2019)."""
+    return DecoderConfig(
+        arch="gpt2", vocab_size=50257, context_length=1024, n_layer=12, n_head=12, d_model=768
+    )
+
+
+def llama_tiny() -> DecoderConfig:
+    """A small Llama-style model for tests and CPU experiments."""
+    return DecoderConfig(
+        arch="llama", context_length=256, n_layer=4, n_head=4, n_kv_head=2, d_model=256
+    )
+
+
+class Decoder(nn.Module):
+    """Token ids (B, T) → next-token logits (B, T, vocab)."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError(
+                "DecoderConfig.vocab_size must be set (from the tokenizer) before building"
+            )
+        self.cfg = cfg
+        self.activation_checkpointing = False
+        hd = cfg.d_model // cfg.n_head
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = (
+            nn.Embedding(cfg.context_length, cfg.d_model) if cfg.positions == "learned" else None
+        )
+        rope = (
+            RotaryEmbedding(hd, cfg.context_length, cfg.rope_theta)
+            if cfg.positions == "rope"
+            else None
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(
+                make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
+                CausalSelfAttention(
+                    cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout, rope
+                ),
+                make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
+                make_mlp(cfg.mlp, cfg.d_model, cfg.ff_width, cfg.bias, cfg.dropout),
+            )
+            for _ in range(cfg.n_layer)
+        )
+        self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise all weights as ``cfg.init`` says."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:  # biases and norm gains
+                nn.init.zeros_(p) if name.endswith("bias") else nn.init.ones_(p)
+            elif "emb" in name:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+            elif self.cfg.init == "xavier":
+                nn.init.xavier_uniform_(p)
+            elif self.cfg.init == "he":
+                nn.init.kaiming_normal_(p, nonlinearity="relu")
+            else:
+                # GPT-2: projections into the residual stream are scaled down so that the
+                # variance of the stream does not grow with depth.
+                std = residual_std if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(
+        self, idx: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """idx: (B, T) int64 → logits (B, T, vocab). ``caches`` (one per block) enable generation."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {start_pos + T} tokens exceeds context_length {self.cfg.context_length}"
+            )
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            if caches is not None:
+                x = block(x, start_pos, caches[i])
+            elif self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.lm_head(self.norm_f(x))
+
+    def new_kv_caches(
+        self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """Empty KV caches for generation, one per block."""
+        cfg, p = self.cfg, self.tok_emb.weight
+        hd = cfg.d_model // cfg.n_head
+        max_len = max_len or cfg.context_length
+        return [
+            KVCache.empty(batch, cfg.kv_heads, max_len, hd, p.device, dtype or p.dtype)
+            for _ in self.blocks
+        ]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters; ``non_embedding`` leaves out the token (and position) embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6·N + 12·L·T·d (Kaplan et al. 2020; PaLM).
+
+        N counts the weights that take part in matmuls: every parameter but the embedding
+        lookups — the output head counts even when tied, since it is a matmul.
+        """
+        cfg = self.cfg
+        T = seq_len or cfg.context_length
+        n_matmul = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        return 6.0 * n_matmul + 12.0 * cfg.n_layer * T * cfg.d_model
+
+
+def token_loss_sum(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy in nats (fp32) and the number of counted tokens.
+
+    logits: (B, T, V); targets: (B, T) with ``ignore_index`` for positions that do not count.
+    Summing (not averaging) lets callers normalise by the true token count across
+    micro-batches and ranks — see ``train.loop.normalized_loss``.
+    """
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(),
+        targets.reshape(-1),
+        ignore_index=ignore_index,
+        reduction="sum",
+    )
+    return loss, int((targets != ignore_index).sum())

@@ -1,0 +1,187 @@
+"""Small building blocks shared by every model family: norms, rotary positions, attention, MLPs.
+
+Each layer receives its sizes through the constructor and reads no global config, so a model
+file composes them explicitly (torchtune style) and tests can build one layer alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
+    """``layernorm`` (GPT-2, optional bias) or ``rmsnorm`` (Llama, never a bias)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021) in the "rotate half" layout.
+
+    The rotate-half layout is the one Hugging Face's Llama uses, so converted weights need
+    no permutation of the query/key rows.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        t = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+        # Buffers are not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """x: (B, nh, T, hd) → same shape, rotated by positions start_pos … start_pos+T-1."""
+        T = x.size(-2)
+        cos = self.cos[start_pos : start_pos + T].to(x.dtype)
+        sin = self.sin[start_pos : start_pos + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer for generation. k, v: (B, n_kv_head, T_max, hd)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(
+        cls, batch: int, n_kv_head: int, max_len: int, head_dim: int, device, dtype
+    ) -> KVCache:
+        shape = (batch, n_kv_head, max_len, head_dim)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped-query attention (n_kv_head ≤ n_head).
+
+    One fused projection computes q, k and v (one matmul instead of three: faster on CPU and
+    the layout GPT-2 checkpoints use); ``n_kv_head < n_head`` gives GQA (Llama 2 70B, Llama 3),
+    ``n_kv_head == 1`` multi-query attention.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: int,
+        bias: bool,
+        dropout: float,
+        rope: RotaryEmbedding | None,
+    ) -> None:
+        super().__init__()
+        assert d_model % n_head == 0 and n_head % n_kv_head == 0
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = d_model // n_head
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+        self.rope = rope
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C) → (B, T, C). With ``cache``, x holds positions start_pos … start_pos+T-1."""
+        B, T, C = x.shape
+        hd = self.head_dim
+        q, k, v = self.qkv(x).split(
+            [self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1
+        )
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if self.rope is not None:
+            q, k = self.rope(q, start_pos), self.rope(k, start_pos)
+
+        mask, is_causal = None, True
+        if cache is not None:
+            end = start_pos + T
+            cache.k[:, :, start_pos:end] = k
+            cache.v[:, :, start_pos:end] = v
+            k, v = cache.k[:, :, :end], cache.v[:, :, :end]
+            if start_pos > 0:
+                # Query i (absolute position start_pos+i) may see keys 0 … start_pos+i.
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(
+                        diagonal=start_pos
+                    )
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: Linear → GELU (tanh approximation, as GPT-2 was trained) → Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class SwiGLUMLP(nn.Module):
+    """Llama MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=bias)
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.silu(self.gate(x)) * self.up(x)))
+
+
+def make_mlp(kind: str, d_model: int, d_ff: int, bias: bool, dropout: float) -> nn.Module:
+    if kind == "gelu":
+        return GeluMLP(d_model, d_ff, bias, dropout)
+    if kind == "swiglu":
+        return SwiGLUMLP(d_model, d_ff, bias, dropout)
+    raise ValueError(f"unknown mlp {kind!r}")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: two residual branches."""
+
+    def __init__(
+        self, norm1: nn.Module, attn: CausalSelfAttention, norm2: nn.Module, mlp: nn.Module
+    ) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), start_pos, cache)
+        x = x + self.mlp(self.norm2(x))
+        return x

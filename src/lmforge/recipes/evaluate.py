@@ -1,0 +1,83 @@
+"""``lmforge eval``: loss, perplexity and bits-per-byte of a checkpoint on held-out data.
+
+``--data`` may be a prepared data folder (its ``val.bin``, or ``--split``), a ``.bin`` token
+file inside such a folder, or a plain text file (tokenized with the checkpoint's tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from lmforge.atomic import atomic_write_text
+from lmforge.config import ConfigError, Section
+from lmforge.data.prepare import load_meta
+from lmforge.data.shards import open_shard
+from lmforge.eval.lm import lm_metrics, stream_loss_sum
+from lmforge.train.checkpoint import load_for_inference
+from lmforge.train.device import resolve_device
+from lmforge.train.precision import precision_error
+
+
+class EvalConfig(Section):
+    checkpoint: str = Field(
+        description="checkpoint folder, or a run folder (its latest checkpoint)"
+    )
+    data: str = Field(description="prepared data folder, a .bin token file, or a UTF-8 text file")
+    split: Literal["train", "val"] = Field("val", description="split of a prepared data folder")
+    batch_size: int = Field(8, gt=0, description="sequences per batch")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "fp32", description="numeric precision"
+    )
+    out_dir: str | None = Field(None, description="write report.json here; null = print only")
+
+
+def _tokens_and_bytes(cfg: EvalConfig, tokenizer) -> tuple[np.ndarray, int]:
+    path = Path(cfg.data)
+    if path.is_dir():
+        meta = load_meta(path)
+        return open_shard(path, cfg.split), meta[f"{cfg.split}_bytes"]
+    if path.suffix == ".bin":
+        split = path.stem
+        meta = load_meta(path.parent)
+        if f"{split}_bytes" not in meta:
+            raise ConfigError(f"data: {path} is not a train.bin/val.bin of a prepared data folder")
+        return open_shard(path.parent, split), meta[f"{split}_bytes"]
+    if not path.is_file():
+        raise ConfigError(f"data: {path}: no such file or folder")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"data: {path}: not UTF-8 text (byte {e.start}); pass a prepared data folder"
+        ) from None
+    ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+    return ids, len(text.encode("utf-8"))
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    device = resolve_device(cfg.device)
+    if err := precision_error(cfg.precision, device):
+        raise ConfigError(err)
+    model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, device)
+    tokens, n_bytes = _tokens_and_bytes(cfg, tokenizer)
+    if len(tokens) < 2:
+        raise ConfigError(f"data: {cfg.data} holds {len(tokens)} tokens; at least 2 are needed")
+    loss_sum, n = stream_loss_sum(
+        model, tokens, model.cfg.context_length, cfg.batch_size, device, cfg.precision
+    )
+    report = {
+        "checkpoint": str(ckpt),
+        "data": cfg.data,
+        "tokens": n,
+        "bytes": n_bytes,
+        **lm_metrics(loss_sum, n, n_bytes),
+    }
+    if cfg.out_dir:
+        atomic_write_text(Path(cfg.out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
+    return report

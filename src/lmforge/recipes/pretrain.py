@@ -1,0 +1,218 @@
+"""``lmforge pretrain``: raw text → tokenizer and shards → decoder LM → checkpoints → a sample.
+
+Read top to bottom: resolve the config, set up the run folder, prepare data, build the
+model, fit, evaluate, save, sample. With no arguments it runs the CPU demo: the shipped
+Shakespeare corpus, a small model sized for a 5-minute budget on a 2-core laptop CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from lmforge.atomic import atomic_write_text
+from lmforge.config import (
+    ConfigError,
+    Section,
+    deep_merge,
+    read_yaml,
+    resolve_config_path,
+    save_config,
+    to_yaml,
+    validate_config,
+)
+from lmforge.data.loader import TokenBatches
+from lmforge.data.prepare import DataConfig, is_prepared, load_meta, prepare_data
+from lmforge.data.shards import open_shard
+from lmforge.data.tokenizer import bos_id, eos_id, load_tokenizer
+from lmforge.generate import SampleConfig, generate_text
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.train.checkpoint import find_checkpoint, load_weights
+from lmforge.train.device import peak_flops, resolve_device
+from lmforge.train.loop import FitResult, TrainConfig, fit
+from lmforge.train.lr_schedule import SchedConfig
+from lmforge.train.metrics_log import write_plots
+from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.precision import precision_error, weight_dtype
+
+log = logging.getLogger(__name__)
+
+
+class PretrainConfig(Section):
+    """Everything ``lmforge pretrain`` reads. With no --config the command runs configs/pretrain/cpu_demo.yaml."""
+
+    data: DataConfig = DataConfig()
+    model: DecoderConfig = DecoderConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    sample: SampleConfig = SampleConfig()
+    out_dir: str | None = Field(None, description="run folder; null = runs/pretrain-<date>-<time>")
+    resume: bool | str = Field(
+        False, description="true = latest checkpoint in out_dir; or a checkpoint path"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.sched.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"sched.warmup_steps ({self.sched.warmup_steps}) must be smaller than train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        if self.resume is True and not self.out_dir:
+            raise ValueError(
+                "resume: --resume needs --out_dir=RUN_FOLDER (or --resume=CHECKPOINT_PATH)"
+            )
+        return self
+
+
+DEFAULT_PRESET = "cpu_demo"
+
+
+def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> PretrainConfig:
+    """YAML file ← overrides. No file: a resumed run's own saved config, else the CPU demo preset."""
+    resume = overrides.get("resume", False)
+    path = resolve_config_path(config_file or DEFAULT_PRESET, "pretrain")
+    data, source = read_yaml(path), str(path)
+    if not config_file and resume:
+        run_dir = _run_dir_of_resume(resume, overrides.get("out_dir"))
+        saved = run_dir / "config.yaml"
+        if saved.is_file():
+            data, source = read_yaml(saved), str(saved)
+            data.pop("resume", None)
+    data = deep_merge(data, overrides)
+    return validate_config(
+        PretrainConfig, data, source + (" + command-line overrides" if overrides else "")
+    )
+
+
+def _run_dir_of_resume(resume: bool | str, out_dir: str | None) -> Path:
+    if isinstance(resume, str):
+        ckpt = find_checkpoint(resume)
+        return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    if not out_dir:
+        raise ConfigError(
+            "resume: --resume needs --out_dir=RUN_FOLDER (or --resume=CHECKPOINT_PATH)"
+        )
+    return Path(out_dir)
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run the whole pretraining job; returns the summary also written to ``summary.json``."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    if err := precision_error(cfg.train.precision, device):
+        raise ConfigError(err)
+    if cfg.train.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
+
+    # Run folder: a resumed run continues in its own folder.
+    resume_ckpt: Path | None = None
+    if cfg.resume:
+        run_dir = _run_dir_of_resume(cfg.resume, cfg.out_dir)
+        resume_ckpt = find_checkpoint(cfg.resume if isinstance(cfg.resume, str) else run_dir)
+    else:
+        run_dir = Path(cfg.out_dir or f"runs/pretrain-{time.strftime('%Y%m%d-%H%M%S')}")
+        if (run_dir / "checkpoints" / "latest").exists():
+            raise ConfigError(
+                f"out_dir {run_dir} already holds a run; add --resume to continue it, or choose another --out_dir"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run folder: %s", run_dir)
+
+    # Data: raw text → cleaned, deduplicated, tokenized shards (reused when already prepared).
+    data_dir = (
+        Path(cfg.data.path) if cfg.data.path and is_prepared(cfg.data.path) else run_dir / "data"
+    )
+    meta = (
+        load_meta(data_dir)
+        if is_prepared(data_dir)
+        else prepare_data(cfg.data, data_dir, cfg.train.seed)
+    )
+    tokenizer_path = data_dir / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = tokenizer.get_vocab_size()
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({vocab})"
+        )
+    model_cfg = (
+        cfg.model if cfg.model.vocab_size else cfg.model.model_copy(update={"vocab_size": vocab})
+    )
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    save_config(cfg, run_dir / "config.yaml")
+
+    # Model and optimizer.
+    torch.manual_seed(cfg.train.seed)
+    model = Decoder(model_cfg).to(device=device, dtype=weight_dtype(cfg.train.precision))
+    if resume_ckpt is not None:
+        load_weights(model, resume_ckpt)
+    optimizer = build_optimizer(model, cfg.optim)
+    n_params = model.num_params()
+    log.info(
+        "model: %s, %.2fM parameters (%.2fM without embeddings)",
+        model_cfg.arch,
+        n_params / 1e6,
+        model.num_params(non_embedding=True) / 1e6,
+    )
+
+    train_tokens, val_tokens = open_shard(data_dir, "train"), open_shard(data_dir, "val")
+    batches = TokenBatches(
+        train_tokens, model_cfg.context_length, cfg.train.batch_size, seed=cfg.train.seed
+    )
+    peak, peak_source = peak_flops(device, cfg.train.precision)
+    flops_per_token = model.flops_per_token()
+
+    result: FitResult = fit(
+        model,
+        optimizer,
+        batches,
+        cfg.train,
+        peak_lr=cfg.optim.lr,
+        sched=cfg.sched,
+        run_dir=run_dir,
+        device=device,
+        checkpoint_files={"config.yaml": to_yaml(cfg), "tokenizer.json": tokenizer_path},
+        val_tokens=val_tokens if len(val_tokens) > 1 else None,
+        val_bytes=meta["val_bytes"],
+        resume_from=resume_ckpt,
+        flops_per_token=flops_per_token,
+        peak_flops=peak,
+    )
+    write_plots(run_dir)
+
+    sample = generate_text(
+        model,
+        tokenizer,
+        cfg.sample.prompt,
+        cfg.sample,
+        bos_id=bos_id(tokenizer),
+        eos_id=eos_id(tokenizer),
+    )
+    mfu = result.tokens_per_s * flops_per_token / peak if peak else None
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": result.step,
+        "stop_reason": result.stop_reason,
+        **result.last_eval,
+        "best_val_loss": result.best_val_loss,
+        "parameters": n_params,
+        "tokens_per_s": result.tokens_per_s,
+        "flops_per_token": flops_per_token,
+        "mfu": mfu,
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "sample_prompt": cfg.sample.prompt,
+        "sample": sample,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

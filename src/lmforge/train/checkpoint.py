@@ -1,0 +1,164 @@
+"""Self-describing, atomic checkpoints and exact resume.
+
+A checkpoint folder holds ``model.safetensors``, ``config.yaml``, ``tokenizer.json`` and
+``train_state.pt`` (optimizer, step, RNG states, data cursor). It is written under a temporary
+name and renamed when complete; ``checkpoints/latest`` is rewritten only after that, so a
+crash at any moment leaves the previous checkpoint whole and findable.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from lmforge.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used; the message says what is missing."""
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    train_state: dict[str, Any] | None,
+    files: dict[str, str | bytes | Path],
+    keep_last: int = 2,
+    is_best: bool = False,
+) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically, update ``latest`` (and ``best``), prune.
+
+    ``files`` maps a file name to its content (text or bytes) or to a file to copy
+    (``config.yaml``, ``tokenizer.json``). Returns the checkpoint folder.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    final = ckpt_root / name
+    tmp = ckpt_root / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (one stored copy)
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    for fname, content in files.items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, tmp / fname)
+        else:
+            atomic_write_bytes(
+                tmp / fname, content.encode() if isinstance(content, str) else content
+            )
+    fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / "latest", name + "\n")
+    if is_best:
+        atomic_write_text(ckpt_root / "best", name + "\n")
+    prune_checkpoints(ckpt_root, keep_last)
+    return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step folders; never the ``best`` or ``latest`` one."""
+    keep = {_read_pointer(ckpt_root / "best"), _read_pointer(ckpt_root / "latest")}
+    steps = sorted((p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name)
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step-*"):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _read_pointer(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a ``checkpoints/`` folder or a run folder."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        name = _read_pointer(root / "latest")
+        if name and (root / name / "model.safetensors").is_file():
+            return root / name
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    raise CheckpointError(
+        f"{path}: not a checkpoint (no model.safetensors) and no checkpoints/latest inside; "
+        "pass a run folder or a checkpoints/step-NNNNNN folder"
+    )
+
+
+def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
+    """Load ``model.safetensors`` into ``model`` (strict: every key must match)."""
+    try:
+        missing, unexpected = load_model(
+            model, str(Path(ckpt_dir) / "model.safetensors"), strict=False
+        )
+    except RuntimeError as e:  # shape mismatch
+        raise CheckpointError(
+            f"{ckpt_dir}/model.safetensors does not fit this model: {e}"
+        ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt_dir}/model.safetensors does not fit this model: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
+def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / "train_state.pt"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: missing; this checkpoint holds weights only and cannot be resumed"
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """The random-number states a resumed run needs to continue identically (dropout, sampling)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_for_inference(path: str | Path, device: torch.device):
+    """(model in eval mode, tokenizer, checkpoint folder) from any path ``find_checkpoint`` accepts."""
+    from lmforge.config import read_yaml, validate_config
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.models.decoder import Decoder, DecoderConfig
+
+    ckpt = find_checkpoint(path)
+    cfg_path = ckpt / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{ckpt}: config.yaml is missing; cannot tell which model to build")
+    model_cfg = validate_config(
+        DecoderConfig, read_yaml(cfg_path).get("model", {}), f"{cfg_path} (model)"
+    )
+    model = Decoder(model_cfg)
+    load_weights(model, ckpt)
+    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
+    return model.to(device).eval(), tokenizer, ckpt

@@ -1,0 +1,312 @@
+"""``fit()``: the one training loop every recipe shares.
+
+It owns the subtle parts of a step so that no recipe re-implements them: gradient
+accumulation with the loss normalised by tokens, autocast and loss scaling, clipping, the
+non-finite guard, evaluation and early stopping, checkpoint cadence, the data cursor, and a
+clean stop on SIGINT/SIGTERM that writes a checkpoint first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from lmforge.config import Section
+from lmforge.data.loader import TokenBatches
+from lmforge.eval.lm import lm_metrics, stream_loss_sum
+from lmforge.models.decoder import token_loss_sum
+from lmforge.train.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
+from lmforge.train.lr_schedule import SchedConfig, lr_at
+from lmforge.train.metrics_log import MetricsLog, ProgressLine
+from lmforge.train.precision import autocast, grad_scaler
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(1000, gt=0, description="optimizer steps")
+    batch_size: int = Field(16, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    eval_every: int = Field(250, gt=0, description="steps between evaluations on the val split")
+    save_every: int = Field(500, gt=0, description="steps between checkpoints")
+    keep_last: int = Field(2, gt=0, description="step checkpoints kept (plus the best)")
+    seed: int = Field(1337, description="seed of weights init, data order and dropout")
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = Field(
+        "fp32", description="numeric precision"
+    )
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = no clipping")
+    early_stop_patience: int = Field(
+        0, ge=0, description="evals without val improvement before stopping; 0 = off"
+    )
+    max_nonfinite: int = Field(
+        5, gt=0, description="consecutive non-finite steps tolerated before the run stops"
+    )
+    log_every: int = Field(10, gt=0, description="steps between train events in metrics.jsonl")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    num_threads: int | None = Field(
+        None, gt=0, description="CPU threads for torch; null = torch's default"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model (slow first steps, faster after)"
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute block activations in backward"
+    )
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="sequences per eval batch; null = batch_size"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if not self.device == "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError(
+                f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})"
+            )
+        return self
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was written (``checkpoint``) before stopping."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+@dataclass
+class FitResult:
+    step: int
+    stop_reason: str
+    last_eval: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float = math.inf
+    tokens_per_s: float = 0.0
+    train_seconds: float = 0.0
+    checkpoint: Path | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[dict[str, bool]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (only in the main thread)."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    precision: str,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Backward over all micro-batches of one step; returns (mean loss per token, tokens).
+
+    Each micro-batch's summed loss is divided by the token count of the WHOLE step, so the
+    accumulated gradient equals that of one big batch exactly — not a mean of per-micro-batch
+    means, which over-weights short micro-batches when padding or masking varies.
+    """
+    n_tokens = sum(int((y != -100).sum()) for _, y in micro_batches)
+    total = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(x)
+        loss_sum, _ = token_loss_sum(logits, y)
+        loss = loss_sum / max(1, n_tokens)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    return total, n_tokens
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: TokenBatches,
+    cfg: TrainConfig,
+    *,
+    peak_lr: float,
+    sched: SchedConfig,
+    run_dir: Path,
+    device: torch.device,
+    checkpoint_files: dict[str, str | bytes | Path],
+    val_tokens: np.ndarray | None = None,
+    val_bytes: int | None = None,
+    resume_from: Path | None = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+) -> FitResult:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps (from a checkpoint's step on resume).
+
+    ``model`` is the plain module (weights already loaded when resuming); ``fit`` compiles it
+    itself when ``cfg.compile`` so that checkpoints keep the plain parameter names.
+    """
+    context = train_batches.context
+    scaler = grad_scaler(cfg.precision, device)
+    step, best_val, bad_evals, nonfinite_run = 0, math.inf, 0, 0
+    if resume_from is not None:
+        state = load_train_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        train_batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step, best_val, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
+
+    forward = torch.compile(model) if cfg.compile else model
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    log = MetricsLog(run_dir, resume_step=step)
+    progress = ProgressLine(cfg.max_steps, start=step)
+    result = FitResult(step=step, stop_reason="max_steps", best_val_loss=best_val)
+    window_tokens, window_time, train_time, train_tokens = 0, 0.0, 0.0, 0
+    last_ckpt: Path | None = None
+
+    def train_state() -> dict[str, Any]:
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "data": train_batches.state_dict(),
+            "rng": rng_state(),
+            "best_val_loss": best_val,
+            "bad_evals": bad_evals,
+        }
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def save(is_best: bool = False) -> Path:
+        return save_checkpoint(
+            run_dir, step, model, train_state(), checkpoint_files, cfg.keep_last, is_best
+        )
+
+    try:
+        with _stop_on_signals() as signals:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, peak_lr, cfg.max_steps, sched)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
+                loss, n_tokens = accumulate_gradients(forward, micro, cfg.precision, device, scaler)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                loss_value, norm_value = loss.item(), grad_norm.item()
+                # With a scaler, inf gradients are routine (the scale was too high): it skips them.
+                finite = math.isfinite(loss_value) and (
+                    scaler is not None or math.isfinite(norm_value)
+                )
+                if finite:
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    nonfinite_run = 0
+                else:
+                    nonfinite_run += 1
+                    if scaler is not None:
+                        scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                window_time += dt
+                window_tokens += n_tokens
+                train_time += dt
+                train_tokens += n_tokens
+
+                if not finite:
+                    log.log(
+                        {
+                            "step": step,
+                            "skipped": "non-finite loss or gradient",
+                            "loss": loss_value,
+                            "lr": lr,
+                        }
+                    )
+                    progress.message(
+                        f"step {step}: non-finite loss/gradient ({loss_value}, {norm_value}); step skipped"
+                    )
+                    if nonfinite_run >= cfg.max_nonfinite:
+                        raise NonFiniteLossError(
+                            f"{nonfinite_run} steps in a row had a non-finite loss or gradient (step {step}). "
+                            f"Likely causes: the learning rate is too high (optim.lr={peak_lr:g}; try a third), "
+                            f"too little warm-up (sched.warmup_steps), fp16 overflow (use "
+                            f"train.precision=bf16-mixed or fp32), or bad input data."
+                        )
+                tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    event = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
+                    event["tokens_per_s"] = tokens_per_s
+                    if flops_per_token and peak_flops:
+                        event["mfu"] = tokens_per_s * flops_per_token / peak_flops
+                    log.log(event)
+                    window_tokens, window_time = 0, 0.0
+                progress.update(
+                    step, f"loss {loss_value:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s"
+                )
+
+                stop_reason = ""
+                is_best = False
+                if val_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    loss_sum, n = stream_loss_sum(
+                        forward,
+                        val_tokens,
+                        context,
+                        cfg.eval_batch_size or cfg.batch_size,
+                        device,
+                        cfg.precision,
+                    )
+                    metrics = lm_metrics(loss_sum, n, val_bytes)
+                    log.log({"step": step, **metrics})
+                    result.last_eval = metrics
+                    shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    progress.message(f"step {step}: {shown}")
+                    if metrics["val_loss"] < best_val:
+                        best_val, bad_evals, is_best = metrics["val_loss"], 0, True
+                    else:
+                        bad_evals += 1
+                        if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
+                            stop_reason = f"early stopping: no val improvement in {bad_evals} evals"
+                if signals["stop"]:
+                    last_ckpt = save(is_best)
+                    raise TrainingInterrupted(step, last_ckpt)
+                if step % cfg.save_every == 0 or step == cfg.max_steps or stop_reason or is_best:
+                    last_ckpt = save(is_best)
+                if stop_reason:
+                    result.stop_reason = stop_reason
+                    progress.message(stop_reason)
+                    break
+    finally:
+        progress.close()
+        log.close()
+    result.step, result.best_val_loss, result.checkpoint = step, best_val, last_ckpt
+    result.train_seconds = train_time
+    result.tokens_per_s = train_tokens / train_time if train_time > 0 else 0.0
+    return result

@@ -1,0 +1,154 @@
+"""fit() behaviour users rely on: accumulation equivalence, exact resume, the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.loader import TokenBatches
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.train.checkpoint import find_checkpoint, load_weights
+from lmforge.train.loop import NonFiniteLossError, TrainConfig, accumulate_gradients, fit
+from lmforge.train.lr_schedule import SchedConfig
+from lmforge.train.optim import OptimConfig, build_optimizer
+
+CPU = torch.device("cpu")
+
+
+def model_cfg() -> DecoderConfig:
+    return DecoderConfig(
+        arch="llama", vocab_size=64, context_length=16, n_layer=2, n_head=2, d_model=32, dropout=0.1
+    )
+
+
+def tokens(n: int = 4000, seed: int = 0) -> np.ndarray:
+    # a learnable stream: a noisy repeating pattern
+    rng = np.random.default_rng(seed)
+    base = np.tile(np.arange(64, dtype=np.uint16), n // 64 + 1)[:n]
+    noise = rng.integers(0, 64, n, dtype=np.uint16)
+    return np.where(rng.random(n) < 0.1, noise, base).astype(np.uint16)
+
+
+def test_accumulation_k_micro_batches_equals_one_big_batch() -> None:
+    torch.manual_seed(0)
+    cfg = model_cfg().model_copy(update={"dropout": 0.0})
+    model = Decoder(cfg)
+    x = torch.randint(0, 64, (8, 16))
+    y = torch.randint(0, 64, (8, 16))
+    y[1, :5] = -100  # masked positions make micro-batches unequal: means of means would differ
+
+    def grads(micro: list) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss, _ = accumulate_gradients(model, micro, "fp32", CPU)
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    big_loss, big = grads([(x, y)])
+    acc_loss, acc = grads([(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)])
+    assert acc_loss == pytest.approx(big_loss, rel=1e-6)
+    for a, b in zip(big, acc, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def run(run_dir: Path, max_steps: int, resume: bool = False, **train_kw) -> list[dict]:
+    torch.manual_seed(0)
+    cfg = model_cfg()
+    model = Decoder(cfg)
+    opt = build_optimizer(model, OptimConfig(lr=3e-3))
+    data = tokens()
+    batches = TokenBatches(data[:3600], cfg.context_length, 4, seed=0)
+    resume_from = find_checkpoint(run_dir) if resume else None
+    if resume_from is not None:
+        load_weights(model, resume_from)
+    train = TrainConfig(
+        max_steps=max_steps,
+        batch_size=4,
+        grad_accum=2,
+        eval_every=5,
+        save_every=5,
+        log_every=1,
+        device="cpu",
+        **train_kw,
+    )
+    fit(
+        model,
+        opt,
+        batches,
+        train,
+        peak_lr=3e-3,
+        sched=SchedConfig(warmup_steps=3),
+        run_dir=run_dir,
+        device=CPU,
+        checkpoint_files={"config.yaml": "model: {}\n"},
+        val_tokens=data[3600:],
+        val_bytes=400,
+        resume_from=resume_from,
+    )
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_loss_curve_identical_fp32(tmp_path: Path) -> None:
+    full = run(tmp_path / "full", max_steps=12)
+    # interrupted run: same config (max_steps=12), stopped by a checkpoint at step 5 and a kill
+    run(tmp_path / "cut", max_steps=12, keep_last=10)
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))
+    assert ckpts, "checkpoints were written"
+    # restart from step 5: point latest at it, as if the process died right after saving it
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-000005\n")
+    resumed = run(tmp_path / "cut", max_steps=12, resume=True, keep_last=10)
+    losses = lambda events: [(e["step"], e["loss"]) for e in events if "loss" in e]  # noqa: E731
+    assert losses(resumed) == losses(full)  # bit-identical, every step 1…12
+    vals = lambda events: [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]  # noqa: E731
+    assert vals(resumed) == vals(full)
+
+
+def test_nonfinite_loss_is_skipped_then_stops_with_causes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Decoder(model_cfg())
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    with torch.no_grad():
+        model.norm_f.weight.fill_(float("nan"))
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    batches = TokenBatches(tokens(), 16, 2, seed=0)
+    train = TrainConfig(
+        max_steps=10, batch_size=2, eval_every=100, save_every=100, device="cpu", max_nonfinite=3
+    )
+    with pytest.raises(NonFiniteLossError, match="learning rate"):
+        fit(
+            model,
+            opt,
+            batches,
+            train,
+            peak_lr=1e-3,
+            sched=SchedConfig(warmup_steps=1),
+            run_dir=tmp_path,
+            device=CPU,
+            checkpoint_files={},
+        )
+    assert torch.equal(before, model.blocks[0].attn.qkv.weight)  # no update was applied
+    events = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("skipped" in e for e in events) == 3
+
+
+def test_early_stopping_stops_and_keeps_best(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Script the val losses so the test checks the stopping rule, not how fast a model overfits.
+    scripted = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    monkeypatch.setattr("lmforge.train.loop.stream_loss_sum", lambda *a, **k: (next(scripted), 1))
+    events = run(tmp_path, max_steps=100, early_stop_patience=2, keep_last=1)
+    evals = [e for e in events if "val_loss" in e]
+    assert [e["val_loss"] for e in evals] == [
+        3.0,
+        2.0,
+        2.5,
+        2.6,
+    ]  # stopped after 2 evals without improvement
+    assert evals[-1]["step"] == 20
+    assert (tmp_path / "checkpoints" / "best").read_text().strip() == "step-000010"
+    assert (
+        tmp_path / "checkpoints" / "step-000010" / "model.safetensors"
+    ).is_file()  # best survives pruning
