@@ -146,3 +146,53 @@ def test_console_entry_point_runs() -> None:
         [sys.executable, "-m", "lmforge", "--help"], capture_output=True, text=True, check=True
     )
     assert "pretrain" in out.stdout and "data prepare" in out.stdout
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(
+        "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    )
+    out = tmp_path / "run"
+    args = [a for a in MICRO if not a.startswith(("--train.max_steps", "--train.save_every"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "pretrain",
+        f"--out_dir={out}",
+        f"--data.path={corpus}",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "--train.max_steps=100000", "--train.save_every=100000"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count('"loss"') >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved to" in err and "--resume" in err
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("-")[1])
+    assert stopped_at >= 4
+    # resume and finish a few more steps
+    done = subprocess.run(
+        [*cmd, "--resume", f"--train.max_steps={stopped_at + 4}", "--train.save_every=1000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    steps = [
+        json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 4  # no step repeated or lost
