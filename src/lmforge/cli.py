@@ -27,12 +27,19 @@ class Command:
     help: str
     config: Callable[[], type[BaseModel]]  # lazy: importing torch costs a second
     run: Callable[[str | None, dict[str, Any]], int]
+    defaults: Callable[[], BaseModel] | None = None  # what runs with no --config, if not the class defaults
+
+
+def _pretrain_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
+    from lmforge.recipes.pretrain import resolve_config
+
+    return resolve_config(config_file, overrides)
 
 
 def _pretrain(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.pretrain import pretrain, resolve_config
+    from lmforge.recipes.pretrain import pretrain
 
-    summary = pretrain(resolve_config(config_file, overrides))
+    summary = pretrain(_pretrain_config(config_file, overrides))
     _print_pretrain_summary(summary)
     return 0
 
@@ -89,6 +96,7 @@ COMMANDS: dict[str, Command] = {
         "train a decoder LM from raw text (no arguments: the CPU demo on the shipped corpus)",
         _config_of("lmforge.recipes.pretrain", "PretrainConfig"),
         _pretrain,
+        defaults=lambda: _pretrain_config(None, {}),
     ),
     "data prepare": Command(
         "clean, deduplicate and tokenize text into train/val shards",
@@ -169,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     if "-h" in args or "--help" in args:
         model = command.config()
+        defaults = command.defaults() if command.defaults else _defaults(model)
         print(f"lmforge {name}: {command.help}\n\noptions (also settable in --config FILE.yaml):")
+        if command.defaults:
+            print("    (defaults shown are what runs with no --config)")
         print("    --config=FILE  a YAML file or shipped preset name\n    --debug  show tracebacks")
-        print("\n".join(config_help(model, defaults=_defaults(model))))
+        print("\n".join(config_help(model, defaults=defaults)))
         return 0
 
     logging.basicConfig(
