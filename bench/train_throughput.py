@@ -30,6 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.train.loop import accumulate_gradients
+from lmforge.train.optim import OptimConfig, build_optimizer, param_groups
 
 THREADS = 2
 LAYERS, HEADS, WIDTH, CONTEXT, VOCAB, BATCH = 6, 6, 384, 256, 8192, 8
@@ -51,36 +53,17 @@ class Setting:
     optimizer: torch.optim.Optimizer
     bf16: bool
     flops_per_token: float
+    lmforge: bool = False  # lmforge rows train with lmforge's own step (train.loop)
     cold_s: float = 0.0  # first step: allocation, and compilation for compiled settings
     tokens_per_s: list[float] = field(default_factory=list)  # one median per round
     last_loss: float = float("nan")
 
 
-def decay_groups(model: nn.Module) -> tuple[list[dict], str]:
-    """AdamW groups and the rule's origin; lmforge's rule when it exists, for both models."""
-    try:  # the one tested rule: matrices decay; norms, biases and embeddings do not
-        from lmforge.train.optim import param_groups
-
-        return param_groups(model, WEIGHT_DECAY), "lmforge.train.optim.param_groups"
-    except ImportError:  # fallback until lmforge.train.optim exists: decay every matrix
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY}
-        return [decay, {"params": [p for p in params if p.dim() < 2]}], "local rule (dim >= 2)"
-
-
 def adamw(model: nn.Module, flags: dict) -> torch.optim.AdamW:
-    """AdamW over ``decay_groups(model)`` with the eps and fused/foreach ``flags`` given."""
+    """The peer's AdamW: lmforge's parameter groups (matrices decay; norms, biases and
+    embeddings do not) and lmforge's eps and fused/foreach ``flags``, so only the model differs."""
     kw = dict(eps=flags["eps"], fused=flags.get("fused"), foreach=flags.get("foreach"))
-    return torch.optim.AdamW(decay_groups(model)[0], lr=LR, betas=BETAS, weight_decay=0.0, **kw)
-
-
-def lmforge_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """lmforge's own builder; until lmforge.train.optim exists, fused AdamW (one kernel/step)."""
-    try:
-        from lmforge.train.optim import OptimConfig, build_optimizer
-    except ImportError:
-        return adamw(model, dict(eps=1e-8, fused=True))
-    return build_optimizer(model, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS))
+    return torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, **kw)
 
 
 def decayed(opt: torch.optim.Optimizer) -> int:
@@ -122,8 +105,8 @@ def make_settings() -> list[Setting]:
     for name, bf16, compiled in OURS:
         model = build_lmforge().train()
         fwd = torch.compile(model) if compiled else model  # compiles at the first (cold) step
-        opt = lmforge_optimizer(model)
-        rows.append(Setting(name, fwd, model, opt, bf16, model.flops_per_token()))
+        opt = build_optimizer(model, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS))
+        rows.append(Setting(name, fwd, model, opt, bf16, model.flops_per_token(), lmforge=True))
     for name, bf16 in PEERS:  # the peer copies lmforge's optimizer flags (eps, fused, foreach)
         peer = build_peer().train()
         opt = adamw(peer, rows[0].optimizer.defaults)
@@ -133,12 +116,20 @@ def make_settings() -> list[Setting]:
 
 
 def train_step(s: Setting, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The same step for every setting: zero, forward, loss, backward, clip, update."""
+    """One optimizer step: zero, forward, loss, backward, clip, update.
+
+    lmforge rows run lmforge's own step function (what `lmforge pretrain` runs); the peer runs
+    the plain PyTorch step an HF user writes. Both compute the mean fp32 cross-entropy.
+    """
     s.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
-        logits = s.forward(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    loss.backward()  # outside autocast, as the autocast docs recommend
+    if s.lmforge:
+        precision = "bf16-mixed" if s.bf16 else "fp32"
+        loss, _ = accumulate_gradients(s.forward, [(x, y)], precision, torch.device("cpu"))
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
+            logits = s.forward(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()  # outside autocast, as the autocast docs recommend
     torch.nn.utils.clip_grad_norm_(s.model.parameters(), CLIP)
     s.optimizer.step()
     return loss.detach()
@@ -288,7 +279,7 @@ def main() -> None:
         torch=torch.__version__, transformers=transformers.__version__, threads=THREADS,
         batch=args.batch, rounds=args.rounds, steps=args.steps, warmup=args.warmup,
         **{f"peak_{k}": max(before[k], after[k]) for k in before},
-        other_cpu_fraction=other, groups=decay_groups(settings[0].model)[1],
+        other_cpu_fraction=other, groups="lmforge.train.optim.param_groups",
     )  # fmt: skip
     rows = report(args, settings, meta)
     if args.json:

@@ -27,7 +27,9 @@ class Command:
     help: str
     config: Callable[[], type[BaseModel]]  # lazy: importing torch costs a second
     run: Callable[[str | None, dict[str, Any]], int]
-    defaults: Callable[[], BaseModel] | None = None  # what runs with no --config, if not the class defaults
+    defaults: Callable[[], BaseModel] | None = (
+        None  # what runs with no --config, if not the class defaults
+    )
 
 
 def _pretrain_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
@@ -82,6 +84,16 @@ def _eval(config_file: str | None, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _export(config_file: str | None, overrides: dict[str, Any]) -> int:
+    from lmforge.recipes.export import ExportConfig, export
+
+    out = export(
+        load_config(ExportConfig, config_file=config_file, overrides=overrides, recipe="export")
+    )
+    print(out)
+    return 0
+
+
 def _config_of(module: str, name: str) -> Callable[[], type[BaseModel]]:
     def get() -> type[BaseModel]:
         import importlib
@@ -112,6 +124,11 @@ COMMANDS: dict[str, Command] = {
         "perplexity and bits-per-byte of a checkpoint on a token folder, .bin file or text file",
         _config_of("lmforge.recipes.evaluate", "EvalConfig"),
         _eval,
+    ),
+    "export": Command(
+        "write a checkpoint as a Hugging Face transformers folder (--format hf)",
+        _config_of("lmforge.recipes.export", "ExportConfig"),
+        _export,
     ),
 }
 

@@ -48,6 +48,27 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class RopeScaling(Section):
+    """Llama 3.1 RoPE frequency scaling (Hugging Face ``rope_scaling`` with rope_type llama3)."""
+
+    type: Literal["llama3"] = Field("llama3", description="scaling method; only llama3 for now")
+    factor: float = Field(gt=0, description="how much slower the long wavelengths turn")
+    low_freq_factor: float = Field(gt=0, description="wavelengths > original/low are scaled")
+    high_freq_factor: float = Field(gt=0, description="wavelengths < original/high are kept")
+    original_context_length: int = Field(
+        gt=0, description="context length of pre-training before the extension"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"model.rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+        return self
+
+
 class DecoderConfig(Section):
     """Architecture of a decoder-only transformer. Sizes are counts, not bytes."""
 
@@ -72,11 +93,17 @@ class DecoderConfig(Section):
     norm: Literal["layernorm", "rmsnorm"] | None = Field(None, description="normalisation layer")
     mlp: Literal["gelu", "swiglu"] | None = Field(None, description="MLP type")
     bias: bool | None = Field(None, description="biases in linear layers and LayerNorm")
+    qkv_bias: bool | None = Field(
+        None, description="biases on the q/k/v projection (Qwen2); null = as bias"
+    )
     tie_embeddings: bool | None = Field(
         None, description="share the input embedding and output head"
     )
     norm_eps: float | None = Field(None, gt=0, description="epsilon of the norm layers")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    rope_scaling: RopeScaling | None = Field(
+        None, description="RoPE frequency scaling for long context (Llama 3.1); null = none"
+    )
     init: Literal["gpt2", "xavier", "he"] = Field(
         "gpt2",
         description="weight init: gpt2 (N(0,0.02), residual projections scaled by 1/sqrt(2L)), xavier, he",
@@ -90,6 +117,8 @@ class DecoderConfig(Section):
             for key, value in ARCH_DEFAULTS.get(arch, {}).items():
                 if data.get(key) is None:
                     data = {**data, key: value}
+            if data.get("qkv_bias") is None and data.get("bias") is not None:
+                data = {**data, "qkv_bias": data["bias"]}  # resolved: the config shows the choice
         return data
 
     @model_validator(mode="after")
@@ -104,6 +133,10 @@ class DecoderConfig(Section):
             )
         if self.positions == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError("rope needs an even head size (model.d_model / model.n_head)")
+        if self.rope_scaling is not None and self.positions != "rope":
+            raise ValueError(
+                f"model.rope_scaling needs model.positions: rope (got {self.positions!r})"
+            )
         return self
 
     @property
@@ -149,8 +182,9 @@ class Decoder(nn.Module):
         self.pos_emb = (
             nn.Embedding(cfg.context_length, cfg.d_model) if cfg.positions == "learned" else None
         )
+        scaling = cfg.rope_scaling.model_dump(exclude={"type"}) if cfg.rope_scaling else None
         rope = (
-            RotaryEmbedding(hd, cfg.context_length, cfg.rope_theta)
+            RotaryEmbedding(hd, cfg.context_length, cfg.rope_theta, scaling)
             if cfg.positions == "rope"
             else None
         )
@@ -159,7 +193,7 @@ class Decoder(nn.Module):
             Block(
                 make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
                 CausalSelfAttention(
-                    cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout, rope
+                    cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout, rope, cfg.qkv_bias
                 ),
                 make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
                 make_mlp(cfg.mlp, cfg.d_model, cfg.ff_width, cfg.bias, cfg.dropout),

@@ -6,6 +6,7 @@ file composes them explicitly (torchtune style) and tests can build one layer al
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,17 +23,61 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}")
 
 
+def llama3_inv_freq(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_context_length: int,
+) -> torch.Tensor:
+    """Llama 3.1 RoPE frequency scaling, as transformers' ``_compute_llama3_parameters``.
+
+    inv_freq: (hd/2,) radians per position → (hd/2,) scaled. Wavelengths shorter than
+    ``original_context_length / high_freq_factor`` are kept (local order), those longer than
+    ``original_context_length / low_freq_factor`` are slowed down by ``factor`` (to reach a longer
+    context), and the band in between is interpolated smoothly.
+    """
+    low_freq_wavelen = original_context_length / low_freq_factor
+    high_freq_wavelen = original_context_length / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_context_length / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE, Su et al. 2021) in the "rotate half" layout.
 
     The rotate-half layout is the one Hugging Face's Llama uses, so converted weights need
-    no permutation of the query/key rows.
+    no permutation of the query/key rows. ``llama3_scaling`` (the keyword arguments of
+    ``llama3_inv_freq`` after ``inv_freq``) rescales the frequencies as Llama 3.1 does.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        theta: float = 10000.0,
+        llama3_scaling: dict[str, float] | None = None,
+    ) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        t = torch.arange(max_seq_len, dtype=torch.float32)
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.llama3_scaling = llama3_scaling
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos/sin tables, e.g. after the model was built on the meta device."""
+        hd = self.head_dim
+        # int64 arange cast to float, exactly as transformers computes it, for bitwise-equal tables
+        exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
+        inv_freq = 1.0 / self.theta**exponent  # (hd/2,)
+        if self.llama3_scaling is not None:
+            inv_freq = llama3_inv_freq(inv_freq, **self.llama3_scaling)
+        t = torch.arange(self.max_seq_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (T, hd/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
         # Buffers are not saved in checkpoints: they are a pure function of the config.
@@ -83,12 +128,15 @@ class CausalSelfAttention(nn.Module):
         bias: bool,
         dropout: float,
         rope: RotaryEmbedding | None,
+        qkv_bias: bool | None = None,
     ) -> None:
         super().__init__()
         assert d_model % n_head == 0 and n_head % n_kv_head == 0
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = d_model // n_head
-        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        # Qwen2 has biases on q/k/v only: ``qkv_bias`` overrides ``bias`` for this projection.
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)

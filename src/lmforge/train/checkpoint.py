@@ -89,9 +89,12 @@ def _read_pointer(path: Path) -> str | None:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a ``checkpoints/`` folder or a run folder."""
+    """A checkpoint folder from a checkpoint folder, a ``checkpoints/`` folder or a run folder;
+    also a Hugging Face model folder (sharded or not) or a ``.gguf`` file, returned as given."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return path
     for root in (path / "checkpoints", path):
         name = _read_pointer(root / "latest")
@@ -146,12 +149,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_for_inference(path: str | Path, device: torch.device):
-    """(model in eval mode, tokenizer, checkpoint folder) from any path ``find_checkpoint`` accepts."""
+    """(model in eval mode, tokenizer, checkpoint folder) from any path ``find_checkpoint`` accepts.
+
+    An lmforge checkpoint has ``config.yaml``; a folder with only ``config.json`` is read as a
+    Hugging Face model (``models/hf.py``), a ``.gguf`` file with ``models/gguf.py``.
+    """
     from lmforge.config import read_yaml, validate_config
     from lmforge.data.tokenizer import load_tokenizer
     from lmforge.models.decoder import Decoder, DecoderConfig
 
     ckpt = find_checkpoint(path)
+    foreign = None
+    if ckpt.suffix == ".gguf" and ckpt.is_file():
+        from lmforge.models.gguf import load_gguf
+
+        foreign = load_gguf(ckpt)
+    elif not (ckpt / "config.yaml").is_file() and (ckpt / "config.json").is_file():
+        from lmforge.models.hf import load_hf
+
+        foreign = load_hf(ckpt, device)
+    if foreign is not None:
+        model, tokenizer = foreign
+        if tokenizer is None:
+            raise CheckpointError(
+                f"{ckpt}: no tokenizer could be loaded (tokenizer.json missing, or a GGUF "
+                "tokenizer lmforge cannot build); generate and eval need one"
+            )
+        return model.to(device).eval(), tokenizer, ckpt
     cfg_path = ckpt / "config.yaml"
     if not cfg_path.is_file():
         raise CheckpointError(f"{ckpt}: config.yaml is missing; cannot tell which model to build")

@@ -1,0 +1,205 @@
+"""GGUF files (llama.cpp) in: the Llama family, dequantized to a plain Decoder.
+
+GGUF tensors are renamed to Hugging Face Llama names with one explicit dict and then loaded with
+``models/hf.py``'s Llama key map, so both paths share one mapping. llama.cpp's converter
+permutes the query/key rows of every head (its RoPE pairs adjacent dimensions, Hugging Face's
+rotate-half pairs dimension i with i + hd/2); ``unpermute_rows`` undoes that exactly as
+transformers' GGUF loader does. Quantized tensors are dequantized with ``gguf.quants``, one
+tensor at a time, so peak memory is about one copy of the dequantized model.
+
+The tokenizer is rebuilt from the GGUF metadata for byte-level BPE vocabularies
+(``tokenizer.ggml.model = gpt2``) whose pre-tokenizer is known (``PRE_TOKENIZERS``); for any
+other, ``load_gguf`` returns None as the tokenizer and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from lmforge.config import validate_config
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.hf import empty_decoder, fill_decoder, llama_key_map
+from lmforge.train.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# GGUF name → Hugging Face Llama name (llama.cpp's gguf-py/gguf/tensor_mapping.py, reversed)
+GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+# tokenizer.ggml.pre → pre-tokenizer, as llama.cpp's llama-vocab.cpp splits text for that type
+_GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+PRE_TOKENIZERS: dict[str, pre_tokenizers.PreTokenizer] = {
+    "gpt2": _GPT2_SPLIT,
+    # SmolLM: every digit alone, then GPT-2's regex
+    "smollm": pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), _GPT2_SPLIT]
+    ),
+}
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation: (n_head·hd, d) with each head's rows ordered
+    (pair, 2) → ordered (2, pair), the rotate-half layout. Inverse of convert_hf_to_gguf's
+    ``permute``; same as transformers' ``_reverse_permute_weights``."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _fields(reader: Any) -> dict[str, Any]:
+    """GGUF metadata as plain Python values (strings, numbers, lists)."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) -> DecoderConfig:
+    """GGUF metadata (``llama.*`` keys) → DecoderConfig; errors name the key and value."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(
+            f"{source}: general.architecture={arch!r} is not supported (supported: llama)"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise CheckpointError(f"{source}: metadata key llama.{key} is missing")
+        return value
+
+    d, nh = get("embedding_length"), get("attention.head_count")
+    if get("rope.dimension_count", d // nh) != d // nh:
+        raise CheckpointError(
+            f"{source}: llama.rope.dimension_count={meta['llama.rope.dimension_count']} is not "
+            f"supported (lmforge rotates the whole head: {d // nh})"
+        )
+    scaling = meta.get("llama.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensor_names:
+        raise CheckpointError(
+            f"{source}: RoPE scaling (llama.rope.scaling.type={scaling!r} or a rope_freqs "
+            "tensor) is not supported for GGUF yet; load the Hugging Face checkpoint instead"
+        )
+    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    fields = dict(
+        arch="llama",
+        vocab_size=vocab or get("vocab_size"),
+        context_length=get("context_length"),
+        n_layer=get("block_count"),
+        n_head=nh,
+        n_kv_head=get("attention.head_count_kv", nh),
+        d_model=d,
+        d_ff=get("feed_forward_length"),
+        dropout=0.0,
+        bias=False,
+        qkv_bias=False,
+        tie_embeddings="output.weight" not in tensor_names,  # llama.cpp drops a tied head
+        norm_eps=get("attention.layer_norm_rms_epsilon"),
+        rope_theta=get("rope.freq_base", 10000.0),
+    )
+    return validate_config(DecoderConfig, fields, source)
+
+
+def _hf_name(name: str) -> str:
+    """GGUF tensor name → Hugging Face Llama name (unknown names pass through, to be reported)."""
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = BLOCK.match(name)
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}"
+    return name
+
+
+def _read_tensors(reader: Any, cfg: DecoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor (out, in)) per GGUF tensor, dequantized one at a time."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        w = dequantize(t.data, t.tensor_type)  # numpy, torch order (rows, cols)
+        w = torch.from_numpy(w if w.flags.writeable else w.copy()).float()
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_rows(w, cfg.n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_rows(w, cfg.kv_heads)
+        yield _hf_name(t.name), w
+
+
+def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer | None:
+    """A ``tokenizers`` Tokenizer from GGUF metadata, or None when lmforge cannot build it."""
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt2")
+    if kind != "gpt2" or pre not in PRE_TOKENIZERS or "tokenizer.ggml.merges" not in meta:
+        log.warning(
+            "GGUF tokenizer (tokenizer.ggml.model=%r, pre=%r) cannot be rebuilt; supported: "
+            "model gpt2 with pre %s",
+            kind,
+            pre,
+            ", ".join(PRE_TOKENIZERS),
+        )
+        return None
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|> …) match whole and are special; user-defined ones match whole.
+    types = meta.get("tokenizer.ggml.token_type") or []
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=False)
+            if k == CONTROL
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False)
+            for t, k in zip(tokens, types, strict=False)
+            if k == USER_DEFINED
+        ]
+    )
+    return tok
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[Decoder, Tokenizer | None]:
+    """A Llama-family ``.gguf`` file → (Decoder on the CPU, tokenizer or None), dequantized."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CheckpointError(
+            "loading .gguf files needs the gguf package: pip install 'gguf>=0.19,<1'"
+        ) from None
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as e:  # bad magic or truncated file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+    meta = _fields(reader)
+    cfg = config_from_gguf(meta, {t.name for t in reader.tensors}, str(path))
+    model = fill_decoder(
+        empty_decoder(cfg), llama_key_map(cfg), _read_tensors(reader, cfg), str(path), "cpu", dtype
+    )
+    return model, tokenizer_from_gguf(meta)

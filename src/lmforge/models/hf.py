@@ -1,0 +1,399 @@
+"""Hugging Face checkpoints in and out (gpt2, llama, mistral, qwen2): explicit maps per family.
+
+Tensor names map with a plain dict ``{lmforge tensor: Source}`` (one Hugging Face tensor each,
+except the fused attention projection, whose rows are ``[q; k; v]``), config.json keys with
+another. The same maps load (``load_hf``, ``models/gguf.py``) and export (``export_hf``).
+Loading builds the model on the meta device and fills it while reading shard by shard, so peak
+memory is about one copy of the model. Nothing is executed and no pickle is read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmforge.atomic import atomic_write_text, fsync_dir
+from lmforge.config import validate_config
+from lmforge.data.tokenizer import load_tokenizer, special_token_ids
+from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
+from lmforge.models.layers import RotaryEmbedding
+from lmforge.train.checkpoint import CheckpointError
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one lmforge tensor lives in a Hugging Face checkpoint."""
+
+    names: tuple[str, ...]  # HF tensors, concatenated along dim 0 in this order
+    rows: tuple[int, ...] = ()  # rows of each name, to split on export (when len(names) > 1)
+    transpose: bool = False  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
+
+
+KeyMap = dict[str, Source]
+
+# lmforge module in a block → (GPT-2 module, is a Conv1D). c_attn is already fused [q; k; v].
+GPT2_BLOCK = {
+    "norm1": ("ln_1", False),
+    "attn.qkv": ("attn.c_attn", True),
+    "attn.proj": ("attn.c_proj", True),
+    "norm2": ("ln_2", False),
+    "mlp.fc": ("mlp.c_fc", True),
+    "mlp.proj": ("mlp.c_proj", True),
+}
+# lmforge Linear in a block → Llama module (q/k/v are separate there: see llama_key_map)
+LLAMA_LINEARS = {
+    "attn.proj": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.proj": "mlp.down_proj",
+}
+
+
+def gpt2_key_map(cfg: DecoderConfig) -> KeyMap:
+    """lmforge tensor names → GPT2LMHeadModel's (every GPT-2 layer has a bias)."""
+    km = {"tok_emb.weight": Source(("transformer.wte.weight",))}
+    km["pos_emb.weight"] = Source(("transformer.wpe.weight",))
+    for leaf in ("weight", "bias"):
+        km[f"norm_f.{leaf}"] = Source((f"transformer.ln_f.{leaf}",))
+        for i in range(cfg.n_layer):
+            for ours, (theirs, conv1d) in GPT2_BLOCK.items():
+                name = f"transformer.h.{i}.{theirs}.{leaf}"
+                km[f"blocks.{i}.{ours}.{leaf}"] = Source((name,), (), conv1d and leaf == "weight")
+    if not cfg.tie_embeddings:
+        km["lm_head.weight"] = Source(("lm_head.weight",))
+    return km
+
+
+def llama_key_map(cfg: DecoderConfig) -> KeyMap:
+    """lmforge tensor names → Llama/Mistral/Qwen2's; q/k/v projections fuse into ``qkv``."""
+    hd = cfg.d_model // cfg.n_head
+    rows = (cfg.n_head * hd, cfg.kv_heads * hd, cfg.kv_heads * hd)
+    km = {"tok_emb.weight": Source(("model.embed_tokens.weight",))}
+    km["norm_f.weight"] = Source(("model.norm.weight",))
+    for i in range(cfg.n_layer):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        km[ours + "norm1.weight"] = Source((hf + "input_layernorm.weight",))
+        km[ours + "norm2.weight"] = Source((hf + "post_attention_layernorm.weight",))
+        for leaf in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+            qkv = tuple(f"{hf}self_attn.{p}_proj.{leaf}" for p in "qkv")
+            km[f"{ours}attn.qkv.{leaf}"] = Source(qkv, rows)
+        for leaf in ("weight", "bias") if cfg.bias else ("weight",):
+            for a, b in LLAMA_LINEARS.items():
+                km[f"{ours}{a}.{leaf}"] = Source((f"{hf}{b}.{leaf}",))
+    if not cfg.tie_embeddings:
+        km["lm_head.weight"] = Source(("lm_head.weight",))
+    return km
+
+
+# ---- config.json ↔ DecoderConfig -----------------------------------------------------------------
+
+# DecoderConfig field ↔ config.json key of (GPT-2, Llama); read by config_from_hf, written by
+# config_to_hf. Fields without a key are fixed per family (``_gpt2_fields``, ``_llama_fields``).
+CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "context_length": ("n_positions", "max_position_embeddings"),
+    "n_layer": ("n_layer", "num_hidden_layers"),
+    "n_head": ("n_head", "num_attention_heads"),
+    "n_kv_head": (None, "num_key_value_heads"),
+    "d_model": ("n_embd", "hidden_size"),
+    "d_ff": ("n_inner", "intermediate_size"),
+    "norm_eps": ("layer_norm_epsilon", "rms_norm_eps"),
+    "tie_embeddings": ("tie_word_embeddings", "tie_word_embeddings"),
+}
+GPT2_KEYS = {hf: ours for ours, (hf, _) in CONFIG_KEYS.items() if hf}
+LLAMA_KEYS = {hf: ours for ours, (_, hf) in CONFIG_KEYS.items()}
+# transformers' defaults for keys a config.json may leave out (None: lmforge's rule agrees)
+GPT2_DEFAULTS = dict(n_positions=1024, n_inner=None, layer_norm_epsilon=1e-5)
+LLAMA_DEFAULTS = dict(max_position_embeddings=2048, num_key_value_heads=None, rms_norm_eps=1e-6)
+GPT2_DEFAULTS["tie_word_embeddings"], LLAMA_DEFAULTS["tie_word_embeddings"] = True, False
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+
+
+def _unsupported(src: str, key: str, value: Any, supported: str) -> CheckpointError:
+    return CheckpointError(f"{src}: {key}={value!r} is not supported by lmforge ({supported})")
+
+
+def _gpt2_fields(hf: dict[str, Any], src: str) -> dict[str, Any]:
+    """DecoderConfig fields GPT-2 fixes; a GPT-2 variant lmforge cannot compute is an error."""
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):  # both are GELU's tanh approximation
+        raise _unsupported(src, "activation_function", act, "supported: gelu_new")
+    fixed = dict(scale_attn_by_inverse_layer_idx=False, add_cross_attention=False)
+    for key, ok in (fixed | dict(scale_attn_weights=True)).items():
+        if hf.get(key, ok) != ok:
+            raise _unsupported(src, key, hf[key], f"supported: {str(ok).lower()}")
+    return dict(arch="gpt2", bias=True)
+
+
+def _rope(hf: dict[str, Any], src: str) -> dict[str, Any]:
+    """RoPE base and scaling from transformers ≥ 5 (``rope_parameters``) or 4 (``rope_scaling``)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or params
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if any(isinstance(v, dict) for v in scaling.values()):
+        raise _unsupported(src, "rope_parameters", scaling, "one RoPE for all layers")
+    if (partial := scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _unsupported(src, "partial_rotary_factor", partial, "supported: 1.0")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return dict(rope_theta=theta)
+    if kind != "llama3":
+        raise _unsupported(src, "rope_scaling.rope_type", kind, "supported: default, llama3")
+    original = scaling.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    params = {k: scaling[k] for k in LLAMA3_KEYS} | dict(original_context_length=original)
+    return dict(rope_theta=theta, rope_scaling=RopeScaling(**params))
+
+
+def _llama_fields(hf: dict[str, Any], src: str) -> dict[str, Any]:
+    """Llama 2/3, Mistral and Qwen2 share one layout; they differ in biases and sliding window."""
+    kind, d, nh = hf["model_type"], hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // nh):
+        raise _unsupported(src, "head_dim", hf["head_dim"], f"supported: hidden/heads = {d // nh}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _unsupported(src, "hidden_act", hf["hidden_act"], "supported: silu")
+    window, context = hf.get("sliding_window"), hf.get("max_position_embeddings", 2048)
+    if (kind == "mistral" or hf.get("use_sliding_window")) and window and window < context:
+        raise _unsupported(src, "sliding_window", window, "only ≥ max_position_embeddings")
+    if kind == "qwen2":  # Qwen2 always has q/k/v biases and no other; its config has no flag
+        return dict(arch="llama", bias=False, qkv_bias=True, **_rope(hf, src))
+    bias = hf.get("attention_bias", False)
+    if hf.get("mlp_bias", False) != bias:
+        raise _unsupported(src, "mlp_bias", hf.get("mlp_bias"), "must equal attention_bias")
+    return dict(arch="llama", bias=bias, qkv_bias=bias, **_rope(hf, src))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one Hugging Face ``model_type`` maps onto lmforge."""
+
+    keys: dict[str, str]  # config.json key ↔ DecoderConfig field
+    defaults: dict[str, Any]  # for config.json keys that may be absent
+    fields: Callable[[dict[str, Any], str], dict[str, Any]]  # checks + family-fixed fields
+    key_map: Callable[[DecoderConfig], KeyMap]
+    ignored: tuple[str, ...]  # tensors without weights: causal-mask buffers, cached RoPE tables
+    prefix: str = ""  # added to names that lack it (the hub's gpt2 files have no "transformer.")
+
+
+_MASKS = (".attn.bias", ".attn.masked_bias")
+_GPT2 = Family(GPT2_KEYS, GPT2_DEFAULTS, _gpt2_fields, gpt2_key_map, _MASKS, "transformer.")
+_LLAMA = Family(LLAMA_KEYS, LLAMA_DEFAULTS, _llama_fields, llama_key_map, ("rotary_emb.inv_freq",))
+FAMILIES = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def config_from_hf(hf_config: dict[str, Any], source: str = "config.json") -> DecoderConfig:
+    """A Hugging Face ``config.json`` (as a dict) → DecoderConfig; errors name key and value."""
+    if (kind := hf_config.get("model_type")) not in FAMILIES:
+        raise _unsupported(source, "model_type", kind, f"supported: {', '.join(FAMILIES)}")
+    family = FAMILIES[kind]
+    values = family.defaults | hf_config
+    if missing := [key for key in family.keys if key not in values]:
+        raise CheckpointError(f"{source}: required keys missing: {', '.join(missing)}")
+    data = {ours: values[key] for key, ours in family.keys.items()}
+    data |= family.fields(hf_config, source) | dict(dropout=0.0)  # a fine-tune sets its own
+    return validate_config(DecoderConfig, data, source)
+
+
+def hf_model_type(cfg: DecoderConfig) -> str:
+    """The Hugging Face architecture that computes exactly what ``cfg`` does, or ValueError."""
+    style = (cfg.positions, cfg.norm, cfg.mlp)
+    if style == ("learned", "layernorm", "gelu"):
+        if not (cfg.bias and cfg.qkv_bias):
+            raise ValueError("Hugging Face GPT-2 has biases everywhere: export needs model.bias")
+        return "gpt2"
+    if style == ("rope", "rmsnorm", "swiglu"):
+        if cfg.bias and not cfg.qkv_bias:
+            raise ValueError("no Hugging Face Llama has o/MLP biases without q/k/v biases")
+        return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
+    raise ValueError(
+        f"no Hugging Face model has positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}; "
+        "exportable: learned+layernorm+gelu (gpt2), rope+rmsnorm+swiglu (llama, qwen2)"
+    )
+
+
+def config_to_hf(cfg: DecoderConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """DecoderConfig → a ``config.json`` dict that transformers 4.45+ and 5.x load."""
+    kind = hf_model_type(cfg)
+    resolved = cfg.model_dump() | dict(d_ff=cfg.ff_width, n_kv_head=cfg.kv_heads)
+    out = {"architectures": [HF_CLASSES[kind]], "model_type": kind}
+    out |= {key: resolved[ours] for key, ours in FAMILIES[kind].keys.items()}
+    out |= {f"{k}_token_id": v for k, v in (special_ids or {}).items()}
+    if kind == "gpt2":
+        drop = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+        return out | {"activation_function": "gelu_new"} | dict.fromkeys(drop, cfg.dropout)
+    out |= dict(head_dim=cfg.d_model // cfg.n_head, hidden_act="silu")
+    # rope_theta/rope_scaling is the transformers 4 spelling; 5 converts it to rope_parameters
+    out |= dict(attention_dropout=cfg.dropout, rope_theta=cfg.rope_theta, rope_scaling=None)
+    if (s := cfg.rope_scaling) is not None:
+        extra = dict(rope_type=s.type, original_max_position_embeddings=s.original_context_length)
+        out["rope_scaling"] = s.model_dump(include=set(LLAMA3_KEYS)) | extra
+    if kind == "qwen2":
+        return out | dict(use_sliding_window=False, sliding_window=None)
+    return out | dict(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+
+
+def empty_decoder(cfg: DecoderConfig) -> Decoder:
+    """A Decoder on the meta device: shapes only, no memory, no initialisation cost."""
+    with torch.device("meta"):
+        return Decoder(cfg)
+
+
+def fill_decoder(
+    model: Decoder,
+    key_map: KeyMap,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ignored: tuple[str, ...] = (),
+) -> Decoder:
+    """Fill a meta-device ``model`` from (HF name, tensor) pairs as they stream in.
+
+    A fused tensor is assembled once all its parts have arrived; only those parts are held.
+    Every tensor of the key map must arrive and every arriving tensor must be in it (or end
+    with one of ``ignored``), so a checkpoint with features lmforge lacks fails loudly.
+    """
+    wanted = {name: ours for ours, src in key_map.items() for name in src.names}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected, done = [], set()
+    for name, tensor in tensors:
+        ours = wanted.get(name)
+        if ours is None:
+            unexpected += [] if name.endswith(ignored) else [name]
+            continue
+        src, parts = key_map[ours], pending.setdefault(ours, {})
+        parts[name] = tensor
+        if len(parts) < len(src.names):
+            continue
+        del pending[ours]
+        pieces = [parts[n].T if src.transpose else parts[n] for n in src.names]
+        value = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        module_name, _, leaf = ours.rpartition(".")
+        module = model.get_submodule(module_name)
+        if value.shape != (expected := getattr(module, leaf).shape):
+            raise CheckpointError(
+                f"{source}: {' + '.join(src.names)} has shape {tuple(value.shape)}; "
+                f"its config.json implies {tuple(expected)}"
+            )
+        setattr(module, leaf, nn.Parameter(value.to(device=device, dtype=dtype).contiguous()))
+        done.add(ours)
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: {len(unexpected)} tensors lmforge has no place for, e.g. {unexpected[:5]}; "
+            "the checkpoint uses a feature its config does not declare"
+        )
+    missing = [n for ours, src in key_map.items() if ours not in done for n in src.names]
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing, e.g. {missing[:5]}")
+    if model.cfg.tie_embeddings:  # lm_head still holds the meta tensor: share the embedding
+        model.lm_head.weight = model.tok_emb.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):  # its cos/sin buffers were built on meta
+            module.reset_buffers(device)
+    assert not any(p.is_meta for p in model.parameters()), "a parameter was left on meta"
+    return model
+
+
+def hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
+    """The model's tensors under Hugging Face names and layouts, for ``save_file``."""
+    key_map = FAMILIES[hf_model_type(model.cfg)].key_map(model.cfg)
+    ours = model.state_dict()
+    assert set(ours) - set(key_map) <= {"lm_head.weight"}, set(ours) - set(key_map)
+    out = {}
+    for name, src in key_map.items():
+        tensor = ours[name].detach().cpu()
+        if len(src.names) > 1:  # split views share storage, which safetensors refuses
+            parts = [p.clone() for p in tensor.split(list(src.rows))]
+        else:
+            parts = [tensor]
+        for hf_name, part in zip(src.names, parts, strict=True):
+            out[hf_name] = part.T.contiguous() if src.transpose else part
+    return out
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        if missing := [f.name for f in files if not f.is_file()]:
+            raise CheckpointError(f"{folder}: shards listed in {index.name} are missing: {missing}")
+        return files
+    pickled = [p.name for p in folder.glob("*.bin")]
+    hint = f"; found {pickled}, but pickle files are never loaded" if pickled else ""
+    raise CheckpointError(f"{folder}: model.safetensors (or its .index.json) is missing{hint}")
+
+
+def _read_safetensors(files: list[Path], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every file, one tensor in memory at a time."""
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                full = name if name.startswith((prefix, "lm_head.")) else prefix + name
+                yield full, f.get_tensor(name)
+
+
+def load_hf(
+    folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Decoder, Tokenizer | None]:
+    """A Hugging Face model folder → (Decoder, its ``tokenizer.json`` or None if absent)."""
+    folder, path = Path(folder), Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a Hugging Face model needs it and safetensors")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    cfg = config_from_hf(hf, str(path))
+    family = FAMILIES[hf["model_type"]]
+    # a tied checkpoint may still store lm_head.weight: transformers ignores it, and so do we
+    ignored = family.ignored + (("lm_head.weight",) if cfg.tie_embeddings else ())
+    tensors = _read_safetensors(_weight_files(folder), family.prefix)
+    model = empty_decoder(cfg)
+    fill_decoder(model, family.key_map(cfg), tensors, str(folder), device, dtype, ignored)
+    tok_path = folder / "tokenizer.json"
+    return model, load_tokenizer(tok_path) if tok_path.is_file() else None
+
+
+def export_hf(model: Decoder, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+    """Write a folder ``transformers`` loads offline: config.json, model.safetensors, tokenizer.
+
+    Written to a temporary folder next to ``out_dir`` and renamed when complete. ``out_dir``
+    must not exist or be empty (an export never overwrites files).
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
+    ids = special_token_ids(tokenizer) if tokenizer is not None else {}
+    config = config_to_hf(model.cfg, ids)  # raises before anything is written
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-export
+    tmp.mkdir(parents=True)
+    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
+        tok_config: dict[str, Any] = dict(tokenizer_class="PreTrainedTokenizerFast")
+        tok_config |= dict(
+            clean_up_tokenization_spaces=False, model_max_length=model.cfg.context_length
+        )
+        tok_config |= {f"{k}_token": tokenizer.id_to_token(i) for k, i in ids.items()}
+        atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
+    fsync_dir(tmp)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
+    fsync_dir(out.parent)
+    return out

@@ -1,0 +1,36 @@
+"""``lmforge export``: write a checkpoint in another framework's format.
+
+    lmforge export --checkpoint runs/pretrain-…/ --format hf --out_dir my-model/
+
+``hf`` writes a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load offline (``models/hf.py``). ONNX comes later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from lmforge.config import Section
+from lmforge.models.hf import export_hf
+from lmforge.train.checkpoint import load_for_inference
+
+
+class ExportConfig(Section):
+    checkpoint: str = Field(
+        description="checkpoint folder, run folder (its latest checkpoint), "
+        "Hugging Face model folder or .gguf file"
+    )
+    format: Literal["hf"] = Field(
+        "hf", description="hf: a Hugging Face transformers folder (config.json, model.safetensors)"
+    )
+    out_dir: str = Field(description="folder to write; must not exist yet (or be empty)")
+
+
+def export(cfg: ExportConfig) -> Path:
+    """Load ``cfg.checkpoint`` on the CPU and write it to ``cfg.out_dir``; returns that folder."""
+    model, tokenizer, _ = load_for_inference(cfg.checkpoint, torch.device("cpu"))
+    return export_hf(model, tokenizer, cfg.out_dir)
