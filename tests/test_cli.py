@@ -81,20 +81,12 @@ def test_resume_of_a_finished_run_continues_to_new_max_steps(run_dir: Path) -> N
 
 
 def test_generate_streams_from_checkpoint(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    assert (
-        main(
-            [
-                "generate",
-                f"--checkpoint={run_dir}",
-                "--prompt=Line",
-                "--max_new_tokens=5",
-                "--temperature=0",
-            ]
-        )
-        == 0
-    )
+    args = ["generate", f"--checkpoint={run_dir}", "--prompt=Line", "--max_new_tokens=5"]
+    assert main([*args, "--temperature=0", f"--out_dir={run_dir / 'gen'}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Line") and len(out) > len("Line\n")
+    record = json.loads((run_dir / "gen" / "generation.json").read_text())
+    assert out == "Line" + record["text"] + "\n"
 
 
 def test_eval_on_prepared_folder_and_on_text_file(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 from pydantic import Field
 
+from lmforge.atomic import atomic_write_text
 from lmforge.data.tokenizer import bos_id, eos_id
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.train.checkpoint import load_for_inference
@@ -18,11 +21,15 @@ class GenerateConfig(SampleConfig):
         description="checkpoint folder, or a run folder (its latest checkpoint)"
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    out_dir: str | None = Field(
+        None,
+        description="also write generation.json (settings, prompt, text) here; null = print only",
+    )
 
 
 def generate(cfg: GenerateConfig) -> str:
     device = resolve_device(cfg.device)
-    model, tokenizer, _ = load_for_inference(cfg.checkpoint, device)
+    model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, device)
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
 
@@ -41,4 +48,9 @@ def generate(cfg: GenerateConfig) -> str:
             on_text=show,
         )
     sys.stdout.write("\n")
+    if cfg.out_dir:
+        record = {**cfg.model_dump(mode="json"), "resolved_checkpoint": str(ckpt), "text": text}
+        atomic_write_text(
+            Path(cfg.out_dir) / "generation.json", json.dumps(record, indent=2) + "\n"
+        )
     return text
