@@ -71,6 +71,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], source
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"{key}: unknown key{hint} (allowed keys: {', '.join(allowed)})")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required; pass --{key}=VALUE or set it in the config file")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             given = e.get("input")

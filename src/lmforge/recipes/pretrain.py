@@ -27,6 +27,7 @@ from lmforge.config import (
     to_yaml,
     validate_config,
 )
+from lmforge.data.clean import find_files
 from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, load_meta, prepare_data
 from lmforge.data.shards import open_shard
@@ -111,6 +112,9 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         raise ConfigError(err)
     if cfg.train.num_threads and device.type == "cpu":
         torch.set_num_threads(cfg.train.num_threads)
+
+    if cfg.data.path and not is_prepared(cfg.data.path):
+        find_files(cfg.data.path)  # a wrong data.path fails here, before the run folder exists
 
     # Run folder: a resumed run continues in its own folder.
     resume_ckpt: Path | None = None
