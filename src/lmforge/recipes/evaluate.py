@@ -64,7 +64,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if err := precision_error(cfg.precision, device):
         raise ConfigError(err)
+    # Task dispatch: classifier checkpoints → classification metrics; a prompt/reference
+    # .jsonl → generation metrics; otherwise (below) perplexity and bits-per-byte.
+    from lmforge.eval.generation import evaluate_generation, is_prompt_file
+    from lmforge.recipes.classify import evaluate_classifier, is_classifier_checkpoint
+
+    if is_classifier_checkpoint(cfg.checkpoint):
+        return evaluate_classifier(cfg.checkpoint, cfg.data, cfg.batch_size, device, cfg.out_dir)
     model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, device)
+    if is_prompt_file(cfg.data):
+        out = Path(cfg.out_dir) if cfg.out_dir else Path("eval")
+        info = {"checkpoint": str(ckpt), "data": cfg.data}
+        return {**info, "report": str(out / "report.md"),
+                **evaluate_generation(model, tokenizer, cfg.data, out, info=info)}  # fmt: skip
     tokens, n_bytes = _tokens_and_bytes(cfg, tokenizer)
     if len(tokens) < 2:
         raise ConfigError(f"data: {cfg.data} holds {len(tokens)} tokens; at least 2 are needed")

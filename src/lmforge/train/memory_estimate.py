@@ -1,0 +1,561 @@
+"""Predict the peak memory of a training step (and of inference) from the config alone.
+
+The model is built on the meta device (no weights), its parameters are counted by role, and the
+activations saved for backward are summed tensor by tensor, the way autograd keeps them in
+lmforge's own layers (``models/layers.py``). Every term is named so that the breakdown explains
+the peak; docs/memory.md lists the terms, where each comes from and how it was checked.
+
+Peak of a steady-state step (step >= 2: the optimizer states exist) is the largest of
+  forward/backward: weights + optimizer + (gradients if accumulating) + saved activations
+                    + logits, fp32 log-softmax and the two fp32 vocabulary-sized gradients at
+                    the start of backward (where the peak usually falls)
+  recompute (full activation checkpointing): one block's activations rebuilt in backward
+  optimizer step:   weights + gradients + optimizer states
+All byte counts are exact sizes of tensors; CUDA adds its context and allocator slack outside
+``torch.cuda.max_memory_allocated`` (``CUDA_CONTEXT_BYTES``), reported separately.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from lmforge.models.decoder import DecoderConfig
+from lmforge.train.device import GPU_PEAK_FLOPS
+
+GiB = 2**30
+
+# ---- named constants (values and sources in docs/memory.md) ----------------------------------
+# CUDA context + cuBLAS/cuDNN workspaces, outside the caching allocator: typically 0.3-1 GiB
+# (PyTorch "CUDA semantics" notes; nvidia-smi minus max_memory_reserved on A100/H100).
+CUDA_CONTEXT_BYTES = 600 * 2**20
+# NCCL communicator buffers per process: NCCL_BUFFSIZE (default 4 MiB) x channels (up to 32)
+# x 2 directions for a ring; ~256 MiB is what nvidia-smi shows per rank on 8-GPU nodes.
+NCCL_BUFFER_BYTES = 256 * 2**20
+# The caching allocator rounds blocks and fragments: reserved / allocated is ~1.05-1.15 in
+# training; the planner's safety margin covers it.
+ALLOCATOR_SLACK = 0.05
+# QLoRA NF4 storage: 4 bits + one fp32 absmax per 64 weights (bitsandbytes blocksize 64), or
+# with double quantisation an 8-bit absmax per 64 + one fp32 per 256 blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+# name: (memory bytes, dense bf16 FLOP/s, dense fp32 FLOP/s); FLOP/s from train/device.py
+GPUS: dict[str, tuple[int, float, float]] = {
+    "RTX 4090": (24 * GiB, *GPU_PEAK_FLOPS["RTX 4090"]),
+    "A100 40GB": (40 * GiB, *GPU_PEAK_FLOPS["A100"]),
+    "A100 80GB": (80 * GiB, *GPU_PEAK_FLOPS["A100"]),
+    "H100 80GB": (80 * GiB, *GPU_PEAK_FLOPS["H100"]),
+    "H200 141GB": (141 * 10**9, *GPU_PEAK_FLOPS["H200"]),
+}
+DEFAULT_MFU = 0.40  # assumed model FLOPs utilisation when none was measured
+
+Method = Literal["full", "lora", "qlora"]
+Optimizer = Literal["adamw", "adam", "sgd", "adamw8bit", "adagrad", "rmsprop", "none"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What runs: shapes, precision, method, optimizer and parallelism."""
+
+    batch: int = 1  # sequences per micro-batch (per device)
+    seq: int = 256  # tokens per sequence
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed | bf16
+    optimizer: Optimizer = "adamw"
+    momentum: float = 0.9  # sgd / rmsprop
+    method: Method = "full"
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q", "v")  # of q k v qkv(fused) o gate up down fc head
+    lora_dropout: float = 0.0
+    qlora_double_quant: bool = False
+    checkpointing: Literal["none", "full"] = "none"
+    device: Literal["cpu", "cuda"] = "cpu"
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    loss_chunks: int = 1  # cross-entropy computed in this many chunks (litgpt, torchtune)
+    loss_fused: bool = False  # chunks upcast and reduced one at a time (compiled, torchtune)
+    optimizer_in_backward: bool = False  # each gradient applied and freed as it is produced
+    paged_optimizer: bool = (
+        False  # bitsandbytes paged states: managed memory, outside the allocator
+    )
+    quantize_head: bool = False  # QLoRA also quantises the output head (litgpt's bnb plugin)
+    world_size: int = 1
+    sharding: Literal["none", "zero1", "zero2", "zero3"] = "none"  # zero3 = FSDP full shard
+    inference: bool = False
+
+
+@dataclass
+class Estimate:
+    """Predicted bytes by component; ``peak`` is what ``max_memory_allocated`` would show."""
+
+    components: dict[str, float]
+    peak: float
+    phase: str  # where the peak falls
+    per_layer_activation: float
+    runtime_overhead: float = 0.0  # CUDA context, NCCL: outside the allocator
+    cpu_load_peak: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    all_components: dict[str, float] = field(default_factory=dict)  # each at full size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- parameter counts by role ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embedding: int  # token (+ position) embeddings
+    head: int  # untied output head (0 when tied)
+    per_layer_linear: dict[str, int]  # q k v o gate up down fc proj weights (+ biases)
+    per_layer_other: int  # norms
+    final_norm: int
+    n_layer: int
+
+    @property
+    def layer(self) -> int:
+        return sum(self.per_layer_linear.values()) + self.per_layer_other
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.head + self.n_layer * self.layer + self.final_norm
+
+
+def count_params(cfg: DecoderConfig) -> ParamCounts:
+    """Parameters by role, computed from the config (equal to ``Decoder.num_params``)."""
+    C, F, V = cfg.d_model, cfg.ff_width, cfg.vocab_size or 0
+    hd = C // cfg.n_head
+    kvd = cfg.kv_heads * hd
+    b, qb = int(bool(cfg.bias)), int(bool(cfg.qkv_bias))
+    lin = {"q": C * C + qb * C, "k": C * kvd + qb * kvd, "v": C * kvd + qb * kvd}
+    lin["o"] = C * C + b * C
+    if cfg.mlp == "swiglu":
+        lin |= {"gate": C * F + b * F, "up": C * F + b * F, "down": F * C + b * C}
+    else:
+        lin |= {"fc": C * F + b * F, "down": F * C + b * C}
+    norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    emb = V * C + (cfg.context_length * C if cfg.positions == "learned" else 0)
+    return ParamCounts(emb, 0 if cfg.tie_embeddings else V * C, lin, 2 * norm, norm, cfg.n_layer)
+
+
+def lora_params(cfg: DecoderConfig, w: Workload) -> int:
+    """Adapter parameters: r x (in + out) per targeted linear per layer (+ head if targeted)."""
+    C, F = cfg.d_model, cfg.ff_width
+    kvd = cfg.kv_heads * (C // cfg.n_head)
+    shapes = {"q": (C, C), "k": (C, kvd), "v": (C, kvd), "o": (C, C), "qkv": (C, C + 2 * kvd)}
+    shapes |= {"gate": (C, F), "up": (C, F), "fc": (C, F), "down": (F, C)}
+    has = set(count_params(cfg).per_layer_linear) | {"qkv"}
+    per_layer = sum(w.lora_rank * sum(shapes[t]) for t in w.lora_targets if t in has)
+    head = w.lora_rank * (C + (cfg.vocab_size or 0)) if "head" in w.lora_targets else 0
+    return cfg.n_layer * per_layer + head
+
+
+# ---- dtypes -------------------------------------------------------------------------------
+
+
+def _dtypes(w: Workload, weight_bytes: int) -> tuple[int, int, int]:
+    """(matmul output bytes a, residual-stream bytes r, saved linear-input bytes cast)."""
+    if w.precision in ("bf16-mixed", "fp16-mixed"):
+        return 2, 4, 2  # autocast: matmuls in 16 bit, residual stream and norms in fp32
+    if w.precision == "bf16" or weight_bytes == 2:
+        return 2, 2, 2
+    return 4, 4, 4
+
+
+def attention_kernel(w: Workload) -> str:
+    """Which attention path runs: lmforge's ``attend`` uses matmul-softmax-matmul for bf16 on
+    CPU and SDPA otherwise; SDPA on CPU with dropout falls back to the math (eager) kernel."""
+    if w.attention != "auto":
+        return w.attention
+    if w.device == "cpu" and w.precision in ("bf16-mixed", "bf16"):
+        return "eager"
+    return "sdpa"
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+
+def block_activation_terms(cfg: DecoderConfig, w: Workload, weight_bytes: int) -> dict[str, float]:
+    """Bytes one block saves for backward per micro-batch, by term (all B x T tokens).
+
+    ``trainable`` decides what a frozen linear (LoRA base) no longer needs: a linear whose
+    weight is frozen needs only its weight for the input gradient, not its input.
+    """
+    B, T, C, F = w.batch, w.seq, cfg.d_model, cfg.ff_width
+    N = B * T
+    nh = cfg.n_head
+    hd = C // nh
+    kvd = cfg.kv_heads * hd
+    qkvd = C + 2 * kvd
+    a, r, cast = _dtypes(w, weight_bytes)
+    kernel = attention_kernel(w)
+    drop = cfg.dropout > 0
+    mask_b = a if w.device == "cpu" else 1  # CPU dropout keeps its mask in the input dtype
+    if drop and kernel == "sdpa" and w.device == "cpu":
+        kernel = "math"
+    full = w.method == "full"
+    lora = set(w.lora_targets) if not full else set()
+    if "qkv" in lora:  # lmforge's fused projection: one adapter for q, k and v
+        lora |= {"q", "k", "v"}
+
+    def needs(*linears: str) -> bool:  # the input of these linears is saved
+        return full or bool(lora & set(linears))
+
+    t: dict[str, float] = {}
+    t["residual stream (block input, mid)"] = 2 * N * C * r
+    mlp_in = ("gate", "up") if cfg.mlp == "swiglu" else ("fc",)
+    t["norm outputs (linear inputs)"] = N * C * cast * (needs("q", "k", "v") + needs(*mlp_in))
+    stats = 2 if cfg.norm == "layernorm" else 1  # (mean, rstd) or rstd per norm
+    t["norm statistics"] = (
+        2 * stats * N * (2 if w.precision == "bf16" and cfg.norm == "layernorm" else 4)
+    )
+    if cfg.norm == "rmsnorm" and w.precision != "fp32":  # fp32 upcast inside the norm is saved
+        t["rmsnorm fp32 internals"] = (
+            N * C * 4 * (2 if w.precision in ("bf16-mixed", "fp16-mixed") else 4)
+        )
+    rope = cfg.positions == "rope"
+    if kernel == "sdpa":
+        t["q, k, v"] = N * qkvd * a
+        if rope:  # rotated halves and rotated q/k (measured on CPU; CUDA keeps k un-expanded)
+            t["rope"] = N * a * ((3 * C + kvd) if w.device == "cpu" else (2 * C + 2 * kvd))
+        t["attention output"] = N * C * a
+        t["attention logsumexp"] = N * nh * 4
+    else:  # eager / math: q, k, v are copied (k and v expanded to every query head)
+        t["q, k, v copies"] = N * a * (4 * C if rope else 3 * C)
+        t["attention probabilities"] = B * nh * T * T * (4 + (a if a == 2 else 0))
+        if drop:
+            t["attention dropout"] = B * nh * T * T * (mask_b + a)
+        t["attention output"] = N * C * a * needs("o")
+        t["causal mask"] = T * T
+        if rope and w.precision in ("bf16-mixed", "fp16-mixed"):
+            t["rope cos/sin casts"] = 4 * T * hd * 2
+    if drop:
+        t["residual dropout masks"] = 2 * N * C * mask_b
+    if cfg.mlp == "swiglu":
+        t["mlp gate, silu, up"] = 3 * N * F * a
+        t["mlp product (down input)"] = N * F * a * needs("down")
+    else:
+        t["mlp fc output"] = N * F * a
+        t["mlp gelu output (proj input)"] = N * F * a * needs("down")
+    if lora:
+        n_targets = sum(1 for x in w.lora_targets if x != "head")
+        t["lora A outputs"] = n_targets * N * w.lora_rank * a
+        if w.lora_dropout > 0:
+            t["lora dropout"] = n_targets * N * C * (a + mask_b)
+    return t
+
+
+def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
+    """Predicted peak bytes of one steady-state training step (or of inference) per device."""
+    if cfg.vocab_size is None:
+        raise ValueError("estimate needs model.vocab_size (set it, or give a tokenizer/model)")
+    pc = count_params(cfg)
+    V, C, L = cfg.vocab_size, cfg.d_model, cfg.n_layer
+    N = w.batch * w.seq  # tokens per micro-batch
+    notes: list[str] = []
+    wb = 2 if w.precision == "bf16" else 4
+    a, r, cast = _dtypes(w, wb)
+    linear_per_layer = sum(pc.per_layer_linear.values())
+    matmul_weights = L * linear_per_layer + V * C  # the head is a matmul even when tied
+    comps: dict[str, float] = {}
+
+    # weights
+    if w.method == "qlora":
+        nf4 = NF4_DQ_BYTES_PER_PARAM if w.qlora_double_quant else NF4_BYTES_PER_PARAM
+        quantized = L * linear_per_layer + (pc.head if w.quantize_head else 0)
+        comps["weights"] = quantized * nf4 + (pc.total - quantized) * wb
+    else:
+        comps["weights"] = pc.total * wb
+    n_train = pc.total if w.method == "full" else lora_params(cfg, w)
+    train_b = wb  # adapters in the base's dtype (litgpt, torchtune)
+    if w.method != "full":
+        comps["lora adapters"] = n_train * train_b
+    if w.inference:
+        return _inference(cfg, w, comps, pc, notes)
+
+    # gradients and optimizer states
+    shard = max(1, w.world_size)
+    g = n_train * train_b
+    opt_per = {"adamw": 2, "adam": 2, "adagrad": 1, "none": 0}.get(w.optimizer)
+    if w.optimizer == "sgd":
+        opt_per = 1 if w.momentum > 0 else 0
+    if w.optimizer == "rmsprop":
+        opt_per = 1 + (w.momentum > 0)
+    opt = n_train * (2 if w.optimizer == "adamw8bit" else opt_per * train_b)
+    if w.paged_optimizer:
+        opt = 0.0  # cudaMallocManaged pages: not in max_memory_allocated (see notes)
+        notes.append("paged optimizer states live in CUDA managed memory, outside the allocator")
+    if w.optimizer_in_backward:  # only the gradient being applied is live
+        g = max(pc.per_layer_linear.values()) * train_b if w.method == "full" else g
+    if w.sharding in ("zero1", "zero2", "zero3"):
+        opt /= shard
+    if w.sharding in ("zero2", "zero3"):
+        g /= shard
+    if w.sharding == "zero3":
+        full_layer = pc.layer * wb
+        comps["weights"] = comps["weights"] / shard + 2 * full_layer  # gathered unit + prefetch
+        notes.append("zero3/FSDP: weights sharded; one gathered block and one prefetched")
+    comps["gradients"] = g
+    comps["optimizer states"] = opt
+    if w.world_size > 1 and w.sharding == "none":
+        comps["DDP gradient buckets"] = g  # gradient_as_bucket_view=False keeps a copy
+
+    # activations
+    terms = block_activation_terms(cfg, w, wb)
+    per_layer = sum(terms.values())
+    head_trainable = w.method == "full" or "head" in w.lora_targets
+    head_acts = N * C * r + N * C * cast * head_trainable  # norm_f input / output
+    if cfg.norm == "rmsnorm" and w.precision != "fp32":
+        head_acts += N * C * 4 * (1 if w.precision in ("bf16-mixed", "fp16-mixed") else 2)
+    if cfg.dropout > 0:
+        head_acts += N * C * (a if w.device == "cpu" else 1)  # embedding dropout mask
+    mixed = w.precision in ("bf16-mixed", "fp16-mixed")
+    weight_casts = 2 * matmul_weights if mixed and w.method != "qlora" else 0
+    if w.checkpointing == "full":
+        comps["activations (checkpointed block inputs)"] = L * N * C * r + head_acts
+        weight_casts = 2 * V * C if mixed else 0  # only the head's cast outlives the forward
+    else:
+        comps["activations"] = L * per_layer + head_acts
+    if weight_casts:
+        comps["autocast weight copies (16 bit)"] = weight_casts
+
+    # logits and loss: logits in the matmul dtype, fp32 log-softmax saved, and at the start of
+    # backward two fp32 (N, V) gradients (of the loss and of the log-softmax input)
+    saved_ls = N * V * 4 / (max(1, w.loss_chunks) if w.loss_fused else 1)
+    logits = {"logits": N * V * a, "loss: fp32 log-softmax": saved_ls}
+    logits["loss: backward temporaries"] = 2 * N * V * 4 / max(1, w.loss_chunks)
+    base = {k: comps[k] for k in ("weights", "lora adapters", "optimizer states") if k in comps}
+    if "DDP gradient buckets" in comps:
+        base["DDP gradient buckets"] = comps["DDP gradient buckets"]
+    grads = {"gradients": comps["gradients"]}
+    acts = {k: v for k, v in comps.items() if k.startswith(("activations", "autocast"))}
+    phases: dict[str, dict[str, float]] = {}
+    # micro-batches after the first find the accumulated gradients already there
+    phases["start of backward (vocabulary-sized loss gradients)"] = (
+        base | (grads if w.grad_accum > 1 else {}) | acts | logits
+    )
+    if w.checkpointing == "full":
+        head_grad = V * C * wb if w.method == "full" and not cfg.tie_embeddings else 0
+        phases["backward recompute of a block"] = (
+            base
+            | (grads if w.grad_accum > 1 else {"gradients (head)": head_grad})
+            | {"activations (checkpointed block inputs)": L * N * C * r}
+            | {"recomputed block": per_layer + (2 * linear_per_layer if mixed else 0)}
+            | {"temporaries (activation gradients)": 2 * N * C * 4}
+        )
+    # backward through the last block: the logits tensor is still referenced by the loop, the
+    # head's gradient exists, and the MLP's hidden-width activation gradients are live
+    head_g = {"gradients (head)": V * C * wb} if w.method == "full" and w.grad_accum == 1 else {}
+    phases["backward of the last block"] = (
+        base
+        | (grads if w.grad_accum > 1 else head_g)
+        | acts
+        | {"logits": N * V * a}
+        | {"temporaries (activation gradients)": 2 * N * cfg.ff_width * a + 2 * N * C * 4}
+    )
+    end = base | grads
+    if cfg.tie_embeddings and w.method == "full":  # embedding grad, then summed into the head's
+        end = end | {"temporaries (tied embedding gradient)": V * C * 4}
+    phases["end of backward / optimizer step"] = end
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    live = phases[phase]
+    all_items = comps | logits
+    overhead = CUDA_CONTEXT_BYTES if w.device == "cuda" else 0
+    overhead += NCCL_BUFFER_BYTES if w.world_size > 1 else 0
+    if mixed:
+        notes.append("autocast keeps a 16-bit copy of every matmul weight through backward")
+    if attention_kernel(w) == "eager":
+        notes.append("eager attention keeps B x heads x T x T probabilities (fp32 + 16 bit)")
+    est = Estimate(
+        live, sum(live.values()), phase, per_layer, overhead, cpu_load_peak(cfg, wb), notes
+    )
+    est.all_components = all_items
+    return est
+
+
+def _inference(
+    cfg: DecoderConfig, w: Workload, comps: dict[str, float], pc: ParamCounts, notes: list[str]
+) -> Estimate:
+    """Weights + KV cache (B x context x layers x 2 x kv heads x head dim) + the prefill logits."""
+    kv_bytes = 2 if w.precision != "fp32" else 4
+    hd = cfg.d_model // cfg.n_head
+    comps["KV cache"] = 2 * cfg.n_layer * w.batch * w.seq * cfg.kv_heads * hd * kv_bytes
+    comps["prefill logits"] = w.batch * w.seq * (cfg.vocab_size or 0) * kv_bytes
+    peak = sum(comps.values())
+    overhead = CUDA_CONTEXT_BYTES if w.device == "cuda" else 0
+    gqa = f"GQA {cfg.n_head}/{cfg.kv_heads} heads" if cfg.kv_heads < cfg.n_head else "MHA"
+    return Estimate(
+        comps,
+        peak,
+        f"inference ({gqa})",
+        0.0,
+        overhead,
+        cpu_load_peak(cfg, kv_bytes),
+        notes,
+        dict(comps),
+    )
+
+
+def cpu_load_peak(cfg: DecoderConfig, weight_bytes: int) -> float:
+    """Host memory while loading a Hugging Face folder: ``load_hf`` fills a meta model shard by
+    shard, so about one copy of the model plus the largest tensor (the embedding) in flight."""
+    pc = count_params(cfg)
+    return pc.total * weight_bytes + (cfg.vocab_size or 0) * cfg.d_model * 4
+
+
+# ---- time and hardware -----------------------------------------------------------------------
+
+
+def flops_per_token(cfg: DecoderConfig, seq: int, checkpointing: str = "none") -> float:
+    """Training FLOPs per token, 6N + 12·L·T·d (as ``Decoder.flops_per_token``); full
+    checkpointing recomputes the forward: 8N + 16·L·T·d."""
+    pc = count_params(cfg)
+    n_matmul = pc.n_layer * sum(pc.per_layer_linear.values()) + (cfg.vocab_size or 0) * cfg.d_model
+    f = 6.0 * n_matmul + 12.0 * cfg.n_layer * seq * cfg.d_model
+    return f * 4 / 3 if checkpointing == "full" else f
+
+
+def hardware_table(
+    cfg: DecoderConfig, w: Workload, tokens: float | None = None, mfu: float = DEFAULT_MFU
+) -> list[dict]:
+    """For each named GPU: does it fit, how many devices (ZeRO-3) it takes, time per step/run."""
+    rows = []
+    low = w.precision != "fp32"
+    for name, (mem, bf16, fp32) in GPUS.items():
+        need_n = None
+        for n in (1, 2, 4, 8, 16, 32, 64):
+            ww = replace(w, device="cuda", world_size=n, sharding="zero3" if n > 1 else "none")
+            est = estimate(cfg, ww)
+            if est.peak + est.runtime_overhead <= mem * (1 - ALLOCATOR_SLACK):
+                need_n = n
+                break
+        step_tokens = w.batch * w.seq * w.grad_accum * max(1, w.world_size)
+        fl = flops_per_token(cfg, w.seq, w.checkpointing) * step_tokens
+        speed = (bf16 if low else fp32) * mfu
+        row = dict(gpu=name, memory_gib=mem / GiB, fits_one=need_n == 1, devices_needed=need_n)
+        row["step_s"] = fl / speed / max(1, w.world_size)
+        if tokens:
+            row["run_h"] = tokens * fl / step_tokens / (speed * (need_n or 1)) / 3600
+        rows.append(row)
+    return rows
+
+
+def parse_bytes(text: str) -> float:
+    """'24GiB', '40GB', '512MiB', '1.5e9' → bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    units |= {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
+    s = text.strip().lower().replace(" ", "")
+    for u in sorted(units, key=len, reverse=True):
+        if s.endswith(u):
+            return float(s[: -len(u)]) * units[u]
+    return float(s)
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def steps_for(tokens: float, w: Workload) -> int:
+    return math.ceil(tokens / (w.batch * w.seq * w.grad_accum * max(1, w.world_size)))
+
+
+# ---- auto-fit ---------------------------------------------------------------------------------
+
+SAFETY_MARGIN = 0.05  # of the budget kept free: allocator slack and estimate error
+
+
+def plan_fit(
+    cfg: DecoderConfig,
+    w: Workload,
+    budget: float,
+    global_batch: int,
+    allow_precision: bool = False,
+    margin: float = SAFETY_MARGIN,
+) -> dict:
+    """The fastest (micro-batch, accumulation, checkpointing[, precision]) whose predicted peak
+    plus runtime overhead fits ``budget`` x (1 - margin); the global batch stays ``global_batch``.
+
+    Throughput model: FLOPs per token grow by 4/3 with full checkpointing (the forward runs
+    twice), and a micro-batch of b sequences runs at b / (b + 1) of the large-batch speed (kernel
+    launch and per-step overhead; a rough, stated assumption).
+    """
+    usable = budget * (1 - margin)
+    precisions = [w.precision]
+    if allow_precision:
+        precisions += [p for p in ("bf16-mixed", "bf16") if p != w.precision]
+    options = []
+    for prec in precisions:
+        for mb in sorted({d for d in range(1, global_batch + 1) if global_batch % d == 0}):
+            for ac in ("none", "full"):
+                ww = replace(
+                    w, batch=mb, grad_accum=global_batch // mb, checkpointing=ac, precision=prec
+                )
+                est = estimate(cfg, ww)
+                need = est.peak + est.runtime_overhead
+                speed = (mb / (mb + 1)) / flops_per_token(cfg, w.seq, ac)
+                options.append((need <= usable, speed, -need, mb, ac, prec, need))
+    fitting = [o for o in options if o[0]]
+    if not fitting:
+        smallest = min(options, key=lambda o: o[6])
+        return dict(
+            budget=budget, fits=False, needed=smallest[6],
+            summary=f"nothing fits: the smallest option (micro-batch 1, checkpointing full) needs "
+            f"{fmt_bytes(smallest[6])}; use LoRA/QLoRA, ZeRO-3 over more devices, or a bigger GPU",
+        )  # fmt: skip
+    _, _, _, mb, ac, prec, need = max(fitting)
+    return dict(
+        budget=budget, fits=True, micro_batch=mb, grad_accum=global_batch // mb,
+        activation_checkpointing=ac == "full", precision=prec, predicted_peak=need,
+        headroom=1 - need / budget,
+        summary=f"micro-batch {mb} x {global_batch // mb} accumulation, checkpointing {ac}, "
+        f"{prec}: predicted {fmt_bytes(need)} ({1 - need / budget:.0%} free)",
+    )  # fmt: skip
+
+
+def device_free_bytes(device_type: str) -> float:
+    """``auto`` budget: free memory of the current CUDA device, or available host RAM."""
+    import os
+
+    if device_type == "cuda":
+        import torch
+
+        return float(torch.cuda.mem_get_info()[0])
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def apply_memory_budget(train, optim_name: str, cfg: DecoderConfig, device_type: str, run_dir):
+    """``train.memory_budget`` → a TrainConfig with micro-batch, accumulation and checkpointing
+    chosen by ``plan_fit`` (global batch = batch_size x grad_accum kept); the plan is logged and
+    written to ``run_dir/memory_plan.json``. Unchanged when no budget is set."""
+    import json
+    import logging
+    from pathlib import Path
+
+    if not train.memory_budget:
+        return train
+    budget = (
+        device_free_bytes(device_type)
+        if train.memory_budget == "auto"
+        else parse_bytes(train.memory_budget)
+    )
+    w = Workload(
+        batch=train.batch_size, seq=cfg.context_length, grad_accum=train.grad_accum,
+        precision=train.precision, optimizer=optim_name if optim_name in ("adamw", "adam", "sgd", "adagrad", "rmsprop") else "adamw",
+        device="cuda" if device_type == "cuda" else "cpu",
+        checkpointing="full" if train.activation_checkpointing else "none",
+    )  # fmt: skip
+    plan = plan_fit(cfg, w, budget, global_batch=train.batch_size * train.grad_accum)
+    plan["requested"] = train.memory_budget
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    logging.getLogger(__name__).info("memory plan (%s): %s", train.memory_budget, plan["summary"])
+    if not plan["fits"]:
+        raise ValueError(f"train.memory_budget={train.memory_budget}: {plan['summary']}")
+    return train.model_copy(
+        update=dict(
+            batch_size=plan["micro_batch"], grad_accum=plan["grad_accum"],
+            activation_checkpointing=plan["activation_checkpointing"],
+        )
+    )  # fmt: skip

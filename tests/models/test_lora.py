@@ -1,0 +1,133 @@
+"""LoRA/DoRA/QLoRA surgery: PEFT-format adapters load with peft onto the exported Hugging Face
+model (fused qkv split by rows) with equal logits; adapters trained by peft on the HF model load
+back exactly; merged equals unmerged; freezing trains only what it says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.hf import export_hf
+from lmforge.models.lora import (
+    LoraConfig,
+    apply_lora,
+    freeze,
+    load_adapter,
+    merge_lora,
+    quantize_nf4,
+    save_adapter,
+    trainable_report,
+)
+
+peft = pytest.importorskip("peft", reason="adapters are peft's LoRA layers (the finetune extra)")
+transformers = pytest.importorskip("transformers", reason="parity with peft on the HF export")
+
+ATOL = 1e-5
+
+
+def tiny(arch: str = "llama", seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    cfg = DecoderConfig(
+        arch=arch,
+        vocab_size=64,
+        context_length=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2 if arch == "llama" else None,
+        d_model=32,
+    )
+    return Decoder(cfg).eval()
+
+
+def randomise_adapters(model: Decoder) -> None:
+    """LoRA's B starts at zero (a no-op); random values make the parity tests bite."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2) if "magnitude" not in name else p.mul_(1.3)
+
+
+X = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch,dora", [("llama", False), ("llama", True), ("gpt2", False)])
+def test_peft_loads_our_adapter_on_the_hf_export(arch: str, dora: bool, tmp_path: Path) -> None:
+    model = tiny(arch)
+    export_hf(model, None, tmp_path / "hf")
+    apply_lora(model, LoraConfig(rank=4, alpha=8), dora=dora)
+    randomise_adapters(model)
+    ours = model(X)
+    save_adapter(model, tmp_path / "adapter", base=str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(X).logits
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    # and back: the saved adapter on a fresh copy of the base gives the same logits
+    again = load_adapter(tiny(arch), tmp_path / "adapter")
+    torch.testing.assert_close(again(X), ours, atol=ATOL, rtol=0)
+
+
+def test_adapter_trained_by_peft_on_hf_loads_exactly(tmp_path: Path) -> None:
+    """Separate q/k/v adapters (different A's) fuse exactly at rank 3r."""
+    model = tiny()
+    export_hf(model, None, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]
+    )
+    pm = peft.get_peft_model(hf, cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    pm.save_pretrained(tmp_path / "peft")
+    theirs = pm.eval()(X).logits
+    ours = load_adapter(model, tmp_path / "peft")
+    assert ours.blocks[0].attn.qkv.lora_A["default"].weight.shape[0] == 6
+    torch.testing.assert_close(ours(X), theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_equals_unmerged(dora: bool) -> None:
+    model = apply_lora(tiny(), LoraConfig(rank=4, alpha=8), dora=dora)
+    randomise_adapters(model)
+    before = model(X)
+    merge_lora(model)
+    assert type(model.blocks[0].attn.qkv) is torch.nn.Linear
+    torch.testing.assert_close(model(X), before, atol=ATOL, rtol=0)
+    assert set(model.state_dict()) == set(tiny().state_dict())  # a plain checkpoint again
+
+
+def test_only_adapters_train_and_report() -> None:
+    model = apply_lora(tiny(), LoraConfig(rank=4, alpha=8, targets=["attn.qkv"]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n and "attn.qkv" in n for n in names)
+    rep = trainable_report(model)
+    assert rep["trainable"] == 2 * (4 * 32 + 64 * 4)  # 2 blocks × (A 4×32 + B 64×4)
+    with pytest.raises(ValueError, match="match no module"):
+        apply_lora(tiny(), LoraConfig(targets=["nope"]))
+
+
+def test_qlora_nf4_base_trains_adapters() -> None:
+    bnb = pytest.importorskip("bitsandbytes", reason="QLoRA's NF4 base (the finetune extra)")
+    ref = tiny()(X)
+    model = apply_lora(quantize_nf4(tiny(), double_quant=True), LoraConfig(rank=4, alpha=8))
+    base = model.blocks[0].attn.qkv.get_base_layer()
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
+    out = model(X)
+    # NF4 rounding only: the logits stay close to full precision
+    assert (out - ref).abs().max() < 0.5 and not torch.equal(out, ref)
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(g is not None for n, g in grads.items() if "lora_A" in n)
+
+
+def test_freeze_top_blocks_and_norms() -> None:
+    model = freeze(tiny(), LoraConfig(train_blocks=1, train_norms=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("blocks.1.") for n in trainable)
+    model = freeze(tiny(), LoraConfig(train_blocks=0, train_norms=True))
+    assert all("norm" in n for n, p in model.named_parameters() if p.requires_grad)

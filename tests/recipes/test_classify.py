@@ -1,0 +1,117 @@
+"""`lmforge classify` end to end on a tiny random encoder: run folder, best checkpoint, report
+and plots; early stopping on the monitored val metric; `lmforge eval` dispatches classifier
+checkpoints to classification metrics and prompt files to generation metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.data.classification import default_paths
+
+TINY = [
+    "--config=tiny_random",
+    "--tokenizer_vocab=300",
+    "--model.n_layer=1",
+    "--model.d_model=32",
+    "--model.n_head=2",
+    "--train.batch_size=16",
+    "--train.max_steps=12",
+    "--train.eval_every=6",
+    "--train.save_every=6",
+    "--train.log_every=3",
+    "--train.num_threads=1",
+    "--sched.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("classify")
+    # a train file without a val file: the recipe makes a stratified split
+    rows = default_paths()["train"].read_text().splitlines()
+    train = out / "train.csv"
+    train.write_text("\n".join(rows[:401]) + "\n")
+    assert (
+        main(
+            [
+                "classify",
+                f"--out_dir={out}/run",
+                f"--data.train={train}",
+                f"--data.test={default_paths()['test']}",
+                "--class_weights=true",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    return out / "run"
+
+
+def test_run_folder_report_and_plots(run_dir: Path) -> None:
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "tokenizer.json",
+        "eval/report.json",
+        "eval/report.md",
+        "eval/plots/confusion.png",
+        "eval/plots/roc.png",
+        "eval/plots/pr.png",
+        "eval/plots/calibration.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    report = json.loads((run_dir / "eval/report.json").read_text())
+    m = report["metrics"]
+    assert m["n"] == 400 and 0 <= m["accuracy"] <= 1 and len(m["confusion_matrix"]) == 4
+    assert len(report["worst_examples"]) == 20 and "p_true" in report["worst_examples"][0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["val_examples"] == 40 and summary["train_examples"] == 360  # 10 % stratified
+    assert summary["class_balance"]["max_min_ratio"] > 1
+    best = (run_dir / "checkpoints" / "best").read_text().strip()
+    assert summary["best_checkpoint"].endswith(best)
+    evals = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if "val_f1_macro" in e] == [6, 12]
+
+
+def test_eval_dispatches_classifier_checkpoints(run_dir: Path, tmp_path: Path, capsys) -> None:
+    test = default_paths()["test"]
+    assert main(["eval", f"--checkpoint={run_dir}", f"--data={test}", f"--out_dir={tmp_path}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    again = json.loads((run_dir / "eval/report.json").read_text())["metrics"]
+    assert printed["accuracy"] == pytest.approx(
+        again["accuracy"]
+    )  # the best checkpoint, both times
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "plots/roc.png").is_file()
+
+
+def test_early_stopping_on_the_monitored_metric(tmp_path: Path) -> None:
+    # lr ~0: the val metric cannot improve after the first eval → stop at the second
+    args = [*TINY, "--optim.lr=1e-12", "--train.early_stop_patience=1", "--train.max_steps=30"]
+    assert (
+        main(
+            [
+                "classify",
+                f"--out_dir={tmp_path}",
+                "--data.train=" + str(default_paths()["val"]),
+                "--monitor=accuracy",
+                *args,
+            ]
+        )
+        == 0
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 12
+    assert summary["stop_reason"] == "early stopping: no val_accuracy improvement in 1 evals"
+    assert (tmp_path / "checkpoints" / "best").read_text().strip() == "step-000006"
+
+
+def test_bad_column_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nhello,a\nbye,b\n")
+    assert main(["classify", f"--out_dir={tmp_path}/r", f"--data.train={bad}", *TINY]) == 1
+    assert "bad.csv:2: column 'text' is missing" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""``lmforge finetune`` end to end on a tiny base (a few steps): summary, adapter and merged
+model folders, forgetting with replay + EWC; ``lmforge merge`` reproduces the merged model;
+``lmforge chat`` answers piped stdin turn by turn with the template applied."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_model
+
+from lmforge.cli import main
+from lmforge.config import to_yaml
+from lmforge.data.instructions import make_suite, write_jsonl
+from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
+from lmforge.models.decoder import Decoder, DecoderConfig
+
+pytest.importorskip("peft", reason="LoRA adapters come from peft (the finetune extra)")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny random lmforge checkpoint folder (weights, config.yaml, tokenizer.json)."""
+    out = tmp_path_factory.mktemp("base")
+    text = "".join(f"{e['prompt']} = {e['answer']}\n" for e in make_suite(["reverse", "sort"], 50))
+    tok = train_tokenizer([text + "<|im_start|>user assistant\n"], vocab_size=300)
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        arch="llama",
+        vocab_size=tok.get_vocab_size(),
+        context_length=96,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+    )
+    save_model(Decoder(cfg), str(out / "model.safetensors"))
+    (out / "config.yaml").write_text(to_yaml(_Model(model=cfg)))
+    save_tokenizer(tok, out / "tokenizer.json")
+    return out
+
+
+from lmforge.config import Section  # noqa: E402
+
+
+class _Model(Section):
+    model: DecoderConfig
+
+
+FAST = [
+    "--train.max_steps=3",
+    "--train.eval_every=3",
+    "--train.batch_size=4",
+    "--train.log_every=1",
+    "--sched.warmup_steps=1",
+    "--n_eval=3",
+    "--max_new_tokens=4",
+    "--suite.n_per_family=12",
+    "--train.num_threads=1",
+]
+
+
+def test_lora_finetune_merge_and_chat(base: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["finetune", f"--base={base}", f"--out_dir={run}", *FAST]) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert (
+        s["method"] == "lora" and s["steps"] == 3 and s["trainable_params"] < s["total_params"] / 3
+    )
+    assert 0 <= s["after"]["exact_match"] <= 1 and len(s["samples"]) == 3
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("exact_match" in e for e in events)  # evaluated during training too
+    # merge (adapter folder + base) == the merged model the run wrote
+    out = tmp_path / "merged"
+    assert (
+        main(["merge", f"--base={base}", f"--adapter={run / 'adapter'}", f"--out_dir={out}"]) == 0
+    )
+    a, b = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(run / "model" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # chat on the run folder: one reply per piped line, history kept
+    from lmforge.recipes.chat import ChatConfig, chat
+
+    stdout = io.StringIO()
+    n = chat(
+        ChatConfig(checkpoint=str(run), max_new_tokens=5),
+        io.StringIO("sort: 3 1\n/reset\nhi\n"),
+        stdout,
+    )
+    assert n == 2 and len(stdout.getvalue().splitlines()) == 2
+
+
+def test_full_finetune_with_retain_replay_and_ewc(base: Path, tmp_path: Path) -> None:
+    retain = write_jsonl(make_suite(["lookup"], 10), tmp_path / "old.jsonl")
+    run = tmp_path / "run"
+    args = [
+        "finetune",
+        f"--base={base}",
+        f"--out_dir={run}",
+        "--method=full",
+        f"--retain.path={retain}",
+        "--retain.replay_rows=1",
+        "--retain.ewc_lambda=0.5",
+        "--retain.fisher_batches=1",
+        "--retain.n_eval=2",
+        *FAST,
+    ]
+    assert main(args) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert "forgetting_em" in s and "retain_em" in s["before"] and s["adapter"] is None
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("reg" in e for e in events)
+
+
+def test_bad_data_names_file_and_line(base: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": 5}\n')
+    assert (
+        main(
+            [
+                "finetune",
+                f"--base={base}",
+                f"--data.path={bad}",
+                f"--out_dir={tmp_path / 'r'}",
+                *FAST,
+            ]
+        )
+        == 1
+    )
+    assert f"{bad}:1: output: expected a string" in capsys.readouterr().err
