@@ -228,6 +228,18 @@ def generate_text(
         prompt_ids = [bos_id]
     else:
         raise ValueError("the prompt is empty and the tokenizer has no BOS token: give a prompt")
+    return stream_text(model, tokenizer, prompt_ids, cfg, eos_id, on_text)
+
+
+def stream_text(
+    model: Decoder,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    cfg: SampleConfig,
+    eos_id: int | None,
+    on_text: Callable[[str], None] | None = None,
+) -> str:
+    """Continue ``prompt_ids``; return the new text, passing each printable piece to ``on_text``."""
     tokens = generate_tokens(
         model,
         prompt_ids,

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from lmforge.config import Section
 from lmforge.data.sft import ChatFormat, Message
-from lmforge.generate import StreamDecoder, generate_tokens
+from lmforge.generate import SampleConfig, stream_text
 from lmforge.train.checkpoint import load_for_inference
 from lmforge.train.device import resolve_device
 
@@ -43,6 +43,13 @@ def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
     model, tokenizer, ckpt = load_for_inference(path, device)
     fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
     interactive = stdin.isatty()
+    sample = SampleConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+    )
     history: list[Message] = [{"role": "system", "content": cfg.system}] if cfg.system else []
     replies = 0
     while True:
@@ -61,26 +68,15 @@ def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
         history.append({"role": "user", "content": text})
         ids = fmt.prompt_ids(history)
         ids = ids[-max(1, model.cfg.context_length - cfg.max_new_tokens) :]
-        stream = StreamDecoder(tokenizer, context_ids=ids)
-        tokens = generate_tokens(
-            model,
-            ids,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            seed=cfg.seed,
-            eos_id=fmt.end_of_turn,
-        )
         if interactive:
             stdout.write("assistant> ")
-        pieces = []
-        for t in tokens:
-            pieces.append(stream.push(t))
-            stdout.write(pieces[-1])
+
+        def show(piece: str) -> None:
+            stdout.write(piece)
             stdout.flush()
-        pieces.append(stream.flush())
-        stdout.write(pieces[-1] + "\n")
+
+        reply = stream_text(model, tokenizer, ids, sample, fmt.end_of_turn, on_text=show)
+        stdout.write("\n")
         stdout.flush()
-        history.append({"role": "assistant", "content": "".join(pieces)})
+        history.append({"role": "assistant", "content": reply})
         replies += 1

@@ -57,7 +57,7 @@ from lmforge.models.hf_bert import load_hf_encoder
 from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_weights
 from lmforge.train.device import resolve_device
 from lmforge.train.loop import TrainConfig, fit
-from lmforge.train.lr_schedule import SchedConfig
+from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 
@@ -101,11 +101,7 @@ class ClassifyConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ClassifyConfig:
-        if self.sched.warmup_steps >= self.train.max_steps:
-            raise ValueError(
-                f"sched.warmup_steps ({self.sched.warmup_steps}) must be smaller than "
-                f"train.max_steps ({self.train.max_steps})"
-            )
+        check_warmup(self.sched, self.train.max_steps)
         if self.data.multi_label != (self.head.task == "multilabel"):
             raise ValueError("data.multi_label and head.task: multilabel go together")
         if self.head.task == "token":

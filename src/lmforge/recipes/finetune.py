@@ -53,7 +53,7 @@ from lmforge.train.forgetting import (
     qa_pairs,
 )
 from lmforge.train.loop import TrainConfig, fit
-from lmforge.train.lr_schedule import SchedConfig
+from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 
@@ -126,11 +126,7 @@ class FinetuneConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
-        if self.sched.warmup_steps >= self.train.max_steps:
-            raise ValueError(
-                f"sched.warmup_steps ({self.sched.warmup_steps}) must be smaller than "
-                f"train.max_steps ({self.train.max_steps})"
-            )
+        check_warmup(self.sched, self.train.max_steps)
         if self.retain.path is None and (
             self.retain.replay_rows or self.retain.ewc_lambda or self.retain.l2sp_lambda
         ):

@@ -40,7 +40,7 @@ from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_w
 from lmforge.train.device import peak_flops, resolve_device
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import FitResult, TrainConfig, fit
-from lmforge.train.lr_schedule import SchedConfig
+from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.precision import precision_error, weight_dtype
@@ -65,11 +65,7 @@ class PretrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
-        if self.sched.warmup_steps >= self.train.max_steps:
-            raise ValueError(
-                f"sched.warmup_steps ({self.sched.warmup_steps}) must be smaller than train.max_steps "
-                f"({self.train.max_steps})"
-            )
+        check_warmup(self.sched, self.train.max_steps)
         tp = self.dist.tp_size
         if tp > 1:
             sizes = {

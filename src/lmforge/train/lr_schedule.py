@@ -40,3 +40,12 @@ def lr_at(step: int, peak_lr: float, max_steps: int, cfg: SchedConfig) -> float:
     if cfg.name == "linear":
         return peak_lr - (peak_lr - min_lr) * progress
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def check_warmup(sched: SchedConfig, max_steps: int) -> None:
+    """Config check shared by every recipe: warm-up must end before training does."""
+    if sched.warmup_steps >= max_steps:
+        raise ValueError(
+            f"sched.warmup_steps ({sched.warmup_steps}) must be smaller than train.max_steps "
+            f"({max_steps})"
+        )
