@@ -35,7 +35,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
-from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.decoder import Decoder
+from lmforge.recipes.pretrain import resolve_config
 from lmforge.train import distributed
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import accumulate_gradients
@@ -54,17 +55,9 @@ SETTINGS = [
 
 
 def demo_model() -> Decoder:
-    cfg = DecoderConfig(
-        arch="llama",
-        vocab_size=VOCAB,
-        context_length=CONTEXT,
-        n_layer=4,
-        n_head=4,
-        n_kv_head=4,
-        d_model=256,
-        dropout=0.0,
-        tie_embeddings=True,
-    )
+    """The CPU demo's model (configs/pretrain/cpu_demo.yaml), with the tokenizer's vocabulary."""
+    cfg = resolve_config(None, {}).model.model_copy(update={"vocab_size": VOCAB, "dropout": 0.0})
+    assert cfg.context_length == CONTEXT
     torch.manual_seed(0)
     return Decoder(cfg)
 

@@ -209,7 +209,9 @@ def test_fsdp_checkpoint_loads_on_one_process(jobs) -> None:
     model = Decoder(model_cfg())
     load_weights(model, ckpt)  # what export / generate / eval do (load_for_inference)
     with torch.no_grad():
-        torch.testing.assert_close(model(PROBE), torch.load(jobs["fsdp"] / "logits.pt"))
+        torch.testing.assert_close(
+            model(PROBE), torch.load(jobs["fsdp"] / "logits.pt", weights_only=True)
+        )
     # the sharded optimizer state restores into a single-process optimizer (no process group)
     optimizer = build_optimizer(model, OptimConfig(lr=3e-3))
     state = torch.load(ckpt / "train_state.pt", weights_only=True)
