@@ -247,6 +247,15 @@ COMMANDS: dict[str, Command] = {
         _config_of("lmforge.recipes.estimate", "EstimateConfig"),
         _estimate,
     ),
+    "mlm": Command(
+        "pretrain a BERT-style encoder by masked-token prediction (no arguments: the CPU demo "
+        "on the shipped corpus)",
+        _config_of("lmforge.recipes.mlm", "MlmConfig"),
+        lambda config_file, overrides: _config_of("lmforge.recipes.mlm", "run_cli")()(
+            config_file, overrides
+        ),
+        defaults=lambda: _config_of("lmforge.recipes.mlm", "resolve_config")()(None, {}),
+    ),
 }
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.data.classification import default_paths
@@ -115,3 +116,35 @@ def test_bad_column_is_a_clear_error(tmp_path: Path, capsys) -> None:
     bad.write_text("sentence,label\nhello,a\nbye,b\n")
     assert main(["classify", f"--out_dir={tmp_path}/r", f"--data.train={bad}", *TINY]) == 1
     assert "bad.csv:2: column 'text' is missing" in capsys.readouterr().err
+
+
+def test_lora_trains_only_adapters_and_head(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    args = ["classify", f"--out_dir={run}", "--data.train=" + str(default_paths()["val"])]
+    args += [f"--data.test={default_paths()['test']}"]
+    args += [*TINY, "--method=lora", "--lora.rank=4", "--train.keep_last=2"]
+    assert main(args) == 0
+    capsys.readouterr()  # the classify summary
+    summary = json.loads((run / "summary.json").read_text())
+    report = summary["trainable_parameters"]
+    assert summary["method"] == "lora" and 0 < report["trainable"] < report["total"]
+    first = load_file(str(run / "checkpoints/step-000006/model.safetensors"))
+    last = load_file(str(run / "checkpoints/step-000012/model.safetensors"))
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    trained = {k for k in first if "lora_" in k or k.startswith("classifier.")}
+    assert any("attn.qkv.lora_B" in k for k in trained) and "classifier.weight" in trained
+    assert changed and changed <= trained  # the encoder's own weights did not move
+    assert {k for k in trained if "lora_B" in k or "classifier" in k} <= changed
+    # rank-4 adapters on qkv, proj, fc, proj of the one block + the head: that is all that trains
+    d, ff, labels = 32, 128, 4
+    adapters = 4 * ((d + 3 * d) + (d + d) + (d + ff) + (ff + d))
+    assert report["trainable"] == adapters + d * labels + labels
+    assert (run / "eval/report.json").is_file()
+    # a LoRA checkpoint loads back for `lmforge eval` (adapters put on before the weights)
+    test = default_paths()["test"]
+    assert main(["eval", f"--checkpoint={run}", f"--data={test}", f"--out_dir={tmp_path}/e"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    again = json.loads((run / "eval/report.json").read_text())["metrics"]
+    assert printed["accuracy"] == pytest.approx(again["accuracy"])

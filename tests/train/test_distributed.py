@@ -328,3 +328,51 @@ def test_killed_rank_fails_the_job_and_last_checkpoint_resumes(tmp_path: Path) -
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert latest.read_text().strip() == f"step-{end:06d}"
+
+
+# ---- OOM recovery with several processes -----------------------------------------------------
+
+
+def _oom_jobs(rank: int, world: int, port: int, out: str) -> None:
+    """2-rank DDP: probe the peaks (micro-batch 4 x 2 and 2 x 4, rank 1 tracked), then the
+    4 x 2 run again with a budget between them on rank 1 only."""
+    import contextlib
+    import json
+
+    from lmforge.train.memory_tracker import BudgetTracker
+
+    _join(rank, world, port)
+    par = distributed.setup(DistConfig(strategy="ddp"), CPU)
+    cfg = model_cfg().model_copy(update={"context_length": 64, "vocab_size": 256})
+    peaks: dict[str, int] = {}
+
+    def job(name: str, batch: int, accum: int, budget: int | None = None) -> None:
+        torch.manual_seed(0)
+        model = distributed.parallelize(Decoder(cfg), par, DistConfig(), "fp32")
+        data = TokenBatches(tokens(20000), 64, batch, seed=0, rank=par.dp_rank, world_size=2)
+        tracker = BudgetTracker(budget or 2**62) if rank == 1 else contextlib.nullcontext()
+        with tracker:
+            run_fit(model, data, Path(out) / name, par, batch_size=batch, grad_accum=accum)
+        peaks[name] = getattr(tracker, "peak", 0)
+
+    job("probe-big", 4, 2)
+    job("ref", 2, 4)
+    budget = (peaks["probe-big"] + peaks["ref"]) // 2
+    job("oom", 4, 2, budget if peaks["probe-big"] > 1.1 * peaks["ref"] else None)
+    if rank == 1:
+        (Path(out) / "peaks.json").write_text(json.dumps(peaks | {"budget": budget}))
+    distributed.teardown(par)
+
+
+def test_ddp_oom_on_one_rank_splits_on_all_ranks(tmp_path: Path) -> None:
+    import json
+
+    spawn(_oom_jobs, 2, str(tmp_path))
+    peaks = json.loads((tmp_path / "peaks.json").read_text())
+    assert peaks["probe-big"] > 1.1 * peaks["ref"]  # the budget separated the two
+    assert peaks["oom"] > peaks["budget"]  # rank 1 crossed its budget (rank 0 had none)
+    events = [json.loads(x) for x in (tmp_path / "oom" / "metrics.jsonl").read_text().splitlines()]
+    # rank 0 (which logs) split too, once, at step 1: the ranks agreed on the new micro-batch
+    assert [(e["step"], e["micro_batch"]) for e in events if e.get("oom")] == [(1, 2)]
+    assert max(e["step"] for e in events) == STEPS
+    assert_same_weights(weights(tmp_path / "oom"), weights(tmp_path / "ref"), rtol=0, atol=0)

@@ -182,7 +182,14 @@ class _Recording(TokenBatches):
         return x, y
 
 
-def _fit(tmp: Path, batch: int, accum: int, budget: int | None = None, track: bool = False):
+def _fit(
+    tmp: Path,
+    batch: int,
+    accum: int,
+    budget: int | None = None,
+    track: bool = False,
+    eval_batch: int | None = None,
+):
     torch.manual_seed(0)
     cfg = DecoderConfig(
         arch="llama",
@@ -198,13 +205,15 @@ def _fit(tmp: Path, batch: int, accum: int, budget: int | None = None, track: bo
     opt = build_optimizer(model, OptimConfig(name="sgd", lr=3e-2, momentum=0.0))
     batches = _Recording(_tokens(), 16, batch, seed=0)
     train = TrainConfig(
-        max_steps=3, batch_size=batch, grad_accum=accum, eval_every=100, save_every=100,
-        log_every=1, device="cpu",
+        max_steps=3, batch_size=batch, grad_accum=accum, eval_every=2 if eval_batch else 100,
+        save_every=100, log_every=1, device="cpu", eval_batch_size=eval_batch,
     )  # fmt: skip
     # the budget counts tensors created during fit (optimizer states, activations, gradients)
     tracker = BudgetTracker(budget or 2**62) if budget or track else contextlib.nullcontext()
     args = dict(peak_lr=3e-3, sched=SchedConfig(warmup_steps=0), run_dir=tmp, device=CPU,
                 checkpoint_files={"config.yaml": "x: 1\n"})  # fmt: skip
+    if eval_batch:
+        args["val_tokens"] = np.random.default_rng(1).integers(0, 512, 2000).astype(np.uint16)
     with tracker:
         result = fit(model, opt, batches, train, **args)
     return model, batches, result, getattr(tracker, "peak", 0)
@@ -227,6 +236,35 @@ def test_oom_recovery_loses_nothing(tmp_path: Path) -> None:
         json.loads(line) for line in (tmp_path / "oom" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [(e["step"], e["micro_batch"]) for e in events if e.get("oom") == "split"] == [(1, 4)]
+
+
+def _events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_oom_shrinks_only_the_eval_batch(tmp_path: Path) -> None:
+    # evaluations at steps 2 and 3; training (micro-batch 2 x 2) peaks below eval with 64 rows
+    _, _, _, small_peak = _fit(tmp_path / "probe-small", 2, 2, track=True, eval_batch=16)
+    _, _, _, big_peak = _fit(tmp_path / "probe-big", 2, 2, track=True, eval_batch=64)
+    assert big_peak > small_peak * 1.3
+    budget = (small_peak + big_peak) // 2
+    oom_model, oom_data, oom_result, _ = _fit(tmp_path / "oom", 2, 2, budget, eval_batch=64)
+    events = _events(tmp_path / "oom")
+    shrunk = [e["eval_batch_size"] for e in events if e.get("oom") == "eval"]
+    assert shrunk and shrunk[0] < 64 and not [e for e in events if e.get("oom") == "split"]
+    final = shrunk[-1]
+    ref_model, ref_data, ref_result, _ = _fit(tmp_path / "ref", 2, 2, eval_batch=final)
+    assert oom_result.step == ref_result.step == 3
+    # the same val loss as evaluating with the smaller batch from the start, at both evals
+    val = [
+        [e["val_loss"] for e in _events(tmp_path / r) if "val_loss" in e] for r in ("oom", "ref")
+    ]
+    assert len(val[0]) == 2 and val[0] == val[1]
+    # training untouched: same micro-batches, same samples, same weights (train mode restored)
+    assert torch.equal(torch.cat(oom_data.seen), torch.cat(ref_data.seen))
+    assert all(x.size(0) == 2 for x in oom_data.seen)
+    for a, b in zip(oom_model.state_dict().values(), ref_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_split_micro_batches_keeps_rows_in_order() -> None:
@@ -253,3 +291,25 @@ def test_memory_budget_plan_is_applied_and_written(tmp_path: Path) -> None:
     assert new.batch_size * new.grad_accum == 32 and new.batch_size < 32
     plan = json.loads((tmp_path / "memory_plan.json").read_text())
     assert plan["fits"] and plan["micro_batch"] == new.batch_size
+
+
+TINY_HF = dict(
+    model_type="llama", vocab_size=256, max_position_embeddings=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+)  # fmt: skip
+
+
+def test_estimate_calibrate_measures_mfu(tmp_path: Path, capsys) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_HF))
+    args = ["estimate", f"--model={tmp_path}", "--precision=fp32", "--batch_size=2", "--json"]
+    assert main([*args, "--calibrate", "--calibrate_steps=3", "--tokens=1e6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    cal = report["calibration"]
+    assert 0 < cal["mfu"] <= 1 and report["mfu"] == cal["mfu"] and cal["device"] == "cpu"
+    assert report["mfu_source"] == "measured" and cal["steps"] == 3 and cal["tokens_per_s"] > 0
+    # the time columns use the measured MFU: step time scales as 1 / MFU
+    assert main(args) == 0
+    assumed = json.loads(capsys.readouterr().out)
+    assert assumed["mfu_source"] == "assumed" and "calibration" not in assumed
+    for a, m in zip(assumed["hardware"], report["hardware"], strict=True):
+        assert m["step_s"] == pytest.approx(a["step_s"] * assumed["mfu"] / cal["mfu"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -39,6 +39,7 @@ from lmforge.models.hf import GPT2_BLOCK, LLAMA_LINEARS, hf_model_type
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 LMFORGE_CONFIG = "lmforge_lora.json"
+M = TypeVar("M", bound=nn.Module)
 
 
 class LoraConfig(Section):
@@ -87,8 +88,11 @@ def _peft_config(cfg: LoraConfig, model: nn.Module, dora: bool, **extra: Any):
     )
 
 
-def apply_lora(model: Decoder, cfg: LoraConfig, dora: bool = False, **peft_extra: Any) -> Decoder:
-    """Put LoRA (or DoRA) adapters on ``cfg.targets`` in place; only adapters stay trainable."""
+def apply_lora(model: M, cfg: LoraConfig, dora: bool = False, **peft_extra: Any) -> M:
+    """Put LoRA (or DoRA) adapters on ``cfg.targets`` in place; only adapters stay trainable.
+
+    Any module whose Linears carry the target names works: a ``Decoder``, or an encoder
+    classifier (``lmforge classify``, which then unfreezes its head itself)."""
     peft = _require("peft")
 
     peft.inject_adapter_in_model(_peft_config(cfg, model, dora, **peft_extra), model)

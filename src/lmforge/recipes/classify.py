@@ -54,6 +54,7 @@ from lmforge.eval.metrics import classification_metrics
 from lmforge.eval.report import classification_report
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 from lmforge.models.hf_bert import load_hf_encoder
+from lmforge.models.lora import LoraConfig, apply_lora, trainable_report
 from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_weights
 from lmforge.train.device import resolve_device
 from lmforge.train.loop import TrainConfig, fit
@@ -67,6 +68,9 @@ MONITORS = Literal[
     "accuracy", "f1_macro", "f1_micro", "f1_weighted", "roc_auc", "pr_auc", "val_loss"
 ]
 
+
+# the encoder's own Linear names (models/encoder.py); the pooler and classifier are not targets
+ENCODER_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]
 
 # metrics logged at each evaluation during training (the final report has all of them)
 VAL_LOGGED = ("accuracy", "f1_macro", "f1_micro", "f1_weighted", "roc_auc", "pr_auc", "loss")
@@ -90,6 +94,16 @@ class ClassifyConfig(Section):
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
     freeze_embeddings: bool = Field(
         False, description="keep the token embedding fixed (half of MiniLM's weights: faster steps)"
+    )
+    method: Literal["full", "lora"] = Field(
+        "full",
+        description="full: every weight trains; lora: peft adapters on lora.targets, the "
+        "classifier head trains fully, the rest of the encoder is frozen",
+    )
+    lora: LoraConfig = Field(
+        LoraConfig(rank=8, alpha=16.0, targets=ENCODER_LORA_TARGETS),
+        description="method: lora only (rank, alpha, dropout, targets); the freezing options "
+        "are not used here",
     )
     monitor: MONITORS = Field(
         "f1_macro", description="val metric for the best checkpoint and early stopping"
@@ -285,6 +299,17 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     head = cfg.head.model_copy(update={"num_labels": len(labels)})
     model = SequenceClassifier(model.encoder, head).to(device)
     model.encoder.tok_emb.weight.requires_grad_(not cfg.freeze_embeddings)
+    if cfg.method == "lora":
+        apply_lora(model, cfg.lora)  # peft: only the adapters stay trainable ...
+        model.classifier.requires_grad_(True)  # ... and the new head (peft's modules_to_save)
+    trainable = trainable_report(model)
+    log.info(
+        "method %s: %d of %d parameters trainable (%.2f %%)",
+        cfg.method,
+        trainable["trainable"],
+        trainable["total"],
+        trainable["trainable_pct"],
+    )
     resolved_data = dcfg.model_copy(
         update={"labels": labels, "train": train_path, "val": val_path, "test": test_path}
     )
@@ -346,6 +371,8 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         "train_examples": len(y_train),
         "val_examples": len(y_val),
         "class_balance": balance,
+        "method": cfg.method,
+        "trainable_parameters": trainable,
         "steps": result.step,
         "stop_reason": result.stop_reason,
         "best_checkpoint": str(best),
@@ -389,6 +416,8 @@ def load_classifier(
         ClassifyConfig, read_yaml(ckpt / "config.yaml"), str(ckpt / "config.yaml")
     )
     model = SequenceClassifier(Encoder(cfg.model), cfg.head)
+    if cfg.method == "lora":  # the checkpoint holds peft's module names (base_layer, lora_A/B)
+        apply_lora(model, cfg.lora)
     load_weights(model, ckpt)
     return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), cfg, ckpt
 

@@ -4,11 +4,14 @@
     lmforge estimate --model /models/Llama-2-7b-hf --method=lora --precision=bf16 --json
     lmforge estimate --config llama_350m --fit 24GiB
     lmforge estimate --model llama_tiny --inference --batch_size=4 --seq_len=4096
+    lmforge estimate --config llama_350m --calibrate --tokens=1e9
 
 ``--model`` is a preset (``gpt2_small``, ``llama_tiny``, or a shipped pretrain config name), an
 lmforge checkpoint or run folder, or a Hugging Face folder / ``config.json``; the model is
 described by its config only (built on the meta device, no weights read). Without ``--model``
 the model, batch and precision come from a pretrain config (``--config``, default the CPU demo).
+``--calibrate`` is the exception: it trains the configured model for a few steps on random
+tokens on the present device (``fit``), and the MFU it measures replaces the assumed one.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ class EstimateConfig(Section):
     inference: bool = Field(False, description="weights + KV cache instead of training")
     tokens: float | None = Field(None, gt=0, description="token budget for the run-time column")
     mfu: float = Field(DEFAULT_MFU, gt=0, le=1, description="model FLOPs utilisation assumed")
+    calibrate: bool = Field(
+        False,
+        description="measure the MFU with a short training run of the model on this device "
+        "(random weights and tokens) and use it for the time columns",
+    )
+    calibrate_steps: int = Field(5, gt=0, description="timed steps of the calibration run")
+    calibrate_warmup: int = Field(2, ge=1, description="untimed first steps of the calibration")
     fit: str | None = Field(None, description="memory budget (e.g. 24GiB): print a fitting plan")
     json_out: bool = Field(False, alias="json", description="print JSON instead of tables")
 
@@ -148,18 +158,84 @@ def resolve(
     return cfg, w, est
 
 
+def calibrate_mfu(
+    cfg: DecoderConfig, w: Workload, steps: int = 5, warmup: int = 2, device: str = "auto"
+) -> dict[str, Any]:
+    """Measured model FLOPs utilisation of ``fit`` on the present device: ``warmup + steps``
+    optimizer steps of ``cfg`` (random init, random tokens, micro-batch/accumulation/precision/
+    checkpointing of ``w``, full fine-tune with the workload's optimizer); the first ``warmup``
+    steps (allocation, kernel selection) are not timed. MFU = mean tokens/s of the timed steps x
+    FLOPs/token (``flops_per_token``, the formula of the time columns) / the device's peak
+    (``train.device.peak_flops``: data sheet on CUDA, a measured matmul on CPU)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from lmforge.data.loader import TokenBatches
+    from lmforge.models.decoder import Decoder
+    from lmforge.train.device import peak_flops, resolve_device
+    from lmforge.train.loop import TrainConfig, fit
+    from lmforge.train.lr_schedule import SchedConfig
+    from lmforge.train.memory_estimate import flops_per_token
+    from lmforge.train.optim import OptimConfig, build_optimizer
+
+    dev = resolve_device(device)
+    peak, source = peak_flops(dev, w.precision)
+    if not peak:
+        raise ConfigError(f"--calibrate: {source}; give --mfu instead")
+    torch.manual_seed(0)
+    seq = min(w.seq, cfg.context_length)
+    model = Decoder(cfg.model_copy(update={"dropout": 0.0}))
+    model = model.to(dev, torch.bfloat16 if w.precision == "bf16" else torch.float32)
+    name = w.optimizer if w.optimizer in ("adamw", "adam", "sgd", "adagrad", "rmsprop") else "adamw"
+    optimizer = build_optimizer(model, OptimConfig(name=name))
+    n = (warmup + steps) * w.batch * w.grad_accum * (seq + 1) + seq + 1
+    dtype = np.uint16 if (cfg.vocab_size or 0) <= 2**16 else np.int64
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(dtype)
+    train = TrainConfig(
+        max_steps=warmup + steps, batch_size=w.batch, grad_accum=w.grad_accum,
+        precision=w.precision, activation_checkpointing=w.checkpointing == "full",
+        log_every=1, eval_every=10**9, save_every=10**9, device=str(dev), oom_recovery=False,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="lmforge-calibrate-") as tmp:
+        fit(
+            model, optimizer, TokenBatches(tokens, seq, w.batch, seed=0), train,
+            peak_lr=1e-4, sched=SchedConfig(warmup_steps=0), run_dir=Path(tmp), device=dev,
+            checkpoint_files={"config.yaml": "calibration: true\n"},
+        )  # fmt: skip
+        events = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    # with log_every=1 each train event's tokens_per_s covers exactly its own step
+    timed = [e["tokens_per_s"] for e in events if "loss" in e and e["step"] > warmup]
+    tokens_per_s = sum(timed) / len(timed)
+    fpt = flops_per_token(cfg, seq, w.checkpointing)
+    return dict(
+        mfu=tokens_per_s * fpt / peak, tokens_per_s=tokens_per_s, flops_per_token=fpt,
+        peak_flops=peak, peak_flops_source=source, device=str(dev), steps=steps, warmup=warmup,
+    )  # fmt: skip
+
+
 def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Compute the report; printing is the CLI's job (``print_report``)."""
     cfg, w, est = resolve(config_file, overrides)
     result = estimate(cfg, w)
+    mfu = est.mfu
+    calibration = None
+    if est.calibrate and not w.inference:
+        calibration = calibrate_mfu(cfg, w, est.calibrate_steps, est.calibrate_warmup)
+        mfu = calibration["mfu"]
     report: dict[str, Any] = {
         "model": {"arch": cfg.arch, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
                   "n_head": cfg.n_head, "n_kv_head": cfg.kv_heads, "vocab_size": cfg.vocab_size},
         "workload": w.__dict__ | {"lora_targets": list(w.lora_targets)},
         "estimate": result.to_dict(),
-        "hardware": [] if w.inference else hardware_table(cfg, w, est.tokens, est.mfu),
+        "hardware": [] if w.inference else hardware_table(cfg, w, est.tokens, mfu),
         "mfu_assumed": est.mfu,
+        "mfu": mfu,  # what the time columns use
+        "mfu_source": "measured" if calibration is not None else "assumed",
     }  # fmt: skip
+    if calibration is not None:
+        report["calibration"] = calibration
     if est.fit:
         from lmforge.train.memory_estimate import plan_fit
 
@@ -201,7 +277,12 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
     for note in e["notes"]:
         console.print(f"  note: {note}")
     if report["hardware"]:
-        h = Table(title=f"GPUs (MFU {report['mfu_assumed']:.0%} assumed)")
+        if "calibration" in report:
+            c = report["calibration"]
+            how = f"measured on {c['device']}, {c['tokens_per_s']:,.0f} tok/s"
+        else:
+            how = "assumed"
+        h = Table(title=f"GPUs (MFU {report['mfu']:.2%} {how})")
         for col in ("GPU", "memory", "fits on one", "devices (ZeRO-3)", "s / step", "run (h)"):
             h.add_column(col, justify="right")
         for r in report["hardware"]:

@@ -68,7 +68,7 @@ class TrainConfig(Section):
     oom_recovery: bool = Field(
         True,
         description="on out-of-memory, redo the step with the same batch split into twice as many "
-        "micro-batches (single process); an eval OOM halves only the eval batch",
+        "micro-batches (DDP ranks agree on it); an eval OOM halves only the eval batch",
     )
     memory_budget: str | None = Field(
         None,
@@ -154,6 +154,7 @@ def accumulate_gradients(
     scaler: torch.amp.GradScaler | None = None,
     parallel: distributed.Parallel = distributed.SINGLE,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]] = token_loss_sum,
+    agree_on_oom: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Backward over all micro-batches of one step; returns (mean loss per token, tokens),
     both over all data-parallel ranks (the same values on every rank).
@@ -163,22 +164,47 @@ def accumulate_gradients(
     A micro-batch is (x, y) or (x, y, model keyword tensors), e.g. SFT's packed ``segments``.
     ``loss_fn(logits, y)`` → (summed loss, count); every ``y`` element != -100 counts, so a
     classifier's (B,) labels count examples and multi-label (B, K) targets count label slots.
+    ``agree_on_oom`` (DDP): after each micro-batch, and after the last one's forward (before
+    its synchronising backward), the ranks all-reduce an out-of-memory flag; when any rank ran
+    out, every rank raises ``AgreedOutOfMemory`` at the same point, so all can split and retry
+    in step. An OOM inside the last backward (gradient all-reduce in flight) is re-raised.
     """
     local_tokens = sum(int((mb[1] != -100).sum()) for mb in micro_batches)
     n_tokens = int(parallel.sum_over_data_ranks(torch.tensor(local_tokens, device=device)))
     total = torch.zeros((), device=device)
+
+    def agree(oom: bool) -> None:
+        if agree_on_oom and parallel.any_rank(oom):
+            raise AgreedOutOfMemory("out of memory on at least one rank; all ranks retry")
+
     for i, (x, y, *extra) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else distributed.no_sync(model):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            kwargs = {k: v.to(device) for k, v in extra[0].items()} if extra else {}
-            with autocast(precision, device):
-                logits = model(x, **kwargs)
-            loss_sum, _ = loss_fn(logits, y)
-            loss = normalized_loss(loss_sum, n_tokens, parallel.dp_size)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            oom = False
+            try:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                kwargs = {k: v.to(device) for k, v in extra[0].items()} if extra else {}
+                with autocast(precision, device):
+                    logits = model(x, **kwargs)
+                loss_sum, _ = loss_fn(logits, y)
+                loss = normalized_loss(loss_sum, n_tokens, parallel.dp_size)
+                if not last:
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+            except torch.OutOfMemoryError:
+                if not agree_on_oom:
+                    raise
+                oom = True
+            if oom:  # out of the except block: its traceback pinned the activations
+                logits = loss = loss_sum = None
+            agree(oom)
+            if last:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()
     return parallel.sum_over_data_ranks(total) / max(1, n_tokens), n_tokens
+
+
+class AgreedOutOfMemory(torch.OutOfMemoryError):
+    """Raised on every rank at the same point when one of them ran out of memory."""
 
 
 def split_micro_batches(
@@ -276,6 +302,9 @@ def fit(
     last_ckpt: Path | None = None
     oom_splits = 1  # micro-batches are cut into this many parts after out-of-memory errors
     eval_batch = cfg.eval_batch_size or cfg.batch_size
+    # DDP ranks agree on an OOM split (a flag all-reduced per micro-batch); FSDP/TP forwards
+    # have collectives inside them, so a rank that stops midway would deadlock the others
+    agree_on_oom = cfg.oom_recovery and parallel.active and parallel.strategy == "ddp"
 
     def train_state() -> dict[str, Any]:
         state = {
@@ -314,10 +343,13 @@ def fit(
                     oom = False
                     try:
                         loss, n_tokens = accumulate_gradients(
-                            forward, micro, cfg.precision, device, scaler, parallel, loss_fn
-                        )
-                    except torch.OutOfMemoryError:
-                        if not cfg.oom_recovery or parallel.active:
+                            forward, micro, cfg.precision, device, scaler, parallel, loss_fn,
+                            agree_on_oom,
+                        )  # fmt: skip
+                    except torch.OutOfMemoryError as e:
+                        # several processes: only a split all ranks agreed on can be retried
+                        agreed = not parallel.active or isinstance(e, AgreedOutOfMemory)
+                        if not cfg.oom_recovery or not agreed:
                             raise
                         oom = True
                     if not oom:

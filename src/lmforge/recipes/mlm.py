@@ -1,0 +1,249 @@
+"""``lmforge mlm``: masked-language-model pretraining of the BERT-style encoder (Devlin et al. 2019).
+
+Read top to bottom: resolve the config, prepare the corpus with the same BPE pipeline as
+``lmforge pretrain`` (``data.prepare.prepare_data``: the shipped TinyShakespeare by default),
+cut the token stream into windows (``TokenBatches``), mask 15 % of each window's tokens with
+BERT's 80/10/10 rule (``mask_tokens``), train ``MaskedLMHead(Encoder)`` with the shared ``fit``
+(loss = cross-entropy on the masked positions only), evaluate masked-token loss and accuracy on
+the val split under fixed masks, and keep the best checkpoint.
+
+The mask token: lmforge's BPE has three special tokens (``<|bos|>``, ``<|eos|>``, ``<|pad|>``)
+and no ``[MASK]``. A packed pretraining stream never contains ``<|pad|>``, so its id serves
+as the mask id (the tokenizer, and so the data pipeline, stay the one ``pretrain`` uses).
+
+With no arguments it runs configs/mlm/cpu_demo.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from lmforge.atomic import atomic_write_text
+from lmforge.config import ConfigError, Section, load_config, save_config, to_yaml
+from lmforge.data.loader import TokenBatches
+from lmforge.data.prepare import DataConfig, is_prepared, prepare_data
+from lmforge.data.shards import open_shard
+from lmforge.data.tokenizer import load_tokenizer, special_token_ids
+from lmforge.models.decoder import token_loss_sum
+from lmforge.models.encoder import Encoder, EncoderConfig, MaskedLMHead
+from lmforge.train.device import resolve_device
+from lmforge.train.loop import TrainConfig, fit
+from lmforge.train.lr_schedule import SchedConfig, check_warmup
+from lmforge.train.metrics_log import write_plots
+from lmforge.train.optim import OptimConfig, build_optimizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRESET = "cpu_demo"
+
+
+class MlmConfig(Section):
+    """Everything ``lmforge mlm`` reads."""
+
+    task: Literal["mlm"] = Field("mlm", description="marks masked-LM encoder checkpoints")
+    data: DataConfig = DataConfig()
+    model: EncoderConfig = EncoderConfig()
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="share of tokens selected for the loss")
+    eval_windows: int = Field(
+        256, gt=0, description="val windows (of model.context_length tokens) scored per evaluation"
+    )
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    out_dir: str | None = Field(None, description="run folder; null = runs/mlm-<date>-<time>")
+
+    @model_validator(mode="after")
+    def _check(self) -> MlmConfig:
+        check_warmup(self.sched, self.train.max_steps)
+        return self
+
+
+def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> MlmConfig:
+    return load_config(
+        MlmConfig, config_file=config_file or DEFAULT_PRESET, overrides=overrides, recipe="mlm"
+    )
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    mask_id: int,
+    special_ids: list[int],
+    vocab_size: int,
+    generator: torch.Generator,
+    mask_prob: float = 0.15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: ids (B, T) → (inputs (B, T), labels (B, T)).
+
+    Each non-special token is selected with probability ``mask_prob``; a selected token is
+    replaced by ``mask_id`` 80 % of the time, by a random non-special token 10 %, and left
+    as is 10 % (so the model cannot tell which visible tokens it is scored on). ``labels``
+    hold the original id at selected positions and -100 elsewhere (ignored by the loss).
+    """
+    special = torch.isin(ids, torch.tensor(special_ids, dtype=ids.dtype))
+    selected = (torch.rand(ids.shape, generator=generator) < mask_prob) & ~special
+    labels = torch.where(selected, ids, torch.full_like(ids, -100))
+    u = torch.rand(ids.shape, generator=generator)  # one draw decides mask / random / keep
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[special_ids] = False
+    regular = keep.nonzero().squeeze(1)  # the ids a random replacement may take
+    random_ids = regular[torch.randint(len(regular), ids.shape, generator=generator)]
+    inputs = torch.where(selected & (u < 0.8), torch.full_like(ids, mask_id), ids)
+    inputs = torch.where(selected & (u >= 0.8) & (u < 0.9), random_ids, inputs)
+    return inputs, labels
+
+
+class MaskedBatches:
+    """``TokenBatches`` windows → (masked inputs, labels) micro-batches for ``fit``.
+
+    The windows' own next-token targets are dropped: an encoder sees the whole window.
+    """
+
+    def __init__(
+        self,
+        windows: TokenBatches,
+        mask_id: int,
+        special_ids: list[int],
+        vocab_size: int,
+        mask_prob: float,
+        seed: int,
+    ) -> None:
+        self.windows, self.context = windows, windows.context
+        self.mask_args = (mask_id, special_ids, vocab_size)
+        self.mask_prob = mask_prob
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, _ = self.windows.next_batch()  # (B, T)
+        return mask_tokens(x, *self.mask_args, self.generator, self.mask_prob)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.windows.state_dict(), "mask_rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.generator.set_state(state.pop("mask_rng"))
+        self.windows.load_state_dict(state)
+
+
+@torch.no_grad()
+def masked_lm_metrics(
+    model: MaskedLMHead,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean cross-entropy (nats) and accuracy over the masked positions of fixed batches."""
+    was_training = model.training
+    model.eval()
+    loss, correct, count = 0.0, 0, 0
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)  # (B, T, V)
+            loss_sum, n = token_loss_sum(logits, y)
+            loss += float(loss_sum)
+            count += n
+            correct += int(((logits.argmax(-1) == y) & (y != -100)).sum())
+    finally:
+        model.train(was_training)
+    return {"val_mlm_loss": loss / max(1, count), "val_mlm_accuracy": correct / max(1, count)}
+
+
+def mlm(cfg: MlmConfig) -> dict[str, Any]:
+    """Run the pretraining; returns the summary also written to ``summary.json``."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.train.device)
+    if cfg.train.num_threads and device.type == "cpu":
+        torch.set_num_threads(cfg.train.num_threads)
+    run_dir = Path(cfg.out_dir or f"runs/mlm-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"out_dir {run_dir} already holds a run; choose another --out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run folder: %s", run_dir)
+
+    # Data: raw text → the BPE token shards of `lmforge pretrain` (reused when already prepared).
+    prepared = cfg.data.path and is_prepared(cfg.data.path)
+    data_dir = Path(cfg.data.path) if prepared else run_dir / "data"
+    if not is_prepared(data_dir):
+        prepare_data(cfg.data, data_dir, cfg.train.seed)
+    tokenizer_path = data_dir / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_path)
+    specials = special_token_ids(tokenizer)
+    if "pad" not in specials:
+        raise ConfigError(f"{tokenizer_path}: no <|pad|> token to serve as the mask token")
+    mask_id, special_ids = specials["pad"], sorted(set(specials.values()))
+    vocab = tokenizer.get_vocab_size()
+    enc_cfg = cfg.model.model_copy(update={"vocab_size": vocab, "pad_id": mask_id})
+    cfg = cfg.model_copy(update={"model": enc_cfg})
+    save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.train.seed)
+    model = MaskedLMHead(Encoder(enc_cfg)).to(device)
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    log.info("encoder + MLM head: %.2fM parameters, vocabulary %d", n_params / 1e6, vocab)
+
+    T = enc_cfg.context_length
+    windows = TokenBatches(open_shard(data_dir, "train"), T, cfg.train.batch_size, cfg.train.seed)
+    batches = MaskedBatches(windows, mask_id, special_ids, vocab, cfg.mask_prob, cfg.train.seed)
+    # Val: consecutive windows under masks drawn once, so every evaluation scores the same task.
+    val = np.asarray(open_shard(data_dir, "val"), dtype=np.int64)
+    n_win = min(cfg.eval_windows, len(val) // T)
+    if n_win == 0:
+        raise ConfigError(f"the val split has {len(val)} tokens, fewer than one window of {T}")
+    val_ids = torch.from_numpy(val[: n_win * T].reshape(n_win, T))  # (N, T)
+    g = torch.Generator().manual_seed(cfg.train.seed + 1)
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    val_batches = [
+        mask_tokens(val_ids[i : i + eval_bs], mask_id, special_ids, vocab, g, cfg.mask_prob)
+        for i in range(0, n_win, eval_bs)
+    ]
+    initial = masked_lm_metrics(model, val_batches, device)
+    log.info("before training: %s", initial)
+
+    result = fit(
+        model,
+        build_optimizer(model, cfg.optim),
+        batches,  # type: ignore[arg-type]  # the TokenBatches interface fit uses
+        cfg.train,
+        peak_lr=cfg.optim.lr,
+        sched=cfg.sched,
+        run_dir=run_dir,
+        device=device,
+        checkpoint_files={"config.yaml": to_yaml(cfg), "tokenizer.json": tokenizer_path},
+        loss_fn=token_loss_sum,  # summed CE over labels != -100: the masked positions only
+        evaluate=lambda m: masked_lm_metrics(model, val_batches, device),
+        monitor="val_mlm_loss",
+        monitor_mode="min",
+    )
+    write_plots(run_dir)
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": result.step,
+        "stop_reason": result.stop_reason,
+        "parameters": n_params,
+        "mask_id": mask_id,
+        "val_windows": n_win,
+        "initial_val_mlm_loss": initial["val_mlm_loss"],
+        "initial_val_mlm_accuracy": initial["val_mlm_accuracy"],
+        **result.last_eval,
+        "best_val_mlm_loss": result.best_val_loss,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "tokens_per_s": result.tokens_per_s,
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_cli(config_file: str | None, overrides: dict[str, Any]) -> int:
+    """``lmforge mlm``: run, then print the summary."""
+    print(json.dumps(mlm(resolve_config(config_file, overrides)), indent=2))
+    return 0
