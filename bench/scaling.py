@@ -64,14 +64,7 @@ def demo_model() -> Decoder:
 
 def worker(rank: int, world: int, port: int, strategy: str, threads: int, args: dict) -> None:
     """One rank: warm up, time ``steps`` optimizer steps, rank 0 writes the step times."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    distributed.set_local_rank_env(rank, world, port)
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     par = distributed.setup(DistConfig(strategy=strategy), cpu) if world > 1 else distributed.SINGLE

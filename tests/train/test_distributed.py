@@ -93,14 +93,7 @@ def run_fit(model, batches, run_dir: Path, par=distributed.SINGLE, resume=None, 
 
 
 def _join(rank: int, world: int, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+    distributed.set_local_rank_env(rank, world, port)
     torch.set_num_threads(1)
 
 

@@ -55,8 +55,8 @@ from lmforge.eval.report import classification_report
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 from lmforge.models.hf_bert import load_hf_encoder
 from lmforge.models.lora import LoraConfig, apply_lora, trainable_report
-from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_weights
-from lmforge.train.device import resolve_device
+from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_weights, new_run_dir
+from lmforge.train.device import setup_device
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.metrics_log import write_plots
@@ -258,13 +258,8 @@ def build_model(
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     """Run the fine-tune; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
-    run_dir = Path(cfg.out_dir or f"runs/classify-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(f"out_dir {run_dir} already holds a run; choose another --out_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = setup_device(cfg.train.device, cfg.train.num_threads)
+    run_dir = new_run_dir(cfg.out_dir, "classify")
     log.info("run folder: %s", run_dir)
 
     # Data: rows → labels → split → imbalance report.

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_model
 
 from lmforge.atomic import atomic_write_text
-from lmforge.config import ConfigError, Section, save_config, to_yaml
+from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.instructions import FAMILIES, as_plain_text, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
@@ -40,8 +40,8 @@ from lmforge.data.sft import (
 )
 from lmforge.data.tokenizer import pad_id
 from lmforge.models.lora import LoraConfig, Method, prepare_model, save_adapter, trainable_report
-from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights
-from lmforge.train.device import resolve_device
+from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights, new_run_dir
+from lmforge.train.device import setup_device
 from lmforge.train.forgetting import (
     Retained,
     combine,
@@ -208,13 +208,8 @@ class _ModelOnly(Section):
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the whole fine-tune; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
-    run_dir = Path(cfg.out_dir or f"runs/finetune-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "checkpoints" / "latest").exists() and not cfg.resume:
-        raise ConfigError(f"out_dir {run_dir} already holds a fine-tune; choose another --out_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = setup_device(cfg.train.device, cfg.train.num_threads)
+    run_dir = new_run_dir(cfg.out_dir, "finetune", resume=bool(cfg.resume))
     save_config(cfg, run_dir / "config.yaml")
 
     # Base model, tokenizer and chat template.

@@ -34,7 +34,8 @@ from lmforge.data.shards import open_shard
 from lmforge.data.tokenizer import load_tokenizer, special_token_ids
 from lmforge.models.decoder import token_loss_sum
 from lmforge.models.encoder import Encoder, EncoderConfig, MaskedLMHead
-from lmforge.train.device import resolve_device
+from lmforge.train.checkpoint import new_run_dir
+from lmforge.train.device import setup_device
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.metrics_log import write_plots
@@ -159,13 +160,8 @@ def masked_lm_metrics(
 def mlm(cfg: MlmConfig) -> dict[str, Any]:
     """Run the pretraining; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    if cfg.train.num_threads and device.type == "cpu":
-        torch.set_num_threads(cfg.train.num_threads)
-    run_dir = Path(cfg.out_dir or f"runs/mlm-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(f"out_dir {run_dir} already holds a run; choose another --out_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    device = setup_device(cfg.train.device, cfg.train.num_threads)
+    run_dir = new_run_dir(cfg.out_dir, "mlm")
     log.info("run folder: %s", run_dir)
 
     # Data: raw text → the BPE token shards of `lmforge pretrain` (reused when already prepared).

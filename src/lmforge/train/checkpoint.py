@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,18 @@ def _read_pointer(path: Path) -> str | None:
         return path.read_text().strip() or None
     except FileNotFoundError:
         return None
+
+
+def new_run_dir(out_dir: str | None, command: str, resume: bool = False) -> Path:
+    """The run folder (default ``runs/<command>-<date>-<time>``), created; a folder that already
+    holds a run's checkpoints is refused unless the run is being resumed."""
+    from lmforge.config import ConfigError
+
+    run_dir = Path(out_dir or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not resume and (run_dir / "checkpoints" / "latest").exists():
+        raise ConfigError(f"out_dir {run_dir} already holds a run; choose another --out_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def find_checkpoint(path: str | Path) -> Path:

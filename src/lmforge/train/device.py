@@ -29,6 +29,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def setup_device(name: str, num_threads: int | None = None) -> torch.device:
+    """The run's device (``resolve_device``); on the CPU also torch's thread count, when given."""
+    device = resolve_device(name)
+    if num_threads and device.type == "cpu":
+        torch.set_num_threads(num_threads)
+    return device
+
+
 def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
     """Best-of-``repeats`` FLOP/s of a square matmul on the CPU with the current thread count."""
     a = torch.randn(size, size).to(dtype)

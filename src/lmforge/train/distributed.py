@@ -72,6 +72,19 @@ class DistConfig(Section):
     )
 
 
+def set_local_rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun would give one rank of a single-machine job on loopback
+    (for processes started with ``torch.multiprocessing.spawn``: tests and benchmarks)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+
+
 def launched() -> bool:
     """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
