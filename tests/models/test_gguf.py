@@ -204,3 +204,27 @@ def test_smollm2_tokenizer_matches_transformers(smollm: dict[str, Any]) -> None:
         ids = smollm["tok"].encode(text).ids
         assert ids == smollm["ref_tok"](text)["input_ids"]
         assert smollm["tok"].decode(ids, skip_special_tokens=False) == text
+
+
+def test_smollm2_generate_stops_at_end_of_turn(
+    smollm: dict[str, Any], capsys: pytest.CaptureFixture
+) -> None:
+    """`lmforge generate` on a chat model stops where transformers stops (its end-of-turn token),
+    instead of running on into a made-up next turn."""
+    from lmforge.recipes.generate import GenerateConfig, generate
+
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    text = generate(
+        GenerateConfig(
+            checkpoint=str(smollm_dir() / SMOLLM),
+            prompt=prompt,
+            temperature=0.0,
+            max_new_tokens=60,
+            device="cpu",
+        )
+    )
+    ids = torch.tensor([smollm["ref_tok"](prompt)["input_ids"]])
+    ref = smollm["ref"].generate(ids, max_new_tokens=60, do_sample=False)[0, ids.size(1) :]
+    assert smollm["ref_tok"].decode(ref[-1:]) == "<|im_end|>"  # the reference stopped early
+    assert text == smollm["ref_tok"].decode(ref[:-1])
+    assert "<|im_end|>" not in text and "<|im_start|>" not in text

@@ -133,3 +133,22 @@ def test_bad_data_names_file_and_line(base: Path, tmp_path: Path, capsys) -> Non
         == 1
     )
     assert f"{bad}:1: output: expected a string" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_equals_uninterrupted(base: Path, tmp_path: Path, method: str) -> None:
+    """A fine-tune resumed from its step-3 checkpoint ends with the same weights (adapters,
+    optimizer state, data cursor, RNG) as the run that never stopped."""
+    common = [f"--base={base}", f"--method={method}", "--lora.dropout=0.1", *FAST]
+    common += ["--train.max_steps=6", "--train.save_every=3", "--train.eval_every=6"]
+    whole = tmp_path / "whole"
+    assert main(["finetune", f"--out_dir={whole}", *common]) == 0
+    resumed = tmp_path / "resumed"
+    step3 = whole / "checkpoints" / "step-000003"
+    assert main(["finetune", f"--out_dir={resumed}", f"--resume={step3}", *common]) == 0
+    a = load_file(str(whole / "checkpoints" / "step-000006" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-000006" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
+    s = json.loads((resumed / "summary.json").read_text())
+    assert s["steps"] == 6

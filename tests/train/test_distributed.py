@@ -339,9 +339,12 @@ def _oom_jobs(rank: int, world: int, port: int, out: str) -> None:
     cfg = model_cfg().model_copy(update={"context_length": 64, "vocab_size": 256})
     peaks: dict[str, int] = {}
 
-    def job(name: str, batch: int, accum: int, budget: int | None = None) -> None:
+    def job(name: str, batch: int, accum: int, budget: int | None = None, hook=None) -> None:
         torch.manual_seed(0)
-        model = distributed.parallelize(Decoder(cfg), par, DistConfig(), "fp32")
+        plain = Decoder(cfg)
+        if hook is not None and rank == 1:
+            plain.blocks[1].register_forward_pre_hook(hook)
+        model = distributed.parallelize(plain, par, DistConfig(), "fp32")
         data = TokenBatches(tokens(20000), 64, batch, seed=0, rank=par.dp_rank, world_size=2)
         tracker = BudgetTracker(budget or 2**62) if rank == 1 else contextlib.nullcontext()
         with tracker:
@@ -352,6 +355,14 @@ def _oom_jobs(rank: int, world: int, port: int, out: str) -> None:
     job("ref", 2, 4)
     budget = (peaks["probe-big"] + peaks["ref"]) // 2
     job("oom", 4, 2, budget if peaks["probe-big"] > 1.1 * peaks["ref"] else None)
+    calls = []
+
+    def oom_inside_forward(module, args) -> None:  # rank 1, step 1, first micro-batch
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("injected inside the forward")
+
+    job("oom-forward", 4, 2, hook=oom_inside_forward)
     if rank == 1:
         (Path(out) / "peaks.json").write_text(json.dumps(peaks | {"budget": budget}))
     distributed.teardown(par)
@@ -369,3 +380,84 @@ def test_ddp_oom_on_one_rank_splits_on_all_ranks(tmp_path: Path) -> None:
     assert [(e["step"], e["micro_batch"]) for e in events if e.get("oom")] == [(1, 2)]
     assert max(e["step"] for e in events) == STEPS
     assert_same_weights(weights(tmp_path / "oom"), weights(tmp_path / "ref"), rtol=0, atol=0)
+    # an OOM inside rank 1's forward (DDP's forward has no collective: no buffer broadcast)
+    events = [
+        json.loads(x) for x in (tmp_path / "oom-forward" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [(e["step"], e["micro_batch"]) for e in events if e.get("oom")] == [(1, 2)]
+    assert_same_weights(weights(tmp_path / "oom-forward"), weights(tmp_path / "ref"), 0, 0)
+
+
+# ---- OOM under FSDP: record, stop, resume with the finer split ---------------------------------
+
+
+def _fsdp_oom_jobs(rank: int, world: int, port: int, out: str, phase: str) -> None:
+    """2-rank FSDP. phase "first": a reference run with micro-batch 1 x 4 (rank 1's peak
+    tracked), a probe with 2 x 2, then the 2 x 2 run again with a budget between the two peaks
+    on rank 1 from step 2 on (armed after step 1's checkpoint): rank 1 records the OOM and
+    stops, rank 0 fails in its collective. phase "resume": the same 2 x 2 command resumed."""
+    import contextlib
+    import json
+
+    from lmforge.train.memory_tracker import BudgetTracker
+
+    _join(rank, world, port)
+    par = distributed.setup(DistConfig(strategy="fsdp", timeout_s=60), CPU)
+    cfg = model_cfg().model_copy(update={"context_length": 32, "vocab_size": 256})
+    root = Path(out)
+
+    def job(name: str, batch: int, accum: int, budget: int | None = None, resume=None) -> int:
+        torch.manual_seed(0)
+        plain = Decoder(cfg)
+        if resume is not None:
+            load_weights(plain, resume)
+        model = distributed.parallelize(plain, par, DistConfig(), "fp32")
+        data = TokenBatches(tokens(8000), 32, batch, seed=0, rank=par.dp_rank, world_size=2)
+        tracker = BudgetTracker(2**62) if rank == 1 else contextlib.nullcontext()
+        optimizer = build_optimizer(plain, OptimConfig(lr=3e-3))
+        if budget is not None and rank == 1:  # the budget applies from step 2 on
+            optimizer.register_step_post_hook(lambda *_: setattr(tracker, "budget", budget))
+        with tracker:
+            fit(
+                model, optimizer, data, train_cfg(batch_size=batch, grad_accum=accum, save_every=1),
+                peak_lr=3e-3, sched=SchedConfig(warmup_steps=1), run_dir=root / name, device=CPU,
+                checkpoint_files={"config.yaml": "model: " + cfg.model_dump_json() + "\n"},
+                resume_from=resume, parallel=par,
+            )  # fmt: skip
+        return getattr(tracker, "peak", 0)
+
+    if phase == "first":
+        peaks = {"small": job("ref", 1, 4), "big": job("probe", 2, 2)}
+        peaks["budget"] = (peaks["small"] + peaks["big"]) // 2
+        if rank == 1:
+            (root / "peaks.json").write_text(json.dumps(peaks))
+        job("oom", 2, 2, budget=peaks["budget"])  # raises OutOfMemoryStop on rank 1
+    else:
+        job("oom", 2, 2, resume=root / "oom" / "checkpoints" / "step-000001")
+        distributed.teardown(par)
+
+
+def test_fsdp_oom_stops_with_a_record_and_resume_splits(tmp_path: Path) -> None:
+    import json
+
+    with pytest.raises(Exception, match="OutOfMemoryStop") as stopped:
+        spawn(_fsdp_oom_jobs, 2, str(tmp_path), "first")
+    assert "resume with --resume" in str(stopped.value)
+    peaks = json.loads((tmp_path / "peaks.json").read_text())
+    assert peaks["big"] > 1.1 * peaks["small"]  # the budget separates the two micro-batches
+    record = json.loads((tmp_path / "oom" / "oom" / "rank-1.json").read_text())
+    assert (record["step"], record["splits"], record["micro_batch"]) == (2, 2, 1)
+    assert (tmp_path / "oom" / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    spawn(_fsdp_oom_jobs, 2, str(tmp_path), "resume")  # reads the record: micro-batches of 1
+    events = [json.loads(x) for x in (tmp_path / "oom" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["micro_batch"]) for e in events if e.get("oom")] == [(1, 1)]
+    assert max(e["step"] for e in events) == STEPS
+    # the same data cursor and weights as micro-batch 1 x 4 from the start (step 1 ran as 2 x 2:
+    # the same gradient summed in another order, hence the tolerance of this file)
+    state = {
+        r: torch.load(tmp_path / r / "checkpoints" / f"step-{STEPS:06d}" / "train_state.pt")
+        for r in ("oom", "ref")
+    }
+    assert state["oom"]["data"] == state["ref"]["data"] and state["oom"]["step"] == STEPS
+    assert state["oom"]["oom"]["splits"] == 2  # later checkpoints keep the split
+    assert_same_weights(weights(tmp_path / "oom"), weights(tmp_path / "ref"))

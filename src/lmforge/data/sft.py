@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from tokenizers import Tokenizer
 
-from lmforge.config import Section
+from lmforge.config import Section, package_path
 from lmforge.data.clean import DataError
 from lmforge.data.tokenizer import eos_id
 
@@ -55,8 +55,15 @@ class SFTDataConfig(Section):
     path: str | None = Field(
         None, description="JSON/JSONL file (alpaca, messages or sharegpt); null = the shipped suite"
     )
-    format: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
-        "auto", description="record format; auto = decided per record by its keys"
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "qa"] = Field(
+        "auto",
+        description="record format; auto = decided per record by its keys (qa: question/answer, "
+        "as GSM8K)",
+    )
+    eval_path: str | None = Field(
+        None,
+        description="records scored by exact match (e.g. a test split); null = hold out "
+        "val_fraction of path",
     )
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="a bad record stops the run (fail) or is skipped and counted (skip)"
@@ -122,16 +129,27 @@ def to_messages(record: Any, fmt: str = "auto") -> list[Message]:
         fmt = next(
             (
                 f
-                for f, key in (("messages", "messages"), ("sharegpt", "conversations"))
+                for f, key in (
+                    ("messages", "messages"),
+                    ("sharegpt", "conversations"),
+                    ("alpaca", "instruction"),
+                    ("qa", "question"),
+                )
                 if key in record
             ),
-            "alpaca" if "instruction" in record else "",
+            "",
         )
         if not fmt:
             raise ValueError(
                 "<record>: unknown format: expected keys messages (OpenAI), conversations "
-                f"(ShareGPT) or instruction/output (Alpaca); got {sorted(record)[:6]}"
+                f"(ShareGPT), instruction/output (Alpaca) or question/answer; got "
+                f"{sorted(record)[:6]}"
             )
+    if fmt == "qa":
+        return [
+            {"role": "user", "content": _text(record.get("question"), "question")},
+            {"role": "assistant", "content": _text(record.get("answer"), "answer")},
+        ]
     if fmt == "alpaca":
         user = _text(record.get("instruction"), "instruction")
         extra = _text(record.get("input", ""), "input", allow_empty=True)
@@ -174,7 +192,7 @@ def read_conversations(
     ``on_error="fail"`` raises DataError at the first bad record (``file:line: field: what``);
     ``"skip"`` leaves it out and returns its message.
     """
-    path = Path(path)
+    path = package_path(path)
     if not path.is_file():
         raise DataError(f"{path}: SFT data file not found")
     convs, problems = [], []
@@ -270,6 +288,20 @@ class ChatFormat:
         if end is None:
             end = eos_id(tokenizer)
         return cls(tokenizer, template, end, bos_tok or "", eos_tok or "", source)
+
+    def stop_ids(self, path: str | Path | None = None) -> set[int]:
+        """Ids generation stops at: the end of an assistant turn, the end of text, and the
+        ``eos_token_id`` list of the checkpoint's ``generation_config.json`` (Llama 3 lists two)."""
+        ids = {self.end_of_turn}
+        for name in (self.eos_token, "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>"):
+            found = self.tokenizer.token_to_id(name) if name else None
+            if found is not None:
+                ids.add(found)
+        gen = Path(path) / "generation_config.json" if path is not None else None
+        if gen is not None and gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= {int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
+        return ids
 
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         return self._compiled.render(

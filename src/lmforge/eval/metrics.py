@@ -156,6 +156,27 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The final answer of a worked solution: the number after GSM8K's ``####`` marker, else the
+    last number in the text; thousands separators dropped, ``12.0`` → ``12``. None if no number."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    found = _NUMBER.findall(tail)
+    if not found:
+        return None
+    number = found[0] if "####" in text else found[-1]
+    number = number.replace(",", "")
+    return number[: -len(".0")] if number.endswith(".0") else number.rstrip(".")
+
+
+def final_number_match(prediction: str, reference: str) -> bool:
+    """True when both have a final number and they are equal (GSM8K's exact-match metric)."""
+    ref = final_number(reference)
+    return ref is not None and final_number(prediction) == ref
+
+
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD token F1: harmonic mean of precision and recall of the normalised bag of words."""
     pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()

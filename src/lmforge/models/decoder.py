@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import Section
+from lmforge.models.activation_checkpointing import Checkpointing, run_block
 from lmforge.models.layers import (
     Block,
     CausalSelfAttention,
@@ -177,7 +177,7 @@ class Decoder(nn.Module):
                 "DecoderConfig.vocab_size must be set (from the tokenizer) before building"
             )
         self.cfg = cfg
-        self.activation_checkpointing = False
+        self.activation_checkpointing: Checkpointing = "none"  # training only; see run_block
         hd = cfg.d_model // cfg.n_head
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = (
@@ -253,10 +253,10 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             if caches is not None:
                 x = block(x, start_pos, caches[i])
-            elif self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, 0, None, doc_mask, positions, use_reentrant=False)
             else:
-                x = block(x, 0, None, doc_mask, positions)
+                mode = self.activation_checkpointing if self.training else "none"
+                drop = self.cfg.dropout > 0
+                x = run_block(block, mode, x, 0, None, doc_mask, positions, dropout=drop)
         return self.lm_head(self.norm_f(x))
 
     def new_kv_caches(

@@ -180,23 +180,33 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer | None:
     return tok
 
 
-def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32
-) -> tuple[Decoder, Tokenizer | None]:
-    """A Llama-family ``.gguf`` file → (Decoder on the CPU, tokenizer or None), dequantized."""
+def _reader(path: Path) -> Any:
     try:
         from gguf import GGUFReader
     except ImportError:
         raise CheckpointError(
             "loading .gguf files needs the gguf package: pip install 'gguf>=0.19,<1'"
         ) from None
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))  # memory-maps the file: tensors are read only when used
     except (ValueError, OSError) as e:  # bad magic or truncated file
         raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def gguf_config(path: str | Path) -> DecoderConfig:
+    """The DecoderConfig of a ``.gguf`` file from its metadata alone (``lmforge estimate``)."""
+    reader = _reader(Path(path))
+    return config_from_gguf(_fields(reader), {t.name for t in reader.tensors}, str(path))
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[Decoder, Tokenizer | None]:
+    """A Llama-family ``.gguf`` file → (Decoder on the CPU, tokenizer or None), dequantized."""
+    path = Path(path)
+    reader = _reader(path)
     meta = _fields(reader)
     cfg = config_from_gguf(meta, {t.name for t in reader.tensors}, str(path))
     model = fill_decoder(

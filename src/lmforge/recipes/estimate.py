@@ -5,24 +5,38 @@
     lmforge estimate --config llama_350m --fit 24GiB
     lmforge estimate --model llama_tiny --inference --batch_size=4 --seq_len=4096
     lmforge estimate --config llama_350m --calibrate --tokens=1e9
+    lmforge estimate --config llama3_8b_qlora --model=Meta-Llama-3-8B/config.json --fit=24GiB
 
 ``--model`` is a preset (``gpt2_small``, ``llama_tiny``, or a shipped pretrain config name), an
-lmforge checkpoint or run folder, or a Hugging Face folder / ``config.json``; the model is
-described by its config only (built on the meta device, no weights read). Without ``--model``
-the model, batch and precision come from a pretrain config (``--config``, default the CPU demo).
+lmforge checkpoint or run folder, a Hugging Face folder / ``config.json``, or a ``.gguf`` file;
+the model is described by its config only (built on the meta device, no weights read).
+``--config`` is a pretrain or a fine-tune config (default: the CPU pretrain demo); it gives the
+batch, row length, precision, optimizer, checkpointing and, for a fine-tune, the method and
+adapters (lora.targets in lmforge's module names) and the model, read from its ``base`` unless
+``--model`` is given. ``--fit BUDGET`` prints the plan ``train.memory_budget`` would choose
+(``train/memory_plan.py``), changing precision or method only as ``--memory_allow`` allows.
 ``--calibrate`` is the exception: it trains the configured model for a few steps on random
 tokens on the present device (``fit``), and the MFU it measures replaces the assumed one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from lmforge.config import ConfigError, Section, read_yaml, validate_config
+from lmforge.config import (
+    CONFIG_DIR,
+    ConfigError,
+    Section,
+    read_yaml,
+    resolve_config_path,
+    validate_config,
+)
 from lmforge.models.decoder import DecoderConfig
 from lmforge.train.memory_estimate import (
     DEFAULT_MFU,
@@ -31,12 +45,15 @@ from lmforge.train.memory_estimate import (
     estimate,
     fmt_bytes,
     hardware_table,
-    parse_bytes,
+    lora_terms,
 )
+
+RECIPES = ("pretrain", "finetune")  # whose configs --config reads
 
 
 class EstimateConfig(Section):
-    """What ``lmforge estimate`` reads; unset values come from the pretrain config (--config)."""
+    """What ``lmforge estimate`` reads; unset values come from the pretrain or fine-tune config
+    (--config), else from the defaults below."""
 
     model: str | None = Field(
         None, description="preset, lmforge checkpoint, or Hugging Face folder/config.json"
@@ -47,11 +64,20 @@ class EstimateConfig(Section):
     grad_accum: int | None = Field(None, gt=0, description="micro-batches per optimizer step")
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] | None = Field(None)
     optimizer: Literal["adamw", "adam", "sgd", "adamw8bit", "adagrad", "rmsprop"] | None = None
-    method: Literal["full", "lora", "qlora"] = Field("full", description="what trains")
-    lora_rank: int = Field(8, gt=0)
-    lora_targets: list[str] = Field(["q", "v"], description="of q k v qkv o gate up down fc head")
-    checkpointing: Literal["none", "full"] | None = Field(
-        None, description="activation checkpointing"
+    method: Literal["full", "lora", "dora", "qlora", "freeze"] | None = Field(
+        None, description="what trains; null = the fine-tune config's method, else full"
+    )
+    lora_rank: int | None = Field(
+        None, gt=0, description="LoRA rank; null = the fine-tune config's lora.rank, else 8"
+    )
+    lora_targets: list[str] | None = Field(
+        None,
+        description="adapted linears: lmforge module names as in lora.targets (attn.qkv "
+        "attn.proj mlp.gate mlp.up mlp.proj mlp.fc lm_head, or suffixes) or q k v qkv o gate up "
+        "down fc head; null = the fine-tune config's lora.targets, else [q, v]",
+    )
+    checkpointing: Literal["none", "selective", "full"] | None = Field(
+        None, description="activation checkpointing (selective: matmul outputs kept)"
     )
     device: Literal["cpu", "cuda"] = Field("cuda", description="device the breakdown is for")
     world_size: int = Field(1, gt=0, description="devices (data parallel)")
@@ -67,12 +93,22 @@ class EstimateConfig(Section):
     )
     calibrate_steps: int = Field(5, gt=0, description="timed steps of the calibration run")
     calibrate_warmup: int = Field(2, ge=1, description="untimed first steps of the calibration")
-    fit: str | None = Field(None, description="memory budget (e.g. 24GiB): print a fitting plan")
+    fit: str | None = Field(
+        None,
+        description="memory budget (e.g. 24GiB, or auto = this machine's free device memory): "
+        "print the plan memory_budget would choose; null = the config's train.memory_budget",
+    )
+    memory_allow: list[Literal["precision", "method"]] | None = Field(
+        None,
+        description="what the --fit plan may also change when nothing fits otherwise; null = "
+        "the config's train.memory_allow",
+    )
     json_out: bool = Field(False, alias="json", description="print JSON instead of tables")
 
 
 def load_model_config(spec: str) -> DecoderConfig:
-    """A DecoderConfig from a preset, a shipped pretrain config, a checkpoint or an HF config."""
+    """A DecoderConfig from a preset, a shipped pretrain config, a checkpoint or run folder, a
+    Hugging Face folder or config.json, or a .gguf file (its metadata)."""
     from lmforge.models import decoder
 
     if hasattr(decoder, spec) and callable(getattr(decoder, spec)) and not Path(spec).exists():
@@ -80,6 +116,10 @@ def load_model_config(spec: str) -> DecoderConfig:
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
+    if path.suffix == ".gguf" and path.is_file():  # the metadata only, no tensor is read
+        from lmforge.models.gguf import gguf_config
+
+        return gguf_config(path)
     if path.name == "config.json" and path.is_file():
         from lmforge.models.hf import config_from_hf
 
@@ -107,55 +147,112 @@ def load_model_config(spec: str) -> DecoderConfig:
     )
 
 
+def config_kind(config_file: str) -> tuple[str, Path]:
+    """("pretrain" | "finetune", the YAML file) of ``--config``: a file is a fine-tune config when
+    its top level has a key only FinetuneConfig has (base, method, lora, ...); a name is looked
+    up among the shipped pretrain presets, then the finetune ones."""
+    from lmforge.recipes.finetune import FinetuneConfig
+    from lmforge.recipes.pretrain import PretrainConfig
+
+    path = Path(config_file)
+    if path.is_file():
+        only_finetune = set(FinetuneConfig.model_fields) - set(PretrainConfig.model_fields)
+        return ("finetune" if only_finetune & read_yaml(path).keys() else "pretrain"), path
+    for recipe in ("pretrain", "finetune"):
+        with contextlib.suppress(ConfigError):
+            return recipe, resolve_config_path(config_file, recipe)
+    presets = {r: sorted(p.stem for p in (CONFIG_DIR / r).glob("*.yaml")) for r in RECIPES}
+    raise ConfigError(
+        f"--config {config_file}: no such file, and not a shipped preset ("
+        + "; ".join(f"{r}: {', '.join(names)}" for r, names in presets.items())
+        + ")"
+    )
+
+
+def base_model_config(base: str | None, source: str) -> DecoderConfig:
+    """The model config of a fine-tune's ``base`` (lmforge checkpoint or run folder, Hugging
+    Face folder or config.json, .gguf metadata), no weights read; null = the demo base."""
+    from lmforge.recipes.finetune import DEMO_BASE_MODEL
+    from lmforge.train.checkpoint import CheckpointError, find_checkpoint
+
+    if base is None:  # finetune pretrains this first; its tokenizer has 512 tokens
+        return validate_config(DecoderConfig, DEMO_BASE_MODEL | {"vocab_size": 512}, "demo base")
+    try:
+        path = find_checkpoint(base)  # run folder → its checkpoint; .gguf; pkg:...
+    except CheckpointError:
+        path = Path(base)  # e.g. a folder holding only config.json
+    if not path.exists():
+        raise ConfigError(
+            f"{source}: base={base!r} does not exist on this machine; estimate reads only the "
+            "base's config (config.yaml, config.json or .gguf metadata, no weights): pass "
+            "--model=PATH (e.g. the model's config.json) or --base=PATH"
+        )
+    return load_model_config(str(path))
+
+
 def resolve(
     config_file: str | None, overrides: dict[str, Any]
-) -> tuple[DecoderConfig, Workload, EstimateConfig]:
-    """Estimate options ← a pretrain config (model, batch, precision, optimizer) ← overrides."""
+) -> tuple[DecoderConfig, Workload, EstimateConfig, str]:
+    """Estimate options ← a pretrain or fine-tune config (model, batch, context, precision,
+    optimizer, checkpointing, method and adapters, memory budget) ← overrides. Returns the
+    model config, the workload, the options (fit / memory_allow filled from the config) and what
+    the config was: "pretrain", "finetune" or "model" (``--model`` alone)."""
+    from lmforge.train.memory_plan import train_workload
+
     ours = {k: v for k, v in overrides.items() if k in EstimateConfig.model_fields or k == "json"}
     rest = {k: v for k, v in overrides.items() if k not in ours}
     est = validate_config(EstimateConfig, ours, "command line")
-    if est.model:
+    kind, path = config_kind(config_file) if config_file else ("pretrain", None)
+    budget, allow = None, []
+    if est.model and not config_file:  # the model alone, with defaults for the rest
         if rest:
             raise ConfigError(f"with --model, these options are unknown: {', '.join(rest)}")
-        cfg = load_model_config(est.model)
-        batch, prec, opt, ga, ac = 1, "bf16-mixed", "adamw", 1, False
+        kind, cfg = "model", load_model_config(est.model)
+        w = Workload(seq=cfg.context_length, precision="bf16-mixed", device=est.device)
+    elif kind == "finetune":
+        from lmforge.config import load_config
+        from lmforge.recipes.finetune import FinetuneConfig, memory_workload
+
+        fc = load_config(FinetuneConfig, config_file=str(path), overrides=rest, recipe="finetune")
+        where = f"{path}{' + command-line overrides' if rest else ''}"
+        cfg = load_model_config(est.model) if est.model else base_model_config(fc.base, where)
+        try:
+            w = memory_workload(fc, cfg, est.device)
+        except ValueError as e:  # a lora.targets name the estimator does not know
+            raise ConfigError(f"{where}: lora.targets: {e}") from None
+        budget, allow = fc.train.memory_budget, fc.train.memory_allow
     else:
         from lmforge.recipes.pretrain import resolve_config
 
         pc = resolve_config(config_file, rest)
-        cfg = pc.model
+        cfg = load_model_config(est.model) if est.model else pc.model
         if cfg.vocab_size is None:  # the tokenizer decides it; its target size is known
             cfg = cfg.model_copy(update={"vocab_size": pc.data.vocab_size})
-        batch, prec, opt, ga = (
-            pc.train.batch_size,
-            pc.train.precision,
-            pc.optim.name,
-            pc.train.grad_accum,
-        )
-        ac = pc.train.activation_checkpointing
+        w = train_workload(pc.train, pc.optim, cfg.context_length, est.device)
+        budget, allow = pc.train.memory_budget, pc.train.memory_allow
     if est.vocab_size:
         cfg = cfg.model_copy(update={"vocab_size": est.vocab_size})
     if cfg.vocab_size is None:
         raise ConfigError(
             "the model config has no vocab_size (it comes from a tokenizer); set --vocab_size=N"
         )
-    w = Workload(
-        batch=est.batch_size or batch,
-        seq=est.seq_len or cfg.context_length,
-        grad_accum=est.grad_accum or ga,
-        precision=est.precision or prec,
-        optimizer=est.optimizer or opt,
-        method=est.method,
-        lora_rank=est.lora_rank,
-        lora_targets=tuple(est.lora_targets),
-        checkpointing=est.checkpointing or ("full" if ac else "none"),
-        device=est.device,
-        world_size=est.world_size,
-        sharding=est.sharding,
-        loss_chunks=est.loss_chunks,
-        inference=est.inference,
+    try:
+        targets = lora_terms(est.lora_targets) if est.lora_targets is not None else None
+    except ValueError as e:
+        raise ConfigError(f"--lora_targets: {e}") from None
+    given = {
+        "batch": est.batch_size, "seq": est.seq_len, "grad_accum": est.grad_accum,
+        "precision": est.precision, "optimizer": est.optimizer, "method": est.method,
+        "lora_rank": est.lora_rank, "lora_targets": targets, "checkpointing": est.checkpointing,
+    }  # fmt: skip
+    w = replace(
+        w, **{k: v for k, v in given.items() if v is not None}, world_size=est.world_size,
+        sharding=est.sharding, loss_chunks=est.loss_chunks, inference=est.inference,
+    )  # fmt: skip
+    est = est.model_copy(
+        update={"fit": est.fit or budget, "memory_allow": est.memory_allow or allow}
     )
-    return cfg, w, est
+    return cfg, w, est, kind
 
 
 def calibrate_mfu(
@@ -195,7 +292,7 @@ def calibrate_mfu(
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, n).astype(dtype)
     train = TrainConfig(
         max_steps=warmup + steps, batch_size=w.batch, grad_accum=w.grad_accum,
-        precision=w.precision, activation_checkpointing=w.checkpointing == "full",
+        precision=w.precision, activation_checkpointing=w.checkpointing,
         log_every=1, eval_every=10**9, save_every=10**9, device=str(dev), oom_recovery=False,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="lmforge-calibrate-") as tmp:
@@ -217,7 +314,7 @@ def calibrate_mfu(
 
 def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Compute the report; printing is the CLI's job (``print_report``)."""
-    cfg, w, est = resolve(config_file, overrides)
+    cfg, w, est, kind = resolve(config_file, overrides)
     result = estimate(cfg, w)
     mfu = est.mfu
     calibration = None
@@ -236,10 +333,19 @@ def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
     if calibration is not None:
         report["calibration"] = calibration
-    if est.fit:
-        from lmforge.train.memory_estimate import plan_fit
+    if est.fit:  # what train.memory_budget would choose (memory_plan.apply_memory_budget)
+        from lmforge.train.memory_plan import budget_bytes, plan_fit
 
-        report["plan"] = plan_fit(cfg, w, parse_bytes(est.fit), global_batch=w.batch * w.grad_accum)
+        allow = est.memory_allow or []
+        could = ("precision",) if kind == "pretrain" else ("precision", "method")
+        if "method" in allow and kind == "pretrain":
+            raise ConfigError(
+                "memory_allow: 'method' applies to fine-tune configs, not pretraining"
+            )
+        report["plan"] = plan_fit(
+            cfg, w, budget_bytes(est.fit, w.device), w.batch * w.grad_accum, allow=allow,
+            could_allow=could,
+        )  # fmt: skip
     return report
 
 
@@ -248,6 +354,7 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(report, indent=2, default=str))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -292,7 +399,11 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
         console.print(h)
     if "plan" in report:
         p = report["plan"]
-        console.print(f"[bold]plan[/bold] for {fmt_bytes(p['budget'])}: {p['summary']}")
+        console.print(
+            f"[bold]plan[/bold] for {fmt_bytes(p['budget'])}: {escape(p['summary'])}",
+            style=None if p["fits"] else "red",
+            highlight=False,
+        )
 
 
 __all__ = ["EstimateConfig", "GPUS", "load_model_config", "print_report", "resolve", "run"]

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -28,7 +28,7 @@ from safetensors.torch import save_model
 
 from lmforge.atomic import atomic_write_text
 from lmforge.config import Section, save_config, to_yaml
-from lmforge.data.instructions import FAMILIES, as_plain_text, make_suite
+from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
     ChatFormat,
@@ -39,6 +39,8 @@ from lmforge.data.sft import (
     read_conversations,
 )
 from lmforge.data.tokenizer import pad_id
+from lmforge.eval.metrics import final_number_match
+from lmforge.models.decoder import DecoderConfig
 from lmforge.models.lora import LoraConfig, Method, prepare_model, save_adapter, trainable_report
 from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.train.device import setup_device
@@ -54,8 +56,10 @@ from lmforge.train.forgetting import (
 )
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
+from lmforge.train.memory_estimate import Workload
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.precision import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,11 @@ class FinetuneConfig(Section):
     )
     n_eval: int = Field(60, gt=0, description="held-out prompts scored by exact match")
     max_new_tokens: int = Field(16, gt=0, description="tokens generated per scored answer")
+    score: Literal["exact", "final_number"] = Field(
+        "exact",
+        description="how an answer is scored: exact (whole answer, stripped) or final_number "
+        "(the number after #### or the last number, as GSM8K)",
+    )
     n_samples: int = Field(4, ge=0, description="sample answers printed at the end")
     train: TrainConfig = TrainConfig(
         max_steps=300, batch_size=16, eval_every=100, save_every=300, log_every=10, num_threads=2
@@ -134,6 +143,34 @@ class FinetuneConfig(Section):
         return self
 
 
+# The model ``demo_base`` pretrains (its tokenizer: 512 tokens).
+DEMO_BASE_MODEL = dict(
+    arch="llama", context_length=96, n_layer=4, n_head=4, d_model=128, tie_embeddings=True
+)
+
+
+def train_context(cfg: FinetuneConfig, model_cfg: DecoderConfig) -> int:
+    """Tokens per training row: ``context_length``, else min(the model's context, 512)."""
+    return cfg.context_length or min(model_cfg.context_length, 512)
+
+
+def memory_workload(cfg: FinetuneConfig, model_cfg: DecoderConfig, device_type: str) -> Workload:
+    """What this fine-tune runs, for the memory estimator (``lmforge estimate --config``) and
+    planner (``train.memory_budget``): micro-batch, accumulation, row length, precision,
+    checkpointing, optimizer, method and adapters (lora.targets, lmforge's module names, mapped
+    by ``memory_estimate.lora_terms``)."""
+    from lmforge.train.memory_estimate import lora_terms
+    from lmforge.train.memory_plan import train_workload
+
+    lora = cfg.lora
+    return train_workload(
+        cfg.train, cfg.optim, train_context(cfg, model_cfg), device_type, method=cfg.method,
+        lora_rank=lora.rank, lora_targets=lora_terms(lora.targets), lora_dropout=lora.dropout,
+        qlora_double_quant=lora.double_quant, train_blocks=lora.train_blocks,
+        train_norms=lora.train_norms, train_embeddings=lora.train_embeddings,
+    )  # fmt: skip
+
+
 def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
     """Pretrain a tiny Llama-style model on the suite's tasks written as plain text lines
     (``reverse: c a t = t a c``). It knows the tasks' text but not the chat format."""
@@ -151,14 +188,7 @@ def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
             data=dict(
                 path=str(text_path), vocab_size=512, near_dedup=False, dedup=False, num_workers=1
             ),
-            model=dict(
-                arch="llama",
-                context_length=96,
-                n_layer=4,
-                n_head=4,
-                d_model=128,
-                tie_embeddings=True,
-            ),
+            model=DEMO_BASE_MODEL,
             train=dict(
                 max_steps=cfg.demo_base.steps,
                 batch_size=16,
@@ -217,7 +247,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, tokenizer, base_ckpt = load_for_inference(base, device)
     fmt = ChatFormat.for_checkpoint(base_ckpt, tokenizer)
     log.info("base %s; chat template: %s", base_ckpt, fmt.source)
-    context = cfg.context_length or min(model.cfg.context_length, 512)
+    context = train_context(cfg, model.cfg)
+    if cfg.train.memory_budget:  # micro-batch, accumulation, checkpointing (+ allowed changes)
+        from lmforge.train.memory_plan import apply_memory_budget
+
+        w = memory_workload(cfg, model.cfg, device.type)
+        train, plan = apply_memory_budget(cfg.train, w, model.cfg, device.type, run_dir, True)
+        cfg = cfg.model_copy(update={"train": train, "method": plan["method"]})
+        save_config(cfg, run_dir / "config.yaml")  # the values that run
+    model.to(dtype=weight_dtype(cfg.train.precision))  # pure bf16: bf16 weights (and adapters)
 
     # Data: records → held-out prompts for exact match + training examples.
     if cfg.data.path:
@@ -227,9 +265,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         (convs, families), problems = _suite_records(cfg), []
     if problems:
         log.warning("skipped %d bad records, e.g. %s", len(problems), problems[0])
-    n_val = min(cfg.n_eval, max(1, int(len(convs) * cfg.data.val_fraction)))
-    eval_pairs = qa_pairs(convs[:n_val], families[:n_val] if families else None)
-    train_convs = convs[n_val:]
+    if cfg.data.eval_path:  # a separate test split: every training record is used
+        eval_convs, _ = read_conversations(cfg.data.eval_path, cfg.data.format, cfg.data.on_error)
+        eval_pairs, train_convs = qa_pairs(eval_convs[: cfg.n_eval]), convs
+    else:
+        n_val = min(cfg.n_eval, max(1, int(len(convs) * cfg.data.val_fraction)))
+        eval_pairs = qa_pairs(convs[:n_val], families[:n_val] if families else None)
+        train_convs = convs[n_val:]
+    match = final_number_match if cfg.score == "final_number" else exact_match
     examples, stats = encode_examples(
         train_convs, fmt, context, cfg.data.train_on_prompt, cfg.data.truncation
     )
@@ -249,7 +292,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     )
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        out, _ = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens)
+        out, _ = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
         if retained is not None:
             out |= retained.metrics(m, fmt, device)
         return out
@@ -302,7 +345,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         evaluate=evaluate,
     )
     write_plots(run_dir)
-    after, preds = exact_match_eval(model, fmt, eval_pairs, cfg.max_new_tokens)
+    after, preds = exact_match_eval(model, fmt, eval_pairs, cfg.max_new_tokens, match)
     if retained is not None:
         after |= retained.metrics(model, fmt, device)
 

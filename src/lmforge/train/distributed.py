@@ -229,7 +229,15 @@ def parallelize(model: nn.Module, par: Parallel, cfg: DistConfig, precision: str
     if par.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[par.device.index] if par.device.type == "cuda" else None)
+        # No buffer broadcast: lmforge's buffers (RoPE cos/sin) are constants computed alike on
+        # every rank, and a broadcast at the start of each forward would be the only collective
+        # inside DDP's forward. Without it, a rank that runs out of memory mid-forward can meet
+        # the others at the OOM agreement (loop.accumulate_gradients) instead of deadlocking.
+        return DDP(
+            model,
+            device_ids=[par.device.index] if par.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
     if par.strategy in ("tp", "fsdp+tp"):
         _tensor_parallel(model, par.mesh["tp"])
     if par.strategy in ("fsdp", "fsdp+tp"):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmforge.config import package_path
 from lmforge.data.instructions import exact_match
 from lmforge.data.sft import ChatFormat, Message, read_conversations
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
@@ -49,12 +50,18 @@ def qa_pairs(convs: list[list[Message]], families: list[str] | None = None) -> l
 
 @torch.no_grad()
 def exact_match_eval(
-    model: nn.Module, fmt: ChatFormat, pairs: list[QA], max_new_tokens: int = 16
+    model: nn.Module,
+    fmt: ChatFormat,
+    pairs: list[QA],
+    max_new_tokens: int = 16,
+    match: Callable[[str, str], bool] = exact_match,
 ) -> tuple[dict[str, float], list[str]]:
-    """({"exact_match": share, "em/<family>": share …}, predictions), greedy, one at a time."""
+    """({"exact_match": share, "em/<family>": share …}, predictions), greedy, one at a time.
+    ``match(prediction, answer)`` scores one answer (default: equal after stripping)."""
     was_training = model.training
     model.eval()
     preds, hits, per_family = [], [], {}
+    stop = fmt.stop_ids()
     try:
         for qa in pairs:
             ids = fmt.prompt_ids(qa.history)
@@ -65,13 +72,13 @@ def exact_match_eval(
                     ids,
                     max_new_tokens=max_new_tokens,
                     temperature=0.0,
-                    eos_id=fmt.end_of_turn,
+                    eos_id=stop,
                     use_cache=True,
                 )
             )
             pred = fmt.tokenizer.decode(new, skip_special_tokens=True)
             preds.append(pred)
-            hit = exact_match(pred, qa.answer)
+            hit = match(pred, qa.answer)
             hits.append(hit)
             if qa.family:
                 per_family.setdefault(qa.family, []).append(hit)
@@ -98,7 +105,7 @@ class Retained:
     ) -> Retained:
         """A ``.txt`` file is a text corpus (its first ``max_chars`` characters); a
         ``.json``/``.jsonl`` file is an SFT file (the first ``n_eval`` records are scored)."""
-        path = Path(path)
+        path = package_path(path)
         if path.suffix in (".json", ".jsonl"):
             convs, _ = read_conversations(path, on_error="skip")
             return cls("sft", pairs=qa_pairs(convs[:n_eval]), convs=convs)

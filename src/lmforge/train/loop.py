@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from lmforge.config import Section
@@ -30,6 +30,14 @@ from lmforge.train import distributed
 from lmforge.train.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.lr_schedule import SchedConfig, lr_at
 from lmforge.train.metrics_log import MetricsLog, ProgressLine
+from lmforge.train.oom import (
+    AgreedOutOfMemory,
+    free_memory,
+    nothing_to_split,
+    record_and_stop,
+    recorded,
+    split_micro_batches,
+)
 from lmforge.train.precision import autocast, grad_scaler
 
 
@@ -59,8 +67,11 @@ class TrainConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the model (slow first steps, faster after)"
     )
-    activation_checkpointing: bool = Field(
-        False, description="recompute block activations in backward"
+    activation_checkpointing: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="recompute activations in backward: selective = only the cheap ops "
+        "(norms, activations, RoPE, dropout; matmul and attention outputs are kept), "
+        "full = whole blocks; true/false mean full/none",
     )
     eval_batch_size: int | None = Field(
         None, gt=0, description="sequences per eval batch; null = batch_size"
@@ -68,13 +79,25 @@ class TrainConfig(Section):
     oom_recovery: bool = Field(
         True,
         description="on out-of-memory, redo the step with the same batch split into twice as many "
-        "micro-batches (DDP ranks agree on it); an eval OOM halves only the eval batch",
+        "micro-batches (DDP ranks agree on it); an eval OOM halves only the eval batch. Where "
+        "ranks cannot retry together (FSDP/TP), the run stops with a record and --resume "
+        "continues from the last checkpoint with the finer split",
     )
     memory_budget: str | None = Field(
         None,
         description="e.g. 24GiB or auto (the device's free memory): choose micro-batch, "
         "accumulation and checkpointing that fit (global batch unchanged); plan in memory_plan.json",
     )
+    memory_allow: list[Literal["precision", "method"]] = Field(
+        [],
+        description="what else memory_budget may change, only when nothing fits without it: "
+        "precision (fp32 → bf16-mixed → bf16), method (finetune: full → lora → qlora)",
+    )
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_from_bool(cls, v: Any) -> Any:
+        return ("full" if v else "none") if isinstance(v, bool) else v  # older configs
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -164,10 +187,14 @@ def accumulate_gradients(
     A micro-batch is (x, y) or (x, y, model keyword tensors), e.g. SFT's packed ``segments``.
     ``loss_fn(logits, y)`` → (summed loss, count); every ``y`` element != -100 counts, so a
     classifier's (B,) labels count examples and multi-label (B, K) targets count label slots.
-    ``agree_on_oom`` (DDP): after each micro-batch, and after the last one's forward (before
-    its synchronising backward), the ranks all-reduce an out-of-memory flag; when any rank ran
-    out, every rank raises ``AgreedOutOfMemory`` at the same point, so all can split and retry
-    in step. An OOM inside the last backward (gradient all-reduce in flight) is re-raised.
+    ``agree_on_oom`` (DDP): after each micro-batch, and after the last one's forward and loss
+    (before its synchronising backward), the ranks all-reduce an out-of-memory flag; when any
+    rank ran out, every rank raises ``AgreedOutOfMemory`` at the same point, so all can split
+    and retry in step. Re-raised instead (``fit`` then records it and stops, ``train/oom.py``):
+    an OOM inside the last backward (gradient all-reduce in flight) and one inside the last
+    micro-batch's model forward — DDP arms its gradient reducer at the end of a synchronising
+    forward, so that rank would retry unarmed while the others are armed: mismatched all-reduces
+    (seen on gloo as "Received data size doesn't match expected size").
     """
     local_tokens = sum(int((mb[1] != -100).sum()) for mb in micro_batches)
     n_tokens = int(parallel.sum_over_data_ranks(torch.tensor(local_tokens, device=device)))
@@ -180,18 +207,19 @@ def accumulate_gradients(
     for i, (x, y, *extra) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else distributed.no_sync(model):
-            oom = False
+            oom, in_model = False, True
             try:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 kwargs = {k: v.to(device) for k, v in extra[0].items()} if extra else {}
                 with autocast(precision, device):
                     logits = model(x, **kwargs)
+                in_model = False
                 loss_sum, _ = loss_fn(logits, y)
                 loss = normalized_loss(loss_sum, n_tokens, parallel.dp_size)
                 if not last:
                     (scaler.scale(loss) if scaler is not None else loss).backward()
             except torch.OutOfMemoryError:
-                if not agree_on_oom:
+                if not agree_on_oom or (last and in_model):
                     raise
                 oom = True
             if oom:  # out of the except block: its traceback pinned the activations
@@ -201,44 +229,6 @@ def accumulate_gradients(
                 (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()
     return parallel.sum_over_data_ranks(total) / max(1, n_tokens), n_tokens
-
-
-class AgreedOutOfMemory(torch.OutOfMemoryError):
-    """Raised on every rank at the same point when one of them ran out of memory."""
-
-
-def split_micro_batches(
-    micro_batches: list[tuple[torch.Tensor, ...]], parts: int = 2
-) -> list[tuple[torch.Tensor, ...]]:
-    """Each micro-batch cut into ``parts`` consecutive row blocks, in order (OOM recovery).
-
-    The same rows in the same order, so the step's data and its token-normalised gradient are
-    unchanged; raises ``torch.OutOfMemoryError`` when a micro-batch has fewer rows than parts.
-    """
-    out = []
-    for x, y, *extra in micro_batches:
-        if x.size(0) < parts:
-            raise torch.OutOfMemoryError(
-                f"out of memory with a micro-batch of {x.size(0)} sequence(s): nothing left to "
-                "split; use a smaller context, activation checkpointing, or a bigger device "
-                "(`lmforge estimate --fit BUDGET` shows what fits)"
-            )
-        rows = torch.arange(x.size(0)).tensor_split(parts)
-        for r in rows:
-            piece = (x[r], y[r])
-            if extra:
-                piece += ({k: v[r] for k, v in extra[0].items()},)
-            out.append(piece)
-    return out
-
-
-def _free_memory(device: torch.device) -> None:
-    """After an OOM, outside the except block (its traceback pinned the activations)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def fit(
@@ -290,6 +280,22 @@ def fit(
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step, best_val, bad_evals = state["step"], state["best_val_loss"], state["bad_evals"]
+    # micro-batches are cut into this many parts after out-of-memory errors: as the checkpoint
+    # left it, or as an OOM record of a run that stopped asks (train/oom.py)
+    oom_state = state.get("oom", {}) if resume_from is not None else {}
+    if (oom_state.get("batch_size"), oom_state.get("grad_accum")) != (
+        cfg.batch_size,
+        cfg.grad_accum,
+    ):
+        oom_state = {}  # resumed with another micro-batch or accumulation: start unsplit
+    asked = parallel.broadcast(recorded(run_dir, cfg) if parallel.is_main else None)
+    oom_splits = max(oom_state.get("splits", 1), asked.get("splits", 1))
+    eval_batch_cfg = cfg.eval_batch_size or cfg.batch_size
+    eval_batch = min(
+        eval_batch_cfg,
+        oom_state.get("eval_batch_size", 2**62),
+        asked.get("eval_batch_size", 2**62),
+    )
 
     forward = torch.compile(model) if cfg.compile else model
     distributed.unwrap(model).activation_checkpointing = cfg.activation_checkpointing
@@ -300,10 +306,17 @@ def fit(
     result = FitResult(step=step, stop_reason="max_steps", best_val_loss=best_val)
     window_tokens, window_time, train_time, train_tokens = 0, 0.0, 0.0, 0
     last_ckpt: Path | None = None
-    oom_splits = 1  # micro-batches are cut into this many parts after out-of-memory errors
-    eval_batch = cfg.eval_batch_size or cfg.batch_size
+    if oom_splits > 1 or asked:
+        rows = -(-cfg.batch_size // oom_splits)
+        log.log({"step": step, "oom": "resume", "micro_batch": rows,
+                 "micro_batches": oom_splits * cfg.grad_accum, "eval_batch_size": eval_batch})  # fmt: skip
+        progress.message(
+            f"out of memory earlier: micro-batches of {rows} ({oom_splits * cfg.grad_accum} per "
+            f"step, effective batch unchanged), evaluation batches of {eval_batch}"
+        )
     # DDP ranks agree on an OOM split (a flag all-reduced per micro-batch); FSDP/TP forwards
-    # have collectives inside them, so a rank that stops midway would deadlock the others
+    # have collectives inside them, so a rank that stops midway would deadlock the others:
+    # there the rank records the OOM and the run stops (train/oom.py)
     agree_on_oom = cfg.oom_recovery and parallel.active and parallel.strategy == "ddp"
 
     def train_state() -> dict[str, Any]:
@@ -314,6 +327,13 @@ def fit(
             "rng": rng_state(),
             "best_val_loss": best_val,
             "bad_evals": bad_evals,
+            # the OOM split so far, valid for this batch_size and grad_accum (train/oom.py)
+            "oom": {
+                "splits": oom_splits,
+                "batch_size": cfg.batch_size,
+                "grad_accum": cfg.grad_accum,
+            }
+            | ({"eval_batch_size": eval_batch} if eval_batch < eval_batch_cfg else {}),
         }
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -347,16 +367,23 @@ def fit(
                             agree_on_oom,
                         )  # fmt: skip
                     except torch.OutOfMemoryError as e:
-                        # several processes: only a split all ranks agreed on can be retried
-                        agreed = not parallel.active or isinstance(e, AgreedOutOfMemory)
-                        if not cfg.oom_recovery or not agreed:
+                        if not cfg.oom_recovery:
                             raise
+                        # several processes: only a split all ranks agreed on can be retried;
+                        # otherwise record it and stop (the others may wait in a collective)
+                        if parallel.active and not isinstance(e, AgreedOutOfMemory):
+                            if micro[0][0].size(0) < 2:
+                                raise nothing_to_split(micro[0][0].size(0)) from e
+                            raise record_and_stop(
+                                run_dir, parallel.rank, step + 1, cfg, splits=oom_splits * 2,
+                                error=e,
+                            ) from e  # fmt: skip
                         oom = True
                     if not oom:
                         break
                     # out of the except block: the traceback and its tensors are gone
                     optimizer.zero_grad(set_to_none=True)
-                    _free_memory(device)
+                    free_memory(device)
                     micro = split_micro_batches(micro, 2)
                     oom_splits *= 2
                     set_rng_state(rng_before)
@@ -443,13 +470,18 @@ def fit(
                             loss_sum, n = stream_loss_sum(
                                 forward, val_tokens, context, eval_batch, device, cfg.precision
                             )
-                        except torch.OutOfMemoryError:
+                        except torch.OutOfMemoryError as e:
                             if not cfg.oom_recovery or eval_batch == 1:
                                 raise
+                            if parallel.sharded:  # collectives in the forward: as in training
+                                raise record_and_stop(
+                                    run_dir, parallel.rank, step, cfg, eval_batch=eval_batch // 2,
+                                    error=e,
+                                ) from e  # fmt: skip
                             oom = True
                         if not oom:
                             break
-                        _free_memory(device)
+                        free_memory(device)
                         eval_batch //= 2
                         log.log({"step": step, "oom": "eval", "eval_batch_size": eval_batch})
                     metrics = lm_metrics(loss_sum, n, val_bytes)

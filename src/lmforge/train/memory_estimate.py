@@ -9,7 +9,8 @@ Peak of a steady-state step (step >= 2: the optimizer states exist) is the large
   forward/backward: weights + optimizer + (gradients if accumulating) + saved activations
                     + logits, fp32 log-softmax and the two fp32 vocabulary-sized gradients at
                     the start of backward (where the peak usually falls)
-  recompute (full activation checkpointing): one block's activations rebuilt in backward
+  recompute (selective or full activation checkpointing): one block's activations rebuilt in
+                    backward
   optimizer step:   weights + gradients + optimizer states
 All byte counts are exact sizes of tensors; CUDA adds its context and allocator slack outside
 ``torch.cuda.max_memory_allocated`` (``CUDA_CONTEXT_BYTES``), reported separately.
@@ -18,6 +19,7 @@ All byte counts are exact sizes of tensors; CUDA adds its context and allocator 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -51,7 +53,7 @@ GPUS: dict[str, tuple[int, float, float]] = {
 }
 DEFAULT_MFU = 0.40  # assumed model FLOPs utilisation when none was measured
 
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "dora", "qlora", "freeze"]  # as lmforge finetune's methods
 Optimizer = Literal["adamw", "adam", "sgd", "adamw8bit", "adagrad", "rmsprop", "none"]
 
 
@@ -70,11 +72,15 @@ class Workload:
     lora_targets: tuple[str, ...] = ("q", "v")  # of q k v qkv(fused) o gate up down fc head
     lora_dropout: float = 0.0
     qlora_double_quant: bool = False
-    checkpointing: Literal["none", "full"] = "none"
+    train_blocks: int | None = None  # freeze: only the top k blocks train (None = all)
+    train_norms: bool = True  # freeze: every norm trains too (as models/lora.py freeze)
+    train_embeddings: bool = False  # freeze: embeddings and head train too
+    checkpointing: Literal["none", "selective", "full"] = "none"
     device: Literal["cpu", "cuda"] = "cpu"
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     loss_chunks: int = 1  # cross-entropy computed in this many chunks (litgpt, torchtune)
     loss_fused: bool = False  # chunks upcast and reduced one at a time (compiled, torchtune)
+    logits_in_backward: bool = True  # the loop holds the logits (lmforge, litgpt); torchtune dels
     optimizer_in_backward: bool = False  # each gradient applied and freed as it is produced
     paged_optimizer: bool = (
         False  # bitsandbytes paged states: managed memory, outside the allocator
@@ -140,16 +146,119 @@ def count_params(cfg: DecoderConfig) -> ParamCounts:
     return ParamCounts(emb, 0 if cfg.tie_embeddings else V * C, lin, 2 * norm, norm, cfg.n_layer)
 
 
-def lora_params(cfg: DecoderConfig, w: Workload) -> int:
-    """Adapter parameters: r x (in + out) per targeted linear per layer (+ head if targeted)."""
+# lmforge's linear modules (``models/lora.py`` target names) → the estimator's linear names.
+# A target matches a module as peft matches it: the whole name or a "."-suffix ("proj" = both
+# attn.proj and mlp.proj). The estimator's own names (q k v separately: other libraries' layouts,
+# e.g. litgpt's LoRA on q and v) are accepted as they are. The one mapping between the two.
+LORA_MODULE_TERMS = {
+    "attn.qkv": "qkv", "attn.proj": "o", "mlp.gate": "gate", "mlp.up": "up", "mlp.fc": "fc",
+    "mlp.proj": "down", "lm_head": "head",
+}  # fmt: skip
+LORA_TERMS = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc", "head")
+
+
+def lora_terms(targets: Iterable[str]) -> tuple[str, ...]:
+    """LoRA targets as lmforge module names (``attn.qkv``, ``mlp.proj``, ``proj``) or estimator
+    names (``q``, ``v``, ``down``) → estimator names, in order, without repeats."""
+    out: list[str] = []
+    for t in targets:
+        hits = [t] if t in LORA_TERMS else [
+            term for name, term in LORA_MODULE_TERMS.items() if name == t or name.endswith("." + t)
+        ]  # fmt: skip
+        if not hits:
+            raise ValueError(
+                f"LoRA target {t!r} is neither an lmforge module name "
+                f"({', '.join(LORA_MODULE_TERMS)}, or a suffix of one) nor one of "
+                f"{' '.join(LORA_TERMS)}"
+            )
+        out += [h for h in hits if h not in out]
+    return tuple(out)
+
+
+def _adapter_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear an adapter can target, in one block."""
     C, F = cfg.d_model, cfg.ff_width
     kvd = cfg.kv_heads * (C // cfg.n_head)
     shapes = {"q": (C, C), "k": (C, kvd), "v": (C, kvd), "o": (C, C), "qkv": (C, C + 2 * kvd)}
     shapes |= {"gate": (C, F), "up": (C, F), "fc": (C, F), "down": (F, C)}
-    has = set(count_params(cfg).per_layer_linear) | {"qkv"}
-    per_layer = sum(w.lora_rank * sum(shapes[t]) for t in w.lora_targets if t in has)
-    head = w.lora_rank * (C + (cfg.vocab_size or 0)) if "head" in w.lora_targets else 0
+    has = set(count_params(cfg).per_layer_linear) | {"qkv"}  # fc or gate/up, by MLP type
+    return {k: v for k, v in shapes.items() if k in has}
+
+
+def lora_params(cfg: DecoderConfig, w: Workload) -> int:
+    """Adapter parameters: r x (in + out) per targeted linear per layer (+ head if targeted);
+    DoRA adds a magnitude per output feature."""
+    shapes = _adapter_shapes(cfg)
+    dora = w.method == "dora"
+    per_layer = sum(
+        w.lora_rank * (i + o) + dora * o for t, (i, o) in shapes.items() if t in w.lora_targets
+    )
+    V = cfg.vocab_size or 0
+    head = w.lora_rank * (cfg.d_model + V) + dora * V if "head" in w.lora_targets else 0
     return cfg.n_layer * per_layer + head
+
+
+def _trained_blocks(cfg: DecoderConfig, w: Workload) -> int:
+    """How many blocks (the top ones) have all their weights trained."""
+    if w.method == "freeze" and w.train_blocks is not None:
+        return min(w.train_blocks, cfg.n_layer)
+    return cfg.n_layer if w.method in ("full", "freeze") else 0
+
+
+def trainable_params(cfg: DecoderConfig, w: Workload) -> int:
+    """Parameters with gradients and optimizer states: all (full), the adapters (lora, dora,
+    qlora), or for freeze the top ``train_blocks`` blocks (+ every norm, + embeddings/head)."""
+    pc = count_params(cfg)
+    if w.method == "full":
+        return pc.total
+    if w.method != "freeze":
+        return lora_params(cfg, w)
+    k = _trained_blocks(cfg, w)
+    n = k * pc.layer
+    if w.train_norms:
+        n += (pc.n_layer - k) * pc.per_layer_other + pc.final_norm
+    if w.train_embeddings:
+        n += pc.embedding + pc.head
+    return n
+
+
+def _head_trained(w: Workload) -> bool:
+    """The output head's full weight gets a gradient."""
+    return w.method == "full" or (w.method == "freeze" and w.train_embeddings)
+
+
+def _block_workload(w: Workload) -> Workload:
+    """The workload of the most expensive block, as ``block_activation_terms`` knows methods:
+    a trained block of a freeze is a full fine-tune's; DoRA is LoRA plus ``_stacked_blocks``'s
+    extra term."""
+    if w.method == "freeze":
+        return replace(w, method="full")
+    return replace(w, method="lora") if w.method == "dora" else w
+
+
+def _stacked_blocks(cfg: DecoderConfig, w: Workload, weight_bytes: int, per_layer: float) -> float:
+    """Saved activations of all blocks, given one block's ``per_layer`` (of ``_block_workload``).
+
+    freeze: trained blocks save what a full fine-tune saves; a frozen block below them saves
+    only what the gradient needs to pass through it (no linear inputs), and nothing when no
+    gradient flows that far (norms and embeddings frozen too). DoRA (measured, peft 0.21): each
+    adapted linear also keeps its base output and its adapter output, N x out each, for the
+    magnitude's gradient.
+    """
+    L = cfg.n_layer
+    if w.method == "freeze":
+        k = _trained_blocks(cfg, w)
+        below = 0.0
+        if w.train_norms or w.train_embeddings:
+            frozen = replace(w, method="lora", lora_targets=())
+            below = sum(block_activation_terms(cfg, frozen, weight_bytes).values())
+        return k * per_layer + (L - k) * below
+    total = L * per_layer
+    if w.method == "dora":
+        a = _dtypes(w, weight_bytes)[0]
+        outs = sum(o for t, (_, o) in _adapter_shapes(cfg).items() if t in w.lora_targets)
+        total += L * 2 * w.batch * w.seq * outs * a
+    return total
 
 
 # ---- dtypes -------------------------------------------------------------------------------
@@ -247,6 +356,44 @@ def block_activation_terms(cfg: DecoderConfig, w: Workload, weight_bytes: int) -
     return t
 
 
+def selective_activation_terms(
+    cfg: DecoderConfig, w: Workload, weight_bytes: int
+) -> tuple[dict[str, float], float]:
+    """Bytes one block keeps under selective checkpointing (``models/activation_checkpointing``):
+    its input and the outputs of its matmuls and attention kernel; everything pointwise is rebuilt
+    in backward. Also returns how many of these bytes no checkpointing would not keep (outputs
+    that backward does not need: the o and down projections', the eager attention's two bmm
+    outputs, LoRA B's), which the recompute of a block adds to its usual activations.
+    """
+    B, T, C, F = w.batch, w.seq, cfg.d_model, cfg.ff_width
+    N = B * T
+    nh = cfg.n_head
+    kvd = cfg.kv_heads * (C // nh)
+    a, r, _ = _dtypes(w, weight_bytes)
+    kernel = attention_kernel(w)
+    drop = cfg.dropout > 0
+    if drop and kernel == "sdpa" and w.device == "cpu":
+        kernel = "math"  # SDPA's math fallback: its two bmm are saved, as eager's
+    t: dict[str, float] = {"block input": N * C * r, "qkv output": N * (C + 2 * kvd) * a}
+    extra = {"o output": N * C * a, "down output": N * C * a}
+    if kernel == "sdpa":
+        if not drop:  # a fused kernel with dropout draws random numbers: it is recomputed
+            t["attention output, logsumexp"] = N * C * a + N * nh * 4
+    else:  # scores q·kᵀ and probabilities·v (the softmax and its casts are recomputed)
+        extra |= {"attention scores": B * nh * T * T * a, "attention bmm output": N * C * a}
+    if cfg.mlp == "swiglu":
+        t["mlp gate, up outputs"] = 2 * N * F * a
+    else:
+        t["mlp fc output"] = N * F * a
+    if w.method != "full":  # each adapter: A's output (saved anyway) and B's
+        shapes = {"q": C, "k": kvd, "v": kvd, "qkv": C + 2 * kvd, "o": C}
+        shapes |= {"gate": F, "up": F, "fc": F, "down": C}
+        targets = [x for x in w.lora_targets if x in shapes]
+        t["lora A outputs"] = len(targets) * N * w.lora_rank * a
+        extra["lora B outputs"] = sum(N * shapes[x] * a for x in targets)
+    return t | extra, sum(extra.values())
+
+
 def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
     """Predicted peak bytes of one steady-state training step (or of inference) per device."""
     if cfg.vocab_size is None:
@@ -268,9 +415,9 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
         comps["weights"] = quantized * nf4 + (pc.total - quantized) * wb
     else:
         comps["weights"] = pc.total * wb
-    n_train = pc.total if w.method == "full" else lora_params(cfg, w)
+    n_train = trainable_params(cfg, w)
     train_b = wb  # adapters in the base's dtype (litgpt, torchtune)
-    if w.method != "full":
+    if w.method in ("lora", "dora", "qlora"):
         comps["lora adapters"] = n_train * train_b
     if w.inference:
         return _inference(cfg, w, comps, pc, notes)
@@ -303,9 +450,9 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
         comps["DDP gradient buckets"] = g  # gradient_as_bucket_view=False keeps a copy
 
     # activations
-    terms = block_activation_terms(cfg, w, wb)
+    terms = block_activation_terms(cfg, _block_workload(w), wb)
     per_layer = sum(terms.values())
-    head_trainable = w.method == "full" or "head" in w.lora_targets
+    head_trainable = _head_trained(w) or (w.method != "freeze" and "head" in w.lora_targets)
     head_acts = N * C * r + N * C * cast * head_trainable  # norm_f input / output
     if cfg.norm == "rmsnorm" and w.precision != "fp32":
         head_acts += N * C * 4 * (1 if w.precision in ("bf16-mixed", "fp16-mixed") else 2)
@@ -313,11 +460,21 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
         head_acts += N * C * (a if w.device == "cpu" else 1)  # embedding dropout mask
     mixed = w.precision in ("bf16-mixed", "fp16-mixed")
     weight_casts = 2 * matmul_weights if mixed and w.method != "qlora" else 0
+    if weight_casts and w.method == "freeze" and not (w.train_norms or w.train_embeddings):
+        # casts of frozen weights are not cached; with no gradient below, none is saved
+        weight_casts -= 2 * (L - _trained_blocks(cfg, w)) * linear_per_layer
     if w.checkpointing == "full":
-        comps["activations (checkpointed block inputs)"] = L * N * C * r + head_acts
+        kept, rebuilt = N * C * r, per_layer
+        comps["activations (checkpointed block inputs)"] = L * kept + head_acts
         weight_casts = 2 * V * C if mixed else 0  # only the head's cast outlives the forward
+    elif w.checkpointing == "selective":
+        sel, sel_extra = selective_activation_terms(cfg, _block_workload(w), wb)
+        kept = sum(sel.values())
+        rebuilt = per_layer - (kept - sel_extra)  # what the recompute allocates anew
+        comps["activations (selective: block inputs, matmul outputs)"] = L * kept + head_acts
+        weight_casts = 2 * V * C if mixed else 0  # the blocks' casts are recomputed too
     else:
-        comps["activations"] = L * per_layer + head_acts
+        comps["activations"] = _stacked_blocks(cfg, w, wb, per_layer) + head_acts
     if weight_casts:
         comps["autocast weight copies (16 bit)"] = weight_casts
 
@@ -336,29 +493,46 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
     phases["start of backward (vocabulary-sized loss gradients)"] = (
         base | (grads if w.grad_accum > 1 else {}) | acts | logits
     )
-    if w.checkpointing == "full":
-        head_grad = V * C * wb if w.method == "full" and not cfg.tie_embeddings else 0
-        phases["backward recompute of a block"] = (
-            base
-            | (grads if w.grad_accum > 1 else {"gradients (head)": head_grad})
-            | {"activations (checkpointed block inputs)": L * N * C * r}
-            | {"recomputed block": per_layer + (2 * linear_per_layer if mixed else 0)}
-            | {"temporaries (activation gradients)": 2 * N * C * 4}
-        )
-    # backward through the last block: the logits tensor is still referenced by the loop, the
-    # head's gradient exists, and the MLP's hidden-width activation gradients are live
+    # backward, block by block: the logits tensor is still referenced by the loop, gradients
+    # appear as saved activations are freed, and inside a block the MLP's hidden-width
+    # activation gradients are live (GELU: 2, SwiGLU: 3) once the down projection's input has
+    # been freed (its gradients are made). Checkpointing rebuilds one block.
+    ckpt = w.checkpointing != "none"
+    block_casts = 2 * linear_per_layer if mixed and (ckpt or w.method != "qlora") else 0
+    down_in = terms.get("mlp product (down input)", 0)
+    down_in += terms.get("mlp gelu output (proj input)", 0)
+    inside = {"recomputed block": rebuilt + block_casts - down_in} if ckpt else {}
+    hidden_grads = (3 if cfg.mlp == "swiglu" else 2) * N * cfg.ff_width * a
+    inside |= {"temporaries (activation gradients)": hidden_grads + 2 * N * C * 4}
+    held = {"logits": N * V * a} if w.logits_in_backward else {}
+    inside |= held
     head_g = {"gradients (head)": V * C * wb} if w.method == "full" and w.grad_accum == 1 else {}
-    phases["backward of the last block"] = (
-        base
-        | (grads if w.grad_accum > 1 else head_g)
-        | acts
-        | {"logits": N * V * a}
-        | {"temporaries (activation gradients)": 2 * N * cfg.ff_width * a + 2 * N * C * 4}
-    )
-    end = base | grads
-    if cfg.tie_embeddings and w.method == "full":  # embedding grad, then summed into the head's
-        end = end | {"temporaries (tied embedding gradient)": V * C * 4}
-    phases["end of backward / optimizer step"] = end
+    if ckpt:
+        kept_all = {"activations (kept by checkpointing)": L * kept}
+    else:
+        kept_all = acts | {"activations": acts["activations"] - down_in}
+    last = "backward recompute of the last block" if ckpt else "backward of the last block"
+    phases[last] = base | (grads if w.grad_accum > 1 else head_g) | kept_all | inside
+    if (
+        w.grad_accum == 1 and w.method == "full" and L > 1 and not w.optimizer_in_backward
+        and w.sharding in ("none", "zero1")
+    ):  # fmt: skip
+        # the first block's backward: the gradients of every later block and the head exist,
+        # the activations of the first block alone are left
+        pos_emb = pc.embedding - V * C
+        later = (pc.total - pc.layer - pos_emb - (0 if cfg.tie_embeddings else V * C)) * wb
+        first = {"activations (first block)": kept if ckpt else per_layer + block_casts - down_in}
+        phases["backward of the first block"] = (
+            base | {"gradients (later blocks, head)": later} | first | inside
+        )
+    end = base | grads | held
+    if cfg.tie_embeddings and w.method == "full":
+        # the head's gradient waits in autograd's buffer for the embedding's; both and their
+        # sum are live before the sum becomes the weight's gradient
+        end["gradients"] -= V * C * wb / (shard if w.sharding in ("zero2", "zero3") else 1)
+        end["temporaries (tied embedding gradients and sum)"] = 3 * V * C * wb
+    phases["end of backward"] = end
+    phases["optimizer step"] = base | grads
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     live = phases[phase]
     all_items = comps | logits
@@ -410,7 +584,9 @@ def cpu_load_peak(cfg: DecoderConfig, weight_bytes: int) -> float:
 
 def flops_per_token(cfg: DecoderConfig, seq: int, checkpointing: str = "none") -> float:
     """Training FLOPs per token, 6N + 12·L·T·d (as ``Decoder.flops_per_token``); full
-    checkpointing recomputes the forward: 8N + 16·L·T·d."""
+    checkpointing recomputes the forward: 8N + 16·L·T·d. Selective keeps the matmul and
+    attention outputs and recomputes only pointwise ops, O(d) FLOPs per token against the
+    matmuls' O(d²), so it is counted as 1x (no matmul FLOPs are repeated)."""
     pc = count_params(cfg)
     n_matmul = pc.n_layer * sum(pc.per_layer_linear.values()) + (cfg.vocab_size or 0) * cfg.d_model
     f = 6.0 * n_matmul + 12.0 * cfg.n_layer * seq * cfg.d_model
@@ -459,103 +635,3 @@ def fmt_bytes(n: float) -> str:
 
 def steps_for(tokens: float, w: Workload) -> int:
     return math.ceil(tokens / (w.batch * w.seq * w.grad_accum * max(1, w.world_size)))
-
-
-# ---- auto-fit ---------------------------------------------------------------------------------
-
-SAFETY_MARGIN = 0.05  # of the budget kept free: allocator slack and estimate error
-
-
-def plan_fit(
-    cfg: DecoderConfig,
-    w: Workload,
-    budget: float,
-    global_batch: int,
-    allow_precision: bool = False,
-    margin: float = SAFETY_MARGIN,
-) -> dict:
-    """The fastest (micro-batch, accumulation, checkpointing[, precision]) whose predicted peak
-    plus runtime overhead fits ``budget`` x (1 - margin); the global batch stays ``global_batch``.
-
-    Throughput model: FLOPs per token grow by 4/3 with full checkpointing (the forward runs
-    twice), and a micro-batch of b sequences runs at b / (b + 1) of the large-batch speed (kernel
-    launch and per-step overhead; a rough, stated assumption).
-    """
-    usable = budget * (1 - margin)
-    precisions = [w.precision]
-    if allow_precision:
-        precisions += [p for p in ("bf16-mixed", "bf16") if p != w.precision]
-    options = []
-    for prec in precisions:
-        for mb in sorted({d for d in range(1, global_batch + 1) if global_batch % d == 0}):
-            for ac in ("none", "full"):
-                ww = replace(
-                    w, batch=mb, grad_accum=global_batch // mb, checkpointing=ac, precision=prec
-                )
-                est = estimate(cfg, ww)
-                need = est.peak + est.runtime_overhead
-                speed = (mb / (mb + 1)) / flops_per_token(cfg, w.seq, ac)
-                options.append((need <= usable, speed, -need, mb, ac, prec, need))
-    fitting = [o for o in options if o[0]]
-    if not fitting:
-        smallest = min(options, key=lambda o: o[6])
-        return dict(
-            budget=budget, fits=False, needed=smallest[6],
-            summary=f"nothing fits: the smallest option (micro-batch 1, checkpointing full) needs "
-            f"{fmt_bytes(smallest[6])}; use LoRA/QLoRA, ZeRO-3 over more devices, or a bigger GPU",
-        )  # fmt: skip
-    _, _, _, mb, ac, prec, need = max(fitting)
-    return dict(
-        budget=budget, fits=True, micro_batch=mb, grad_accum=global_batch // mb,
-        activation_checkpointing=ac == "full", precision=prec, predicted_peak=need,
-        headroom=1 - need / budget,
-        summary=f"micro-batch {mb} x {global_batch // mb} accumulation, checkpointing {ac}, "
-        f"{prec}: predicted {fmt_bytes(need)} ({1 - need / budget:.0%} free)",
-    )  # fmt: skip
-
-
-def device_free_bytes(device_type: str) -> float:
-    """``auto`` budget: free memory of the current CUDA device, or available host RAM."""
-    import os
-
-    if device_type == "cuda":
-        import torch
-
-        return float(torch.cuda.mem_get_info()[0])
-    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def apply_memory_budget(train, optim_name: str, cfg: DecoderConfig, device_type: str, run_dir):
-    """``train.memory_budget`` → a TrainConfig with micro-batch, accumulation and checkpointing
-    chosen by ``plan_fit`` (global batch = batch_size x grad_accum kept); the plan is logged and
-    written to ``run_dir/memory_plan.json``. Unchanged when no budget is set."""
-    import json
-    import logging
-    from pathlib import Path
-
-    if not train.memory_budget:
-        return train
-    budget = (
-        device_free_bytes(device_type)
-        if train.memory_budget == "auto"
-        else parse_bytes(train.memory_budget)
-    )
-    w = Workload(
-        batch=train.batch_size, seq=cfg.context_length, grad_accum=train.grad_accum,
-        precision=train.precision, optimizer=optim_name if optim_name in ("adamw", "adam", "sgd", "adagrad", "rmsprop") else "adamw",
-        device="cuda" if device_type == "cuda" else "cpu",
-        checkpointing="full" if train.activation_checkpointing else "none",
-    )  # fmt: skip
-    plan = plan_fit(cfg, w, budget, global_batch=train.batch_size * train.grad_accum)
-    plan["requested"] = train.memory_budget
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "memory_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    logging.getLogger(__name__).info("memory plan (%s): %s", train.memory_budget, plan["summary"])
-    if not plan["fits"]:
-        raise ValueError(f"train.memory_budget={train.memory_budget}: {plan['summary']}")
-    return train.model_copy(
-        update=dict(
-            batch_size=plan["micro_batch"], grad_accum=plan["grad_accum"],
-            activation_checkpointing=plan["activation_checkpointing"],
-        )
-    )  # fmt: skip
