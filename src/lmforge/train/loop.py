@@ -215,6 +215,9 @@ def accumulate_gradients(
                     logits = model(x, **kwargs)
                 in_model = False
                 loss_sum, _ = loss_fn(logits, y)
+                # The loss keeps what its backward needs (the log-softmax); holding the logits
+                # too would keep a second batch x seq x vocab tensor alive through backward.
+                logits = None
                 loss = normalized_loss(loss_sum, n_tokens, parallel.dp_size)
                 if not last:
                     (scaler.scale(loss) if scaler is not None else loss).backward()

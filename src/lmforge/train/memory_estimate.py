@@ -80,7 +80,8 @@ class Workload:
     attention: Literal["auto", "sdpa", "eager"] = "auto"
     loss_chunks: int = 1  # cross-entropy computed in this many chunks (litgpt, torchtune)
     loss_fused: bool = False  # chunks upcast and reduced one at a time (compiled, torchtune)
-    logits_in_backward: bool = True  # the loop holds the logits (lmforge, litgpt); torchtune dels
+    logits_in_backward: bool = False  # the loop holds the logits in backward (litgpt); lmforge
+    # and torchtune drop them once the loss is computed
     optimizer_in_backward: bool = False  # each gradient applied and freed as it is produced
     paged_optimizer: bool = (
         False  # bitsandbytes paged states: managed memory, outside the allocator
@@ -333,7 +334,7 @@ def block_activation_terms(cfg: DecoderConfig, w: Workload, weight_bytes: int) -
         t["attention logsumexp"] = N * nh * 4
     else:  # eager / math: q, k, v are copied (k and v expanded to every query head)
         t["q, k, v copies"] = N * a * (4 * C if rope else 3 * C)
-        t["attention probabilities"] = B * nh * T * T * (4 + (a if a == 2 else 0))
+        t["attention probabilities"] = B * nh * T * T * a  # one tensor: softmax out = bmm in
         if drop:
             t["attention dropout"] = B * nh * T * T * (mask_b + a)
         t["attention output"] = N * C * a * needs("o")
@@ -481,7 +482,8 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
     # logits and loss: logits in the matmul dtype, fp32 log-softmax saved, and at the start of
     # backward two fp32 (N, V) gradients (of the loss and of the log-softmax input)
     saved_ls = N * V * 4 / (max(1, w.loss_chunks) if w.loss_fused else 1)
-    logits = {"logits": N * V * a, "loss: fp32 log-softmax": saved_ls}
+    logits = {"logits": N * V * a} if w.logits_in_backward else {}
+    logits["loss: fp32 log-softmax"] = saved_ls
     logits["loss: backward temporaries"] = 2 * N * V * 4 / max(1, w.loss_chunks)
     base = {k: comps[k] for k in ("weights", "lora adapters", "optimizer states") if k in comps}
     if "DDP gradient buckets" in comps:
@@ -541,7 +543,7 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
     if mixed:
         notes.append("autocast keeps a 16-bit copy of every matmul weight through backward")
     if attention_kernel(w) == "eager":
-        notes.append("eager attention keeps B x heads x T x T probabilities (fp32 + 16 bit)")
+        notes.append("eager attention keeps B x heads x T x T probabilities")
     est = Estimate(
         live, sum(live.values()), phase, per_layer, overhead, cpu_load_peak(cfg, wb), notes
     )
