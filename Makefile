@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lmforge-installed
 
-.PHONY: setup demo finetune-demo test test-all bench bench-memory bench-scaling bench-forgetting lint clean
+.PHONY: setup demo finetune-demo test test-all bench bench-memory bench-scaling bench-forgetting bench-finetune lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ bench-scaling: setup
 
 bench-forgetting: setup
 	$(BIN)/python bench/forgetting.py
+
+bench-finetune: setup
+	$(BIN)/python bench/finetune.py --steps 20
 
 lint: setup
 	$(BIN)/ruff check src tests bench

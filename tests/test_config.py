@@ -84,3 +84,15 @@ def test_every_shipped_config_loads(path: Path) -> None:
 def test_cpu_demo_preset_is_the_no_argument_default() -> None:
     assert resolve_config(None, {}) == resolve_config("cpu_demo", {})
     assert resolve_config(None, {}).model.arch == "llama"
+
+
+def test_pkg_paths_name_files_inside_installed_packages() -> None:
+    from lmforge.config import ConfigError, package_path
+
+    corpus = package_path("pkg:lmforge/data/corpora/gsm8k_test_250.jsonl")
+    assert corpus.is_file() and corpus.parent.name == "corpora"
+    assert str(package_path("plain/path.txt")) == "plain/path.txt"
+    with pytest.raises(ConfigError, match="not installed"):
+        package_path("pkg:no_such_package_xyz/file.gguf")
+    with pytest.raises(ConfigError, match="has no file 'missing.gguf'"):
+        package_path("pkg:lmforge/missing.gguf")

@@ -237,3 +237,23 @@ def test_smollm2_gguf_template_ends_turns_with_im_end() -> None:
     assert tok.decode(ids[trained].tolist(), skip_special_tokens=False) == "4<|im_end|>\n"
     prompt = tok.decode(fmt.prompt_ids(msgs[:1]), skip_special_tokens=False)
     assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_question_answer_records_read_as_one_exchange() -> None:
+    """GSM8K's own layout (question/answer) is read without conversion; auto-detected."""
+    from lmforge.config import package_path
+
+    record = {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}
+    assert (
+        to_messages(record)
+        == to_messages(record, "qa")
+        == [
+            {"role": "user", "content": "What is 2+3?"},
+            {"role": "assistant", "content": "2+3=5\n#### 5"},
+        ]
+    )
+    with pytest.raises(ValueError, match="answer: expected a string"):
+        to_messages({"question": "q", "answer": 5})
+    convs, problems = read_conversations("pkg:lmforge/data/corpora/gsm8k_test_250.jsonl")
+    assert len(convs) == 250 and not problems
+    assert package_path("pkg:lmforge/data/corpora/gsm8k_train_1k.jsonl").is_file()

@@ -148,3 +148,15 @@ def test_perplexity_and_bpb_are_the_lm_module() -> None:
     m = lm_metrics(loss_sum=2.0 * 100, n_tokens=100, n_bytes=400)
     assert m["val_ppl"] == pytest.approx(math.exp(2.0))
     assert m["val_bpb"] == pytest.approx(200 / math.log(2) / 400)
+
+
+def test_final_number_reads_gsm8k_answers_and_free_text() -> None:
+    from lmforge.eval.metrics import final_number, final_number_match
+
+    ref = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 1,072"
+    assert final_number(ref) == "1072"
+    assert final_number("so she earned $10.00 in total. The answer is 10.") == "10"
+    assert final_number("12.0") == "12" and final_number("no digits") is None
+    assert final_number_match("... which makes 1072 clips", ref)
+    assert not final_number_match("1072 clips, minus 5 is 1067", ref)  # the last number counts
+    assert not final_number_match("1072", "no number here")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +39,7 @@ from lmforge.data.sft import (
     encode_examples,
     read_conversations,
 )
-from lmforge.data.tokenizer import pad_id
+from lmforge.data.tokenizer import EOS, pad_id
 from lmforge.eval.metrics import final_number_match
 from lmforge.models.decoder import DecoderConfig
 from lmforge.models.lora import LoraConfig, Method, prepare_model, save_adapter, trainable_report
@@ -68,7 +69,7 @@ class SuiteConfig(Section):
     """The shipped synthetic instruction suite (used when data.path is null)."""
 
     families: list[str] = Field(
-        ["reverse", "sort", "lookup"], description=f"task families, of: {', '.join(FAMILIES)}"
+        ["sort", "add", "reverse"], description=f"task families, of: {', '.join(FAMILIES)}"
     )
     n_per_family: int = Field(600, gt=0, description="examples per family (train + held out)")
     seed: int = Field(0, description="generator seed")
@@ -96,8 +97,11 @@ class RetainConfig(Section):
 class DemoBaseConfig(Section):
     """The small base ``finetune`` pretrains first when no ``base`` is given."""
 
-    steps: int = Field(1000, gt=0, description="pretraining steps on the suite's plain text")
+    steps: int = Field(1500, gt=0, description="pretraining steps on the suite's plain text")
     n_per_family: int = Field(3000, gt=0, description="plain-text examples per family")
+    families: list[str] | None = Field(
+        None, description="families in the pretraining text; null = suite.families"
+    )
 
 
 class FinetuneConfig(Section):
@@ -173,15 +177,27 @@ def memory_workload(cfg: FinetuneConfig, model_cfg: DecoderConfig, device_type: 
 
 def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
     """Pretrain a tiny Llama-style model on the suite's tasks written as plain text lines
-    (``reverse: c a t = t a c``). It knows the tasks' text but not the chat format."""
+    (``reverse: c a t = t a c``), mixed with chat-formatted examples of the *other* families.
+    It knows the tasks and it knows the chat format, but has never seen these tasks asked in a
+    chat: what an instruction tune teaches a real base model (without chat examples a 1M model
+    spends the whole fine-tune learning the template's bytes; measured: 3 % exact match)."""
     from lmforge.recipes.pretrain import PretrainConfig, pretrain
 
     base_dir = run_dir / "base"
     if (base_dir / "checkpoints" / "latest").exists():
         return base_dir
     text_path = run_dir / "base_text.txt"
-    examples = make_suite(cfg.suite.families, cfg.demo_base.n_per_family, seed=cfg.suite.seed + 1)
-    atomic_write_text(text_path, as_plain_text(examples))
+    families = cfg.demo_base.families or cfg.suite.families
+    examples = make_suite(families, cfg.demo_base.n_per_family, seed=cfg.suite.seed + 1)
+    units = as_plain_text(examples).splitlines(keepends=True)
+    others = [f for f in FAMILIES if f not in set(families) | set(cfg.suite.families)]
+    for ex in make_suite(others, cfg.demo_base.n_per_family // 2, seed=cfg.suite.seed + 2):
+        # ChatML as ChatFormat.chatml renders it for lmforge's tokenizer (EOS ends a turn)
+        units.append(
+            f"<|im_start|>user\n{ex['prompt']}{EOS}\n<|im_start|>assistant\n{ex['answer']}{EOS}\n"
+        )
+    random.Random(cfg.suite.seed + 3).shuffle(units)  # the val split is the text's last 10 %
+    atomic_write_text(text_path, "".join(units))
     log.info("no base given: pretraining a small demo base on %s first", text_path)
     pcfg = PretrainConfig.model_validate(
         dict(
@@ -291,13 +307,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         else None
     )
 
+    last_eval: dict[str, Any] = {}
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        out, _ = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
+        out, preds = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
         if retained is not None:
             out |= retained.metrics(m, fmt, device)
+        last_eval.update(out=out, preds=preds)
         return out
 
     before = evaluate(model)
+    last_eval.clear()  # "after" may reuse only an evaluation of trained weights
     log.info("before: %s", before)
 
     # Surgery, penalties, replay.
@@ -345,9 +365,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         evaluate=evaluate,
     )
     write_plots(run_dir)
-    after, preds = exact_match_eval(model, fmt, eval_pairs, cfg.max_new_tokens, match)
-    if retained is not None:
-        after |= retained.metrics(model, fmt, device)
+    if result.step == cfg.train.max_steps and last_eval:  # fit scored these very weights
+        after, preds = last_eval["out"], last_eval["preds"]
+    else:
+        after, preds = exact_match_eval(model, fmt, eval_pairs, cfg.max_new_tokens, match)
+        if retained is not None:
+            after |= retained.metrics(model, fmt, device)
 
     # Save: adapters (PEFT format) and the merged model.
     adapter_dir = model_dir = None
