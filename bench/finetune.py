@@ -54,9 +54,15 @@ from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
 from lmforge.train.memory_tracker import LiveTensorTracker
 from lmforge.train.optim import OptimConfig, build_optimizer
-from train_throughput import cpu_busy, cpu_model, matmul_peaks, spread  # shared bench helpers
+from train_throughput import (  # shared bench helpers
+    THREADS,
+    cpu_busy,
+    cpu_model,
+    matmul_peaks,
+    spread,
+    start_run,
+)
 
-THREADS = 2
 # Llama-style: 4 layers, 512 wide, 8 heads sharing 4 key/value heads (GQA, as Llama 3 /
 # TinyLlama), SwiGLU 1376 (≈ 8/3·d), RMSNorm, RoPE, untied head; vocab 8192 as the other
 # benches (with a 32k vocab the frozen head alone would be ≈ half of the step's FLOPs).
@@ -381,12 +387,7 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(THREADS)
-    transformers.logging.set_verbosity_error()
-    n, reps = (512, 3) if args.quick else (2048, 5)
-    before = matmul_peaks(n, reps)
-    gen = torch.Generator().manual_seed(0)  # the same 4 batches, in the same order, for everyone
-    data = torch.randint(0, VOCAB, (4, args.batch, CONTEXT + 1), generator=gen)
+    peak_args, before, data = start_run(args.quick, args.batch, VOCAB, CONTEXT)
 
     # The folder stays until the end: loaded weights may still map its file.
     with tempfile.TemporaryDirectory() as tmp:
@@ -403,7 +404,7 @@ def main() -> None:
         ]
         warm_up(settings, args.warmup)
         other = run_rounds(settings, args.rounds, args.steps, args.batch * CONTEXT)
-    after = matmul_peaks(n, reps)
+    after = matmul_peaks(*peak_args)
 
     meta = dict(
         command="python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),

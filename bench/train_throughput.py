@@ -260,18 +260,26 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> lis
     return rows
 
 
-def main() -> None:
-    args = parse_args()
+def start_run(
+    quick: bool, batch: int, vocab: int, context: int
+) -> tuple[tuple[int, int], dict, torch.Tensor]:
+    """What every benchmark run begins with: the thread count, quiet transformers, the matmul
+    peak before timing (its (size, repeats) to measure it again after) and the data."""
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
-    n, reps = (512, 3) if args.quick else (2048, 5)
-    before = matmul_peaks(n, reps)
+    peak_args = (512, 3) if quick else (2048, 5)
+    before = matmul_peaks(*peak_args)
     gen = torch.Generator().manual_seed(0)  # the same 4 batches, in the same order, for everyone
-    data = torch.randint(0, VOCAB, (4, args.batch, CONTEXT + 1), generator=gen)
+    return peak_args, before, torch.randint(0, vocab, (4, batch, context + 1), generator=gen)
+
+
+def main() -> None:
+    args = parse_args()
+    peak_args, before, data = start_run(args.quick, args.batch, VOCAB, CONTEXT)
     settings = make_settings()
     warm_up(settings, data, args.warmup)
     other = run_rounds(settings, data, args.rounds, args.steps)
-    after = matmul_peaks(n, reps)  # best of before and after: one noisy moment is not the peak
+    after = matmul_peaks(*peak_args)  # best of before and after: one noisy moment is not the peak
 
     meta = dict(
         command="python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from lmforge.data.loader import TokenBatches
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed
-from lmforge.train.checkpoint import load_weights
+from lmforge.train.checkpoint import load_train_state, load_weights
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
@@ -455,7 +455,7 @@ def test_fsdp_oom_stops_with_a_record_and_resume_splits(tmp_path: Path) -> None:
     # the same data cursor and weights as micro-batch 1 x 4 from the start (step 1 ran as 2 x 2:
     # the same gradient summed in another order, hence the tolerance of this file)
     state = {
-        r: torch.load(tmp_path / r / "checkpoints" / f"step-{STEPS:06d}" / "train_state.pt")
+        r: load_train_state(tmp_path / r / "checkpoints" / f"step-{STEPS:06d}")
         for r in ("oom", "ref")
     }
     assert state["oom"]["data"] == state["ref"]["data"] and state["oom"]["step"] == STEPS

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 
 from lmforge.config import Section, package_path
 from lmforge.data.clean import DataError
-from lmforge.data.tokenizer import eos_id
+from lmforge.data.tokenizer import EOS_ALIASES, eos_id
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class ChatFormat:
         """Ids generation stops at: the end of an assistant turn, the end of text, and the
         ``eos_token_id`` list of the checkpoint's ``generation_config.json`` (Llama 3 lists two)."""
         ids = {self.end_of_turn}
-        for name in (self.eos_token, "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>"):
+        for name in (self.eos_token, *EOS_ALIASES, "<|eot_id|>"):
             found = self.tokenizer.token_to_id(name) if name else None
             if found is not None:
                 ids.add(found)
