@@ -5,8 +5,12 @@ One random-init Llama-style model (``LlamaForCausalLM`` from a ``LlamaConfig``) 
 (``lmforge.models.hf.load_hf``), so both sides start from the same weights (checked: equal
 logits). LoRA goes on every Linear of the blocks on both sides, same rank, alpha, optimizer
 (fused AdamW), constant lr, gradient clipping 1.0, batches (the same pre-made token batches in
-the same order) and precision (fp32, and bf16 autocast). Each side runs its real training
-loop: ``lmforge.train.loop.fit`` and ``Trainer.train``. A step is timed from the start of one
+the same order) and precision (fp32, and bf16 autocast). Under bf16 autocast lmforge stores
+the frozen Linears in bf16 as ``lmforge finetune`` does (``bf16_frozen_base``: the same matmuls
+autocast computes from fp32 weights); the peer runs it twice: loaded in fp32 (the same numerics
+as lmforge) and loaded in bf16 (``dtype=torch.bfloat16``, its own leanest eager set-up: bf16
+embeddings, norms and residual stream too; peft keeps the adapters fp32). lmforge's bf16 rows
+show their ratio to both. Each side runs its real training loop: ``lmforge.train.loop.fit`` and ``Trainer.train``. A step is timed from the start of one
 step to the start of the next (lmforge: its ``next_batch`` call; Trainer: ``on_step_begin``),
 so each side pays everything its loop does per step (forward, backward, clipping, optimizer,
 zero_grad, logging every 10 steps, data).
@@ -49,7 +53,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
 from lmforge.models.hf import load_hf
-from lmforge.models.lora import LoraConfig, prepare_model, trainable_report
+from lmforge.models.lora import LoraConfig, bf16_frozen_base, prepare_model, trainable_report
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
 from lmforge.train.memory_tracker import LiveTensorTracker
@@ -82,7 +86,12 @@ PEER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 OURS = [("lmforge fit fp32", False, False), ("lmforge fit bf16-mixed", True, False),
         ("lmforge fit fp32 + compile (best fp32)", False, True),
         ("lmforge fit bf16-mixed + compile (best)", True, True)]  # fmt: skip
-PEERS = [("Trainer + peft fp32", False), ("Trainer + peft bf16=True", True)]
+# (name, bf16 autocast, weights loaded in bf16). The last is the peer's own eager counterpart of
+# lmforge's bf16 frozen base: from_pretrained(dtype=bfloat16); peft keeps the adapters in fp32
+# (autocast_adapter_dtype) and Trainer(bf16=True) autocasts. Its embeddings, norms and residual
+# stream are bf16 too (lmforge keeps them fp32), so it is not the same numerics.
+PEERS = [("Trainer + peft fp32", False, False), ("Trainer + peft bf16=True", True, False),
+         ("Trainer + peft bf16 weights + bf16=True", True, True)]  # fmt: skip
 REWARM_STEPS = 2  # dropped at the start of each round: a new run, and switching evicts caches
 MEMORY_STEP = 1  # the 0-based step whose live-tensor peak is measured (steady state: Adam exists)
 
@@ -169,6 +178,7 @@ class Setting:
     run: Callable[[int, bool], StepClock]  # (steps, track memory) → the clock after the run
     model: nn.Module
     lmforge: bool
+    bf16_weights: bool = False  # peer: loaded in bf16 (lmforge's bf16 rows: frozen base in bf16)
     cold_s: float = 0.0  # first step of the first run: allocation, and compilation
     tokens_per_s: list[float] = field(default_factory=list)  # one median per round
     peak: dict[str, int] = field(default_factory=dict)  # live bytes by category at the peak
@@ -177,10 +187,13 @@ class Setting:
 
 def lmforge_setting(name: str, bf16: bool, compiled: bool, hf_dir: Path, data) -> Setting:
     """lmforge as ``lmforge finetune`` trains: the converted model, ``prepare_model`` (peft
-    surgery on our modules), ``build_optimizer`` (fused AdamW) and ``fit``."""
+    surgery on our modules), under bf16-mixed ``bf16_frozen_base`` (the frozen Linears stored
+    in bf16), ``build_optimizer`` (fused AdamW) and ``fit``."""
     model, _ = load_hf(hf_dir)
     lora = LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0, targets=LMFORGE_TARGETS)
     model = prepare_model(model, "lora", lora)
+    if bf16:
+        bf16_frozen_base(model)
     sched = SchedConfig(name="constant", warmup_steps=0)
 
     def run(steps: int, track_memory: bool) -> StepClock:
@@ -203,13 +216,17 @@ def lmforge_setting(name: str, bf16: bool, compiled: bool, hf_dir: Path, data) -
         return clock
 
     report = trainable_report(model)["trainable"]
-    return Setting(name, bf16, compiled, run, model, lmforge=True, trainable=report)
+    return Setting(name, bf16, compiled, run, model, lmforge=True, bf16_weights=bf16,
+                   trainable=report)  # fmt: skip
 
 
-def peer_setting(name: str, bf16: bool, hf_dir: Path, data: torch.Tensor) -> Setting:
+def peer_setting(
+    name: str, bf16: bool, bf16_weights: bool, hf_dir: Path, data: torch.Tensor
+) -> Setting:
     """The Hugging Face way: ``from_pretrained`` + ``get_peft_model`` + ``Trainer``."""
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
     model = transformers.LlamaForCausalLM.from_pretrained(
-        hf_dir, attn_implementation="sdpa", dtype=torch.float32
+        hf_dir, attn_implementation="sdpa", dtype=dtype
     )
     lora = peft.LoraConfig(
         task_type="CAUSAL_LM", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
@@ -241,7 +258,8 @@ def peer_setting(name: str, bf16: bool, hf_dir: Path, data: torch.Tensor) -> Set
         return clock
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Setting(name, bf16, False, run, model, lmforge=False, trainable=trainable)
+    return Setting(name, bf16, False, run, model, lmforge=False, bf16_weights=bf16_weights,
+                   trainable=trainable)  # fmt: skip
 
 
 def check_same_model(hf_dir: Path, data: torch.Tensor) -> float:
@@ -315,7 +333,8 @@ def run_rounds(settings: list[Setting], rounds: int, steps: int, tokens: int) ->
 def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tuple[str, list]:
     """The set-up, the quiet check, the Markdown table; returns (text, rows for JSON)."""
     out: list[str] = []
-    peers = {s.bf16: s for s in settings if not s.lmforge}
+    peers = {s.bf16: s for s in settings if not s.lmforge and not s.bf16_weights}
+    peer_bw = next(s for s in settings if not s.lmforge and s.bf16_weights)
     ours = next(s for s in settings if s.lmforge)
     other = meta["other_cpu_fraction"]
     out.append(f"command: {meta['command']}\ndate: {meta['date']}; CPU: {meta['cpu']}")
@@ -334,6 +353,10 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
         f"{peers[False].trainable:,} trainable)\nAdamW fused, lr {LR} constant, betas {BETAS}, "
         f"eps {EPS}, weight decay 0, grad clip {CLIP}; both log every {LOG_EVERY} steps; "
         f"lmforge: fit(); peer: Trainer(use_cpu=True, optim=adamw_torch_fused, no eval/saving)"
+        f"\nbf16: lmforge's bf16-mixed rows store the frozen Linears (head included) in bf16 "
+        f"(bf16_frozen_base, as lmforge finetune: the matmuls autocast would compute anyway; "
+        f"adapters, embeddings, norms, residual stream fp32); the peer's 'bf16 weights' row "
+        f"loads the whole model in bf16 (adapters fp32), the others load it in fp32"
     )
     out.append(
         f"LoRA FLOPs/token (4·N frozen + 6·N trainable + 12·L·T·d): lmforge "
@@ -351,32 +374,42 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
         out.append("NOTE: fewer than 3 rounds or 20 steps per round: preliminary, not a figure")
 
     out.append(
-        "\n| setting | tokens/s, median (min–max) | × peer, same precision | MFU | "
-        "peak live MiB | memory × peer | cold step |"
+        "\n| setting | tokens/s, median (min–max) | × peer, same precision | × peer bf16 weights "
+        "| MFU | peak live MiB | memory × peer | memory × peer bf16 weights | cold step |"
     )
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     mib = 2**20
     for s in settings:
         peer = peers[s.bf16]
         ratios = [a / b for a, b in zip(s.tokens_per_s, peer.tokens_per_s, strict=True)]
+        # against the peer with bf16 weights: bf16 rows only (it runs under bf16 autocast)
+        ratios_bw = [a / b for a, b in zip(s.tokens_per_s, peer_bw.tokens_per_s, strict=True)]
+        ratios_bw = ratios_bw if s.bf16 else []
         precision = "bf16" if s.bf16 else "fp32"  # MFU against the peak of the matmul dtype
         flops = meta["flops_lmforge" if s.lmforge else "flops_peer"]
         mfu = statistics.median(s.tokens_per_s) * flops / meta[f"peak_{precision}"]
         total = s.peak.get("Total", 0)
         mem = f"{total / mib:,.0f}" if total else "—"
         mem_ratio = f"{total / peer.peak['Total']:.2f}" if total and peer.peak else "—"
+        mem_bw = total and s.bf16 and peer_bw.peak
+        mem_ratio_bw = f"{total / peer_bw.peak['Total']:.2f}" if mem_bw else "—"
         out.append(
             f"| {s.name} | {spread(s.tokens_per_s, ',.0f')} | {spread(ratios, '.2f')} | "
-            f"{mfu:.0%} of {precision} | {mem} | {mem_ratio} | {s.cold_s:.1f} s |"
+            f"{spread(ratios_bw, '.2f') if ratios_bw else '—'} | {mfu:.0%} of {precision} | "
+            f"{mem} | {mem_ratio} | {mem_ratio_bw} | {s.cold_s:.1f} s |"
         )
         rows.append(dict(name=s.name, lmforge=s.lmforge, bf16=s.bf16, compile=s.compiled,
-                         tokens_per_s=s.tokens_per_s, ratios_vs_peer=ratios, mfu=mfu,
+                         bf16_weights=s.bf16_weights, tokens_per_s=s.tokens_per_s,
+                         ratios_vs_peer=ratios, ratios_vs_peer_bf16_weights=ratios_bw, mfu=mfu,
                          peak_live_bytes=s.peak, cold_step_s=s.cold_s,
                          trainable=s.trainable))  # fmt: skip
-    out.append("\nper round, × peer at the same precision:")
+    out.append("\nper round, × peer at the same precision (bf16 rows: and × peer bf16 weights):")
     for r in rows:
-        out.append(f"  {r['name']}: {', '.join(f'{x:.2f}' for x in r['ratios_vs_peer'])}")
+        line = f"  {r['name']}: {', '.join(f'{x:.2f}' for x in r['ratios_vs_peer'])}"
+        if r["ratios_vs_peer_bf16_weights"]:
+            line += f"; {', '.join(f'{x:.2f}' for x in r['ratios_vs_peer_bf16_weights'])}"
+        out.append(line)
     out.append("\npeak live tensors by category (MiB):")
     for r in rows:
         if r["peak_live_bytes"]:
@@ -396,11 +429,13 @@ def main() -> None:
         transformers.LlamaForCausalLM(peer_config()).save_pretrained(hf_dir)
         logit_diff = check_same_model(hf_dir, data)
         # A B A B: peer and lmforge alternate at each precision, the compiled row last.
+        # Then the peer with bf16 weights, next to lmforge's bf16-mixed row.
         settings = [peer_setting(*PEERS[0], hf_dir, data)]
         settings += [lmforge_setting(*OURS[0], hf_dir, data), peer_setting(*PEERS[1], hf_dir, data)]
+        settings += [lmforge_setting(*OURS[1], hf_dir, data), peer_setting(*PEERS[2], hf_dir, data)]
         # compiled rows last; --quick leaves them out (compiling takes ≈ 25 s each)
         settings += [
-            lmforge_setting(*o, hf_dir, data) for o in OURS[1:] if not (o[2] and args.quick)
+            lmforge_setting(*o, hf_dir, data) for o in OURS[2:] if not (o[2] and args.quick)
         ]
         warm_up(settings, args.warmup)
         other = run_rounds(settings, args.rounds, args.steps, args.batch * CONTEXT)

@@ -96,3 +96,21 @@ def test_pkg_paths_name_files_inside_installed_packages() -> None:
         package_path("pkg:no_such_package_xyz/file.gguf")
     with pytest.raises(ConfigError, match="has no file 'missing.gguf'"):
         package_path("pkg:lmforge/missing.gguf")
+
+
+def test_one_override_keeps_the_recipes_other_section_defaults(tmp_path: Path) -> None:
+    # finetune's train section differs from TrainConfig's (e.g. eval_every): changing one key
+    # on the command line or in a YAML file must not reset the others to the generic defaults
+    from lmforge.recipes.finetune import FinetuneConfig
+    from lmforge.train.loop import TrainConfig
+
+    default = FinetuneConfig()
+    cfg = load_config(FinetuneConfig, overrides=parse_overrides(["--train.num_threads=1"]))
+    assert cfg.train.num_threads == 1
+    assert cfg.train.model_dump() == default.train.model_dump() | {"num_threads": 1}
+    assert default.train.eval_every != TrainConfig().eval_every  # the test can fail
+    assert cfg.optim.weight_decay == default.optim.weight_decay
+    path = tmp_path / "ft.yaml"
+    path.write_text("optim:\n  lr: 0.01\n")
+    cfg = load_config(FinetuneConfig, config_file=str(path))
+    assert cfg.optim.lr == 0.01 and cfg.optim.weight_decay == default.optim.weight_decay == 0.0

@@ -200,17 +200,37 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     recipe: str = "",
 ) -> T:
-    """Build ``cls`` from its defaults, then a YAML file, then command-line overrides."""
-    data: dict[str, Any] = {}
+    """Build ``cls`` from its defaults, then a YAML file, then command-line overrides.
+
+    The defaults are the recipe's own, section by section: ``--train.num_threads=1`` on
+    ``finetune`` changes that one key and keeps finetune's ``train.max_steps`` (300), where
+    validating ``{"train": {"num_threads": 1}}`` alone would rebuild the whole section from
+    the generic ``TrainConfig`` defaults."""
+    data = {name: _own_defaults(field.default) for name, field in cls.model_fields.items()}
+    data = {name: value for name, value in data.items() if value}
     source = "defaults"
     if config_file:
         path = resolve_config_path(config_file, recipe)
-        data = read_yaml(path)
+        data = deep_merge(data, read_yaml(path))
         source = str(path)
     if overrides:
         data = deep_merge(data, overrides)
         source += " + command-line overrides"
     return validate_config(cls, data, source)
+
+
+def _own_defaults(section: Any) -> dict[str, Any]:
+    """The keys where a recipe's default section differs from its class's defaults (a dict
+    merged under the YAML and the overrides). Only those: a section whose validator derives
+    keys from others (``model.arch`` → norm, positions, …) must still derive them from what
+    the user gives."""
+    if not isinstance(section, BaseModel):
+        return {}
+    try:
+        generic = type(section)().model_dump()
+    except ValidationError:  # a section with required keys has no generic defaults
+        return section.model_dump()
+    return {k: v for k, v in section.model_dump().items() if generic.get(k) != v}
 
 
 def validate_config(cls: type[T], data: dict[str, Any], source: str) -> T:

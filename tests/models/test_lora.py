@@ -1,9 +1,11 @@
 """LoRA/DoRA/QLoRA surgery: PEFT-format adapters load with peft onto the exported Hugging Face
 model (fused qkv split by rows) with equal logits; adapters trained by peft on the HF model load
-back exactly; merged equals unmerged; freezing trains only what it says."""
+back exactly; merged equals unmerged; freezing trains only what it says; a bf16 frozen base
+trains bit for bit as the fp32 one under bf16 autocast and merges in fp32."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from lmforge.models.hf import export_hf
 from lmforge.models.lora import (
     LoraConfig,
     apply_lora,
+    bf16_frozen_base,
     freeze,
     load_adapter,
     merge_lora,
@@ -131,3 +134,51 @@ def test_freeze_top_blocks_and_norms() -> None:
     assert trainable and all(n.startswith("blocks.1.") for n in trainable)
     model = freeze(tiny(), LoraConfig(train_blocks=0, train_norms=True))
     assert all("norm" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: biases, and a head tied to tok_emb
+def test_bf16_frozen_base_trains_exactly_as_fp32_under_autocast(arch: str) -> None:
+    """Autocast casts frozen weights to bf16 at every forward: storing them in bf16 changes no
+    bit of the logits or of the adapters' gradients."""
+    ref = apply_lora(
+        tiny(arch),
+        LoraConfig(
+            rank=4,
+            alpha=8,
+            targets=[*LoraConfig().targets, "lm_head"] if arch == "llama" else LoraConfig().targets,
+        ),
+    )
+    randomise_adapters(ref)
+    new = bf16_frozen_base(copy.deepcopy(ref))
+    dtypes = {n: p.dtype for n, p in new.named_parameters()}
+    assert dtypes["blocks.0.attn.qkv.base_layer.weight"] == torch.bfloat16
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n or "norm" in n)
+    assert dtypes["tok_emb.weight"] == torch.float32  # a lookup (and the tied head) stays fp32
+    if arch == "llama":
+        assert dtypes["lm_head.base_layer.weight"] == torch.bfloat16
+    else:
+        assert dtypes["blocks.0.attn.qkv.base_layer.bias"] == torch.bfloat16
+    out = []
+    for model in (ref, new):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model.train()(X)
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        out.append((logits, grads))
+    assert torch.equal(out[0][0], out[1][0])
+    assert out[0][1].keys() == out[1][1].keys()
+    assert all(torch.equal(out[0][1][n], out[1][1][n]) for n in out[0][1])
+    with pytest.raises(ValueError, match="DoRA"):
+        bf16_frozen_base(apply_lora(tiny(), LoraConfig(rank=4), dora=True))
+
+
+def test_merge_into_a_bf16_frozen_base_is_done_in_fp32() -> None:
+    """The fp32 update is added to the (upcast) bf16 base in fp32, not rounded into bf16."""
+    model = bf16_frozen_base(apply_lora(tiny(), LoraConfig(rank=4, alpha=8)))
+    randomise_adapters(model)
+    layer = model.blocks[0].mlp.up
+    expected = layer.get_base_layer().weight.float() + layer.get_delta_weight("default")
+    merge_lora(model)
+    merged = model.blocks[0].mlp.up.weight
+    assert merged.dtype == torch.float32 and torch.equal(merged, expected)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # one dtype, as saved

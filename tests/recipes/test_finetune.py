@@ -95,6 +95,32 @@ def test_lora_finetune_merge_and_chat(base: Path, tmp_path: Path, capsys) -> Non
     assert n == 2 and len(stdout.getvalue().splitlines()) == 2
 
 
+def test_bf16_mixed_lora_trains_a_bf16_base_and_merges_the_base_from_disk(
+    base: Path, tmp_path: Path
+) -> None:
+    """bf16-mixed LoRA stores the frozen base in bf16 (after EWC's Fisher, which runs without
+    autocast; evaluation generates under autocast); the merged model is still the fp32 base
+    from disk plus the adapter: bit for bit what ``lmforge merge`` writes."""
+    retain = write_jsonl(make_suite(["lookup"], 10), tmp_path / "old.jsonl")
+    run, out = tmp_path / "run", tmp_path / "merged"
+    args = [f"--base={base}", f"--out_dir={run}", "--train.precision=bf16-mixed"]
+    args += [f"--retain.path={retain}", "--retain.ewc_lambda=0.5", "--retain.fisher_batches=1"]
+    assert main(["finetune", *args, "--retain.n_eval=2", *FAST]) == 0
+    trained = load_file(str(run / "checkpoints" / "step-000003" / "model.safetensors"))
+    assert trained["blocks.0.attn.qkv.base_layer.weight"].dtype == torch.bfloat16
+    assert trained["blocks.0.attn.qkv.lora_A.default.weight"].dtype == torch.float32
+    assert trained["tok_emb.weight"].dtype == torch.float32
+    assert (
+        main(["merge", f"--base={base}", f"--adapter={run / 'adapter'}", f"--out_dir={out}"]) == 0
+    )
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(t.dtype == torch.float32 for t in b.values())
+    base_w = load_file(str(base / "model.safetensors"))["blocks.0.attn.qkv.weight"]
+    assert not torch.equal(b["blocks.0.attn.qkv.weight"], base_w)  # the adapter is in it
+
+
 def test_full_finetune_with_retain_replay_and_ewc(base: Path, tmp_path: Path) -> None:
     retain = write_jsonl(make_suite(["lookup"], 10), tmp_path / "old.jsonl")
     run = tmp_path / "run"
@@ -135,11 +161,16 @@ def test_bad_data_names_file_and_line(base: Path, tmp_path: Path, capsys) -> Non
     assert f"{bad}:1: output: expected a string" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_equals_uninterrupted(base: Path, tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize(
+    "method,precision", [("lora", "fp32"), ("full", "fp32"), ("lora", "bf16-mixed")]
+)
+def test_resume_equals_uninterrupted(
+    base: Path, tmp_path: Path, method: str, precision: str
+) -> None:
     """A fine-tune resumed from its step-3 checkpoint ends with the same weights (adapters,
     optimizer state, data cursor, RNG) as the run that never stopped."""
     common = [f"--base={base}", f"--method={method}", "--lora.dropout=0.1", *FAST]
+    common += [f"--train.precision={precision}"]
     common += ["--train.max_steps=6", "--train.save_every=3", "--train.eval_every=6"]
     whole = tmp_path / "whole"
     assert main(["finetune", f"--out_dir={whole}", *common]) == 0

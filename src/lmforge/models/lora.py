@@ -137,6 +137,43 @@ def quantize_nf4(model: Decoder, double_quant: bool = True, compute_dtype=torch.
     return model
 
 
+def bf16_frozen_base(model: M) -> M:
+    """For bf16-mixed training of LoRA: store the frozen base Linears in bfloat16, in place.
+
+    Under bf16 autocast every ``F.linear`` casts its weight and bias to bf16 at each forward
+    (round to nearest even, as ``.to(torch.bfloat16)`` does), so storing the frozen ones in bf16
+    gives the very same matmuls, forward and backward, with half their bytes and no cast kernels
+    per step. Changed: every plain ``nn.Linear`` whose weight does not train, the output head
+    included. Unchanged: trainable weights (the adapters keep their fp32 master copy for the
+    optimizer), embeddings (a lookup, which autocast leaves in fp32), norms, and a head tied to
+    the input embedding.
+
+    The model then runs only under bf16 autocast (``train.precision.autocast``): outside it an
+    fp32 activation would meet a bf16 weight. For the same reason peft's cast of a bf16 input up
+    to the fp32 adapter is switched off (``cast_input_dtype_enabled``, see
+    ``peft.helpers.disable_input_dtype_casting``): autocast casts it straight back, exactly (a
+    bf16 → fp32 → bf16 round trip), so the copies only cost time.
+
+    LoRA only: DoRA divides by the norm of the base weight plus the update, an fp32
+    computation on the stored weight itself (not an autocast matmul), which a bf16 base would
+    change slightly.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(m.use_dora.get("default") for m in layers):
+        raise ValueError("bf16_frozen_base is for LoRA; DoRA reads its base weight in fp32")
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module in model.modules():
+        frozen = not any(p.requires_grad for p in module.parameters())
+        if type(module) is nn.Linear and frozen and id(module.weight) not in embeddings:
+            module.to(torch.bfloat16)
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    model.bf16_frozen_base = True  # merge_lora merges in fp32
+    return model
+
+
 def freeze(model: Decoder, cfg: LoraConfig) -> Decoder:
     """The "incremental" strategy: only the top ``train_blocks`` blocks (and norms if asked) train."""
     k = cfg.train_blocks if cfg.train_blocks is not None else len(model.blocks)
@@ -170,9 +207,17 @@ def trainable_report(model: nn.Module) -> dict[str, float]:
 
 
 def merge_lora(model: Decoder) -> Decoder:
-    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back."""
+    """Fold every adapter into its base weight and put the plain ``nn.Linear`` back.
+
+    A ``bf16_frozen_base`` model is merged in fp32: its merged weights are the bf16-rounded
+    base plus the update (``lmforge finetune`` merges into the base re-read from disk instead).
+    """
     from peft.tuners.lora import LoraLayer
 
+    if getattr(model, "bf16_frozen_base", False):
+        # Back to fp32, the dtype of the adapters and of the rest of this model, before the
+        # merge: peft would add the fp32 update into a bf16 weight and round most of it away.
+        model.float()
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
@@ -186,7 +231,7 @@ def merge_lora(model: Decoder) -> Decoder:
             setattr(model.get_submodule(parent), leaf, base)
     for p in model.parameters():
         p.requires_grad = True
-    for attr in ("lora_config", "lora_dora"):
+    for attr in ("lora_config", "lora_dora", "bf16_frozen_base"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -10,7 +10,9 @@ Run folder: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (resumable, wit
 trained), ``adapter/`` (PEFT format, loads onto ``lmforge export --format hf`` of the base),
 ``model/`` (the merged, self-describing checkpoint for ``lmforge chat``/``generate``/``export``;
 not for qlora, whose base is NF4: merge its adapter into the full-precision base with
-``lmforge merge``), ``summary.json``.
+``lmforge merge``), ``summary.json``. Under bf16-mixed, LoRA trains on a bf16 copy of the
+frozen base (``bf16_frozen_base``: the same matmuls) and its ``model/`` is merged into the
+base re-read from disk; evaluation runs under autocast.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from lmforge.data.sft import (
 from lmforge.data.tokenizer import EOS, pad_id
 from lmforge.eval.metrics import final_number_match
 from lmforge.models.decoder import DecoderConfig
-from lmforge.models.lora import LoraConfig, Method, prepare_model, save_adapter, trainable_report
+from lmforge.models.lora import (
+    LoraConfig,
+    Method,
+    bf16_frozen_base,
+    prepare_model,
+    save_adapter,
+    trainable_report,
+)
 from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.train.device import setup_device
 from lmforge.train.forgetting import (
@@ -60,7 +69,7 @@ from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.memory_estimate import Workload
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
-from lmforge.train.precision import weight_dtype
+from lmforge.train.precision import autocast, weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +139,7 @@ class FinetuneConfig(Section):
     )
     n_samples: int = Field(4, ge=0, description="sample answers printed at the end")
     train: TrainConfig = TrainConfig(
-        max_steps=300, batch_size=16, eval_every=100, save_every=300, log_every=10, num_threads=2
+        max_steps=1000, batch_size=16, eval_every=500, save_every=500, log_every=10, num_threads=2
     )
     optim: OptimConfig = OptimConfig(lr=3e-3, weight_decay=0.0)
     sched: SchedConfig = SchedConfig(warmup_steps=10)
@@ -310,9 +319,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     last_eval: dict[str, Any] = {}
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        out, preds = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
-        if retained is not None:
-            out |= retained.metrics(m, fmt, device)
+        # In the training precision, as fit's val loss: a bf16 frozen base (bf16_frozen_base)
+        # runs only under autocast. Before and after are scored alike.
+        with autocast(cfg.train.precision, device):
+            out, preds = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
+            if retained is not None:
+                out |= retained.metrics(m, fmt, device)
         last_eval.update(out=out, preds=preds)
         return out
 
@@ -345,6 +357,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             regularizer = combine(regularizer, l2sp_penalty(model, cfg.retain.l2sp_lambda))
         if cfg.retain.replay_rows:
             batches = MixedBatches(batches, retain_batches, cfg.retain.replay_rows)
+    if cfg.method == "lora" and cfg.train.precision == "bf16-mixed":
+        # autocast casts the frozen weights to bf16 at every forward anyway: store them so
+        # (same numerics, half their memory, no casts). After the Fisher estimate above, which
+        # runs the model without autocast.
+        bf16_frozen_base(model)
     optimizer = build_optimizer(model, cfg.optim)
     resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     if resume_ckpt is not None:
@@ -368,15 +385,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if result.step == cfg.train.max_steps and last_eval:  # fit scored these very weights
         after, preds = last_eval["out"], last_eval["preds"]
     else:
-        after, preds = exact_match_eval(model, fmt, eval_pairs, cfg.max_new_tokens, match)
-        if retained is not None:
-            after |= retained.metrics(model, fmt, device)
+        after, preds = evaluate(model), last_eval["preds"]
 
     # Save: adapters (PEFT format) and the merged model.
     adapter_dir = model_dir = None
     if cfg.method in ("lora", "dora", "qlora"):
         adapter_dir = save_adapter(model, run_dir / "adapter", base=str(base_ckpt))
-    if cfg.method != "qlora":
+    if getattr(model, "bf16_frozen_base", False):
+        # Its frozen Linears are bf16, rounded from the base: merge the saved adapter into the
+        # base as on disk instead, as `lmforge merge` does (fp32), so the merged model is the
+        # one an fp32-stored base would have given. The trained copy goes first (memory).
+        del model, optimizer
+        where = dict(base=str(base_ckpt), adapter=str(adapter_dir), out_dir=str(run_dir / "model"))
+        model_dir = merge(MergeConfig(**where))
+    elif cfg.method != "qlora":
         if cfg.method in ("lora", "dora"):
             from lmforge.models.lora import merge_lora
 
