@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge.models.decoder import Decoder, DecoderConfig, token_loss_sum
 
@@ -123,3 +124,133 @@ def test_activation_checkpointing_gives_same_gradients() -> None:
 def test_too_long_sequence_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="context_length"):
         Decoder(tiny("gpt2"))(torch.zeros(1, 33, dtype=torch.long))
+
+
+# ---- token_loss_sum: 16-bit logits take LowPrecisionCrossEntropy ------------------------------
+
+
+def _upcast_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
+    """The loss and 16-bit gradient of F.cross_entropy on an fp32 copy (the former path)."""
+    x = logits.detach().requires_grad_()
+    flat = x.reshape(-1, x.size(-1)).float()
+    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units of last place between two 16-bit tensors (bit patterns, sign-aware)."""
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.contiguous().view(torch.int16).int()
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)  # -0 and +0 both map to 0
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_16bit_loss_equals_fp32_cross_entropy(monkeypatch, dtype, ignore_index) -> None:
+    import lmforge.models.decoder as decoder
+
+    monkeypatch.setattr(decoder, "LOSS_CHUNK_BYTES", 7 * 4 * 301)  # 7 rows: chunks with a rest
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 17, 301) * 4).to(dtype)  # (B, T, V)
+    targets = torch.randint(1, 301, (3, 17))
+    targets[0, :5] = ignore_index
+    targets[2, -1] = ignore_index
+    ref_loss, ref_grad = _upcast_reference(logits, targets, ignore_index)
+    x = logits.clone().requires_grad_()
+    loss, n = token_loss_sum(x, targets, ignore_index)
+    loss.backward()
+    assert n == 3 * 17 - 6 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-7, atol=0)
+    assert x.grad.dtype == dtype and x.grad.shape == logits.shape
+    assert _ulps(x.grad, ref_grad).max() <= 1
+    assert (_ulps(x.grad, ref_grad) == 0).float().mean() > 0.99
+    assert (x.grad[0, :5] == 0).all() and (x.grad[2, -1] == 0).all()
+
+
+def test_16bit_loss_of_an_all_ignored_batch_is_zero() -> None:
+    x = torch.randn(2, 4, 50).bfloat16().requires_grad_()
+    loss, n = token_loss_sum(x, torch.full((2, 4), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and n == 0
+    assert (x.grad == 0).all()
+
+
+def test_16bit_loss_of_non_contiguous_logits() -> None:
+    torch.manual_seed(0)
+    base = torch.randn(64, 4, 6).bfloat16()
+    logits = base.permute(1, 2, 0)  # (B, T, V), V not the fastest dimension
+    targets = torch.randint(0, 64, (4, 6))
+    ref_loss, ref_grad = _upcast_reference(logits, targets)
+    x = logits.detach().requires_grad_()
+    loss, _ = token_loss_sum(x, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-7, atol=0)
+    assert _ulps(x.grad, ref_grad).max() <= 1
+
+
+def test_fp32_logits_keep_f_cross_entropy_exactly() -> None:
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 5, 40), torch.randint(0, 40, (2, 5))
+    targets[1, 2] = -100
+    ref_loss, ref_grad = _upcast_reference(logits, targets)
+    x = logits.clone().requires_grad_()
+    loss, _ = token_loss_sum(x, targets)
+    loss.backward()
+    assert torch.equal(loss, ref_loss) and torch.equal(x.grad, ref_grad)
+
+
+def test_16bit_loss_saves_and_allocates_less_than_the_upcast(monkeypatch) -> None:
+    """Bytes, not time: what autograd saves for backward (saved_tensors_hooks, each storage
+    once) and the peak of live tensors in the loss's forward and backward (BudgetTracker; it
+    counts the logits too, from their first use)."""
+    import lmforge.models.decoder as decoder
+    from lmforge.train.memory_tracker import BudgetTracker
+
+    monkeypatch.setattr(decoder, "LOSS_CHUNK_BYTES", 64 * 4 * 2048)  # 4 chunks of 64 rows
+    torch.manual_seed(0)
+    B, T, V = 4, 64, 2048  # logits 1 MiB in bf16
+    logits, targets = torch.randn(B, T, V).bfloat16(), torch.randint(0, V, (B, T))
+    logit_bytes = logits.numel() * 2
+
+    def measure(loss_fn) -> tuple[int, int]:
+        x = logits.clone().requires_grad_()
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        tracker = BudgetTracker(2**40)
+        with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn(x, targets).backward()
+        return sum(saved.values()), tracker.peak
+
+    def upcast(x, t):
+        return F.cross_entropy(x.reshape(-1, V).float(), t.reshape(-1), reduction="sum")
+
+    old_saved, old_peak = measure(upcast)
+    new_saved, new_peak = measure(lambda x, t: token_loss_sum(x, t)[0])
+    assert old_saved >= 2 * logit_bytes  # the fp32 log-softmax
+    assert new_saved <= logit_bytes + 16 * B * T  # the 16-bit logits + per-row targets, lse
+    assert old_peak >= 7 * logit_bytes  # logits, fp32 log-softmax, two fp32 gradients
+    assert new_peak <= 2.6 * logit_bytes  # logits, their 16-bit gradient, one fp32 chunk
+
+
+def test_16bit_loss_under_torch_compile() -> None:
+    torch.manual_seed(0)
+    logits, targets = (torch.randn(2, 30, 100) * 3).bfloat16(), torch.randint(0, 100, (2, 30))
+    targets[0, :7] = -100
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(x, targets)[0]
+
+    eager, compiled = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss_e = loss_of(eager)
+    loss_e.backward()
+    loss_c = torch.compile(loss_of, backend="aot_eager")(compiled)  # dynamo traces the Function
+    loss_c.backward()
+    assert torch.equal(loss_c, loss_e) and torch.equal(compiled.grad, eager.grad)

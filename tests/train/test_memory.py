@@ -98,9 +98,11 @@ L31_8B = L2_7B | dict(
 )  # fmt: skip
 LIT = dict(seq=1304, precision="bf16", device="cuda", lora_rank=8, lora_targets=("q", "v"))
 LIT |= dict(loss_chunks=11)  # litgpt lm_head_chunk_size=128 over the longest Alpaca sample
+LIT |= dict(loss_upcast=True)  # its loss upcasts each chunk's logits to fp32
 LIT |= dict(logits_in_backward=True)  # its finetune loop holds the logits through backward
 TT = dict(batch=2, seq=2048, precision="bf16", device="cuda", checkpointing="full")
 TT |= dict(loss_chunks=8, loss_fused=True)  # torchtune CEWithChunkedOutputLoss, compiled
+TT |= dict(loss_upcast=True)  # each chunk upcast to fp32 for F.cross_entropy
 # logits_in_backward=False (the default): its recipes `del logits` before calling backward
 TT_LORA = ("q", "v", "o", "gate", "up", "down")
 PUBLIC = [  # (name, HF config, workload, reported bytes)

@@ -92,7 +92,8 @@ def test_global_batch_unchanged_and_nothing_changed_unless_allowed() -> None:
 
 
 def test_memory_budget_plan_is_applied_and_written(tmp_path: Path) -> None:
-    train = TrainConfig(batch_size=32, grad_accum=1, precision="bf16-mixed", memory_budget="24GiB")
+    # 32 x 1024 tokens of GPT-2 need ~19 GiB: a 16 GiB budget makes the plan split the batch
+    train = TrainConfig(batch_size=32, grad_accum=1, precision="bf16-mixed", memory_budget="16GiB")
     w = train_workload(train, OptimConfig(), 1024, "cuda")
     new, plan = apply_memory_budget(train, w, GPT2_124M, "cuda", tmp_path)
     assert new.batch_size * new.grad_accum == 32 and new.batch_size < 32

@@ -215,8 +215,10 @@ def accumulate_gradients(
                     logits = model(x, **kwargs)
                 in_model = False
                 loss_sum, _ = loss_fn(logits, y)
-                # The loss keeps what its backward needs (the log-softmax); holding the logits
-                # too would keep a second batch x seq x vocab tensor alive through backward.
+                # The loss keeps what its backward needs (fp32 logits: the log-softmax; 16-bit
+                # logits: the logits themselves, models/decoder.py token_loss_sum); holding the
+                # logits here too would keep a batch x seq x vocab tensor alive through the
+                # whole backward instead of only the loss's.
                 logits = None
                 loss = normalized_loss(loss_sum, n_tokens, parallel.dp_size)
                 if not last:

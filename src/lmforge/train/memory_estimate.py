@@ -7,8 +7,11 @@ the peak; docs/memory.md lists the terms, where each comes from and how it was c
 
 Peak of a steady-state step (step >= 2: the optimizer states exist) is the largest of
   forward/backward: weights + optimizer + (gradients if accumulating) + saved activations
-                    + logits, fp32 log-softmax and the two fp32 vocabulary-sized gradients at
-                    the start of backward (where the peak usually falls)
+                    + the loss's vocabulary-sized tensors at the start of backward (where the
+                    peak usually falls): fp32 logits — the fp32 log-softmax and two fp32
+                    gradients; 16-bit logits — the logits, their 16-bit gradient and one fp32
+                    chunk (lmforge's ``token_loss_sum``), or the upcast path's fp32 tensors
+                    (``Workload.loss_upcast``: litgpt, torchtune)
   recompute (selective or full activation checkpointing): one block's activations rebuilt in
                     backward
   optimizer step:   weights + gradients + optimizer states
@@ -23,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-from lmforge.models.decoder import DecoderConfig
+from lmforge.models.decoder import DecoderConfig, loss_chunk_rows
 from lmforge.train.device import GPU_PEAK_FLOPS
 
 GiB = 2**30
@@ -78,7 +81,9 @@ class Workload:
     checkpointing: Literal["none", "selective", "full"] = "none"
     device: Literal["cpu", "cuda"] = "cpu"
     attention: Literal["auto", "sdpa", "eager"] = "auto"
-    loss_chunks: int = 1  # cross-entropy computed in this many chunks (litgpt, torchtune)
+    loss_upcast: bool = False  # 16-bit logits upcast to fp32 for F.cross_entropy (litgpt,
+    # torchtune; implied by loss_chunks > 1 or loss_fused); False: lmforge's token_loss_sum
+    loss_chunks: int = 1  # upcast cross-entropy computed in this many chunks (litgpt, torchtune)
     loss_fused: bool = False  # chunks upcast and reduced one at a time (compiled, torchtune)
     logits_in_backward: bool = False  # the loop holds the logits in backward (litgpt); lmforge
     # and torchtune drop them once the loss is computed
@@ -479,12 +484,21 @@ def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
     if weight_casts:
         comps["autocast weight copies (16 bit)"] = weight_casts
 
-    # logits and loss: logits in the matmul dtype, fp32 log-softmax saved, and at the start of
-    # backward two fp32 (N, V) gradients (of the loss and of the log-softmax input)
-    saved_ls = N * V * 4 / (max(1, w.loss_chunks) if w.loss_fused else 1)
+    # logits and loss at the start of backward. F.cross_entropy on fp32 logits (fp32, or 16-bit
+    # logits upcast first): the fp32 log-softmax is saved, and two fp32 (N, V) gradients (of the
+    # loss and of the log-softmax input) exist. lmforge's 16-bit path (``models/decoder.py``
+    # LowPrecisionCrossEntropy) saves the 16-bit logits themselves and builds their 16-bit
+    # gradient through one fp32 chunk of rows.
     logits = {"logits": N * V * a} if w.logits_in_backward else {}
-    logits["loss: fp32 log-softmax"] = saved_ls
-    logits["loss: backward temporaries"] = 2 * N * V * 4 / max(1, w.loss_chunks)
+    if a == 2 and not (w.loss_upcast or w.loss_chunks > 1 or w.loss_fused):
+        if not w.logits_in_backward:  # otherwise the same tensor is counted as "logits"
+            logits["loss: saved 16-bit logits"] = N * V * 2
+        chunk = loss_chunk_rows(N, V, w.device) * V * 4
+        logits["loss: backward temporaries"] = N * V * 2 + chunk
+    else:
+        fused = max(1, w.loss_chunks) if w.loss_fused else 1  # one chunk's log-softmax saved
+        logits["loss: fp32 log-softmax"] = N * V * 4 / fused
+        logits["loss: backward temporaries"] = 2 * N * V * 4 / max(1, w.loss_chunks)
     base = {k: comps[k] for k in ("weights", "lora adapters", "optimizer states") if k in comps}
     if "DDP gradient buckets" in comps:
         base["DDP gradient buckets"] = comps["DDP gradient buckets"]
