@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -58,6 +59,19 @@ class LoraConfig(Section):
     )
     train_norms: bool = Field(True, description="freeze: norms stay trainable")
     train_embeddings: bool = Field(False, description="freeze: embeddings/head stay trainable")
+
+
+class _NoHubKernelHint(logging.Filter):
+    """bitsandbytes (imported by peft) warns on CPUs with AVX512-BF16 that it could not fetch a
+    faster NF4 kernel from the Hugging Face Hub (the ``kernels`` package). lmforge never
+    downloads code at run time, and bitsandbytes falls back to its own CPU kernel: the hint
+    would only tell users to do what lmforge forbids."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelHint())
 
 
 def _require(module: str) -> Any:
