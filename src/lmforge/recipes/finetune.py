@@ -22,6 +22,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -318,10 +319,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     last_eval: dict[str, Any] = {}
 
+    # Surgery first: "before" scores the model as training starts (LoRA's B = 0 leaves the
+    # base's function unchanged; QLoRA's base is then the NF4 one it trains on).
+    model = prepare_model(model, cfg.method, cfg.lora)
+    model.to(device)
+    bf16_base = cfg.method == "lora" and cfg.train.precision == "bf16-mixed"
+    if bf16_base:
+        # autocast casts the frozen weights to bf16 at every forward anyway: store them so
+        # (same numerics, half their memory, no casts). Such a model runs only under autocast.
+        bf16_frozen_base(model)
+    # Generation stays fp32 unless the base is bf16: under autocast every decoding step would
+    # cast every fp32 weight again (measured: SmolLM2's scoring several times slower).
+    in_precision = (lambda: autocast(cfg.train.precision, device)) if bf16_base else nullcontext
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        # In the training precision, as fit's val loss: a bf16 frozen base (bf16_frozen_base)
-        # runs only under autocast. Before and after are scored alike.
-        with autocast(cfg.train.precision, device):
+        with in_precision():
             out, preds = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
             if retained is not None:
                 out |= retained.metrics(m, fmt, device)
@@ -332,9 +344,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     last_eval.clear()  # "after" may reuse only an evaluation of trained weights
     log.info("before: %s", before)
 
-    # Surgery, penalties, replay.
-    model = prepare_model(model, cfg.method, cfg.lora)
-    model.to(device)
+    # Penalties, replay.
     report = trainable_report(model)
     log.info(
         "trainable parameters: %s of %s (%.2f%%)",
@@ -349,19 +359,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             source = _retain_source(
                 retained, fmt, context, cfg, tokenizer, batch_size=cfg.train.batch_size
             )
-            fisher = fisher_diagonal(
-                model, [source.next_batch() for _ in range(cfg.retain.fisher_batches)], device
-            )
+            with in_precision():
+                fisher = fisher_diagonal(
+                    model, [source.next_batch() for _ in range(cfg.retain.fisher_batches)], device
+                )
             regularizer = ewc_penalty(model, fisher, cfg.retain.ewc_lambda)
         if cfg.retain.l2sp_lambda:
             regularizer = combine(regularizer, l2sp_penalty(model, cfg.retain.l2sp_lambda))
         if cfg.retain.replay_rows:
             batches = MixedBatches(batches, retain_batches, cfg.retain.replay_rows)
-    if cfg.method == "lora" and cfg.train.precision == "bf16-mixed":
-        # autocast casts the frozen weights to bf16 at every forward anyway: store them so
-        # (same numerics, half their memory, no casts). After the Fisher estimate above, which
-        # runs the model without autocast.
-        bf16_frozen_base(model)
     optimizer = build_optimizer(model, cfg.optim)
     resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
     if resume_ckpt is not None:
