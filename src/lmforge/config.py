@@ -203,9 +203,9 @@ def load_config(
     """Build ``cls`` from its defaults, then a YAML file, then command-line overrides.
 
     The defaults are the recipe's own, section by section: ``--train.num_threads=1`` on
-    ``finetune`` changes that one key and keeps finetune's ``train.max_steps`` (300), where
+    ``finetune`` changes that one key and keeps finetune's ``train.eval_every`` (500), where
     validating ``{"train": {"num_threads": 1}}`` alone would rebuild the whole section from
-    the generic ``TrainConfig`` defaults."""
+    the generic ``TrainConfig`` defaults (``eval_every`` 250)."""
     data = {name: _own_defaults(field.default) for name, field in cls.model_fields.items()}
     data = {name: value for name, value in data.items() if value}
     source = "defaults"

@@ -98,9 +98,9 @@ def test_lora_finetune_merge_and_chat(base: Path, tmp_path: Path, capsys) -> Non
 def test_bf16_mixed_lora_trains_a_bf16_base_and_merges_the_base_from_disk(
     base: Path, tmp_path: Path
 ) -> None:
-    """bf16-mixed LoRA stores the frozen base in bf16 (after EWC's Fisher, which runs without
-    autocast; evaluation generates under autocast); the merged model is still the fp32 base
-    from disk plus the adapter: bit for bit what ``lmforge merge`` writes."""
+    """bf16-mixed LoRA stores the frozen base in bf16 (EWC's Fisher and evaluation then run
+    under autocast); the merged model is still the fp32 base from disk plus the adapter: bit for
+    bit what ``lmforge merge`` writes."""
     retain = write_jsonl(make_suite(["lookup"], 10), tmp_path / "old.jsonl")
     run, out = tmp_path / "run", tmp_path / "merged"
     args = [f"--base={base}", f"--out_dir={run}", "--train.precision=bf16-mixed"]
