@@ -2,7 +2,7 @@
 
 One random-init Llama-style model (``LlamaForCausalLM`` from a ``LlamaConfig``) is saved with
 ``save_pretrained`` and loaded into lmforge with the production converter
-(``lmforge.models.hf.load_hf``), so both sides start from the same weights (checked: equal
+(``lmforge.interop.hf.load_hf``), so both sides start from the same weights (checked: equal
 logits). LoRA goes on every Linear of the blocks on both sides, same rank, alpha, optimizer
 (fused AdamW), constant lr, gradient clipping 1.0, batches (the same pre-made token batches in
 the same order) and precision (fp32, and bf16 autocast). Under bf16 autocast lmforge stores
@@ -52,11 +52,11 @@ import transformers
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
-from lmforge.models.hf import load_hf
+from lmforge.interop.hf import load_hf
 from lmforge.models.lora import LoraConfig, bf16_frozen_base, prepare_model, trainable_report
+from lmforge.plan.tracker import LiveTensorTracker
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
-from lmforge.train.memory_tracker import LiveTensorTracker
 from lmforge.train.optim import OptimConfig, build_optimizer
 from train_throughput import (  # shared bench helpers
     THREADS,
@@ -345,7 +345,7 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
     out.append(
         f"model: LlamaForCausalLM, random init (seed 0), {LAYERS} layers, {HEADS} heads "
         f"({KV_HEADS} kv), {WIDTH} wide, SwiGLU {FFN}, vocab {VOCAB}, untied head; lmforge loads "
-        f"its save_pretrained folder with lmforge.models.hf.load_hf (max |logit diff| "
+        f"its save_pretrained folder with lmforge.interop.hf.load_hf (max |logit diff| "
         f"{meta['logit_diff']:.1e})\ndata: the same {meta['pool']} random-token batches in the "
         f"same order, batch {args.batch} × context {CONTEXT}\nLoRA r {RANK}, alpha {ALPHA:g}, "
         f"dropout 0 on every block Linear (lmforge: fused qkv + proj + gate/up/down, "

@@ -2,8 +2,8 @@
 
 For each configuration: build the model, run one warm-up step (the optimizer creates its
 states), then measure the second step's peak of live tensor bytes with
-``lmforge.train.memory_tracker`` (MemTracker; bytes, not time, so CPU load does not matter) and
-compare with ``lmforge.train.memory_estimate.estimate``. The accelerate-style figure (weights,
+``lmforge.plan.tracker`` (MemTracker; bytes, not time, so CPU load does not matter) and
+compare with ``lmforge.plan.estimate.estimate``. The accelerate-style figure (weights,
 gradients and Adam states only: 4 x the weights, what ``accelerate estimate-memory`` prints for
 training) stands beside it.
 
@@ -25,9 +25,9 @@ import time
 import torch
 
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.plan.estimate import Workload, estimate
+from lmforge.plan.tracker import track_peak
 from lmforge.train.loop import accumulate_gradients
-from lmforge.train.memory_estimate import Workload, estimate
-from lmforge.train.memory_tracker import track_peak
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.precision import weight_dtype
 

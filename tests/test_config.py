@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import CONFIG_DIR, ConfigError, load_config, parse_overrides
+from lmforge.config import CONFIG_DIR, load_config, parse_overrides
+from lmforge.errors import ConfigError
 from lmforge.recipes.pretrain import PretrainConfig, resolve_config
 
 
@@ -87,7 +88,8 @@ def test_cpu_demo_preset_is_the_no_argument_default() -> None:
 
 
 def test_pkg_paths_name_files_inside_installed_packages() -> None:
-    from lmforge.config import ConfigError, package_path
+    from lmforge.config import package_path
+    from lmforge.errors import ConfigError
 
     corpus = package_path("pkg:lmforge/data/corpora/gsm8k_test_250.jsonl")
     assert corpus.is_file() and corpus.parent.name == "corpora"

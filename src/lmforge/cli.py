@@ -20,7 +20,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmforge import __version__
-from lmforge.config import ConfigError, load_config, parse_overrides
+from lmforge.config import load_config, parse_overrides
+from lmforge.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:  # bad paths or bad input data: the message says where and what to do
         if debug:
             raise
-        from lmforge.train.checkpoint import CheckpointError
+        from lmforge.errors import CheckpointError
 
         print(f"lmforge {shown}: {e}", file=sys.stderr)
         return 2 if isinstance(e, CheckpointError) else 1
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge {shown}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one paragraph for users; the traceback with --debug
-        from lmforge.train.loop import TrainingInterrupted
+        from lmforge.errors import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
             print(
@@ -394,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from lmforge.data.clean import DataError
-    from lmforge.train.checkpoint import CheckpointError
-    from lmforge.train.loop import NonFiniteLossError
+    from lmforge.errors import CheckpointError, DataError, NonFiniteLossError
 
     return (DataError, CheckpointError, NonFiniteLossError)
 

@@ -21,14 +21,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmforge.atomic import atomic_write_text
+from lmforge.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 T = TypeVar("T", bound="Section")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used. The message names the key and what is allowed."""
 
 
 class Section(BaseModel):

@@ -22,7 +22,7 @@ from lmforge.data.classification import (
     stratified_split,
     train_wordpiece,
 )
-from lmforge.data.clean import DataError
+from lmforge.errors import DataError
 
 CFG = ClassifyDataConfig()
 

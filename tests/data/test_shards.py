@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from lmforge.data.clean import DataError
 from lmforge.data.shards import (
     encode_documents,
     open_shard,
@@ -19,6 +18,7 @@ from lmforge.data.shards import (
     write_shards,
 )
 from lmforge.data.tokenizer import EOS, eos_id, safe_pieces
+from lmforge.errors import DataError
 
 from .conftest import SAMPLES, make_words
 

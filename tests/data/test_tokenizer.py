@@ -7,7 +7,6 @@ import hashlib
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lmforge.data.clean import DataError
 from lmforge.data.tokenizer import (
     BOS,
     EOS,
@@ -22,6 +21,7 @@ from lmforge.data.tokenizer import (
     tokenizer_sha256,
     train_tokenizer,
 )
+from lmforge.errors import DataError
 
 from .conftest import SAMPLES, make_words
 

@@ -31,9 +31,9 @@ def test_classification_report_files_and_worst_examples(tmp_path: Path) -> None:
 
 
 def test_eval_generation_path(tmp_path: Path, capsys) -> None:
+    from lmforge.checkpoint.store import save_checkpoint
     from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
     from lmforge.models.decoder import Decoder, DecoderConfig
-    from lmforge.train.checkpoint import save_checkpoint
 
     tok = train_tokenizer(["the cat sat on the mat. " * 20], vocab_size=300)
     save_tokenizer(tok, tmp_path / "tokenizer.json")

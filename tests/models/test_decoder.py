@@ -208,7 +208,7 @@ def test_16bit_loss_saves_and_allocates_less_than_the_upcast(monkeypatch) -> Non
     once) and the peak of live tensors in the loss's forward and backward (BudgetTracker; it
     counts the logits too, from their first use)."""
     import lmforge.models.decoder as decoder
-    from lmforge.train.memory_tracker import BudgetTracker
+    from lmforge.plan.tracker import BudgetTracker
 
     monkeypatch.setattr(decoder, "LOSS_CHUNK_BYTES", 64 * 4 * 2048)  # 4 chunks of 64 rows
     torch.manual_seed(0)

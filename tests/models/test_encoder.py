@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.interop.hf_bert import export_hf_bert, load_hf_classifier, load_hf_encoder
 from lmforge.models.encoder import (
     Encoder,
     EncoderConfig,
@@ -18,7 +19,6 @@ from lmforge.models.encoder import (
     TokenClassifier,
     mean_pool,
 )
-from lmforge.models.hf_bert import export_hf_bert, load_hf_classifier, load_hf_encoder
 
 ATOL = 1e-4
 TINY = EncoderConfig(vocab_size=99, context_length=32, n_layer=2, n_head=4, d_model=32, dropout=0.0)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.interop.hf import export_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.hf import export_hf
 from lmforge.models.lora import (
     LoraConfig,
     apply_lora,

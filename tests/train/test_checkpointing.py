@@ -10,13 +10,14 @@ import pytest
 import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
-from lmforge.config import ConfigError, validate_config
+from lmforge.config import validate_config
+from lmforge.errors import ConfigError
 from lmforge.models.activation_checkpointing import selective_policy
 from lmforge.models.decoder import Decoder, DecoderConfig, token_loss_sum
+from lmforge.plan.autofit import SAFETY_MARGIN, apply_memory_budget, plan_fit, train_workload
+from lmforge.plan.estimate import Workload, estimate, flops_per_token
+from lmforge.plan.tracker import track_peak
 from lmforge.train.loop import TrainConfig, accumulate_gradients
-from lmforge.train.memory_estimate import Workload, estimate, flops_per_token
-from lmforge.train.memory_plan import SAFETY_MARGIN, apply_memory_budget, plan_fit, train_workload
-from lmforge.train.memory_tracker import track_peak
 from lmforge.train.optim import OptimConfig, build_optimizer
 
 CPU = torch.device("cpu")

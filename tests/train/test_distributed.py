@@ -23,10 +23,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from lmforge.checkpoint.store import load_train_state, load_weights
 from lmforge.data.loader import TokenBatches
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed
-from lmforge.train.checkpoint import load_train_state, load_weights
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
@@ -332,7 +332,7 @@ def _oom_jobs(rank: int, world: int, port: int, out: str) -> None:
     import contextlib
     import json
 
-    from lmforge.train.memory_tracker import BudgetTracker
+    from lmforge.plan.tracker import BudgetTracker
 
     _join(rank, world, port)
     par = distributed.setup(DistConfig(strategy="ddp"), CPU)
@@ -399,7 +399,7 @@ def _fsdp_oom_jobs(rank: int, world: int, port: int, out: str, phase: str) -> No
     import contextlib
     import json
 
-    from lmforge.train.memory_tracker import BudgetTracker
+    from lmforge.plan.tracker import BudgetTracker
 
     _join(rank, world, port)
     par = distributed.setup(DistConfig(strategy="fsdp", timeout_s=60), CPU)

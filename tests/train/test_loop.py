@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.checkpoint.store import find_checkpoint, load_weights
 from lmforge.data.loader import TokenBatches
+from lmforge.errors import NonFiniteLossError
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.train.checkpoint import find_checkpoint, load_weights
-from lmforge.train.loop import NonFiniteLossError, TrainConfig, accumulate_gradients, fit
+from lmforge.train.loop import TrainConfig, accumulate_gradients, fit
 from lmforge.train.lr_schedule import SchedConfig
 from lmforge.train.optim import OptimConfig, build_optimizer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train.loop import accumulate_gradients
 from lmforge.train.precision import autocast, grad_scaler, precision_error, weight_dtype

@@ -22,7 +22,7 @@ from pydantic import Field
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.config import Section
-from lmforge.data.clean import DataError
+from lmforge.errors import DataError
 
 CORPORA = Path(__file__).parent / "corpora"
 

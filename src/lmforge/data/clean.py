@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from lmforge.errors import DataError
+
 if TYPE_CHECKING:
     from datasketch import MinHash
 
@@ -32,10 +34,6 @@ SHINGLE_CHARS = 5  # character n-gram size for short or CJK text
 MAX_EXAMPLES = 10  # skipped-record locations kept for meta.json
 
 OnError = Literal["fail", "skip"]
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as given; the message says where and what to do."""
 
 
 @dataclasses.dataclass

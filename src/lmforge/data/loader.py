@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from lmforge.data.clean import DataError
+from lmforge.errors import DataError
 
 
 class TokenBatches:

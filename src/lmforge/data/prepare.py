@@ -18,7 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from lmforge import __version__
 from lmforge.atomic import atomic_write_bytes
 from lmforge.config import Section
-from lmforge.data.clean import DataError, clean_corpus
+from lmforge.data.clean import clean_corpus
 from lmforge.data.shards import load_meta, shard_dtype, split_documents, write_meta, write_shards
 from lmforge.data.tokenizer import (
     MIN_VOCAB_SIZE,
@@ -30,6 +30,7 @@ from lmforge.data.tokenizer import (
     tokenizer_sha256,
     train_tokenizer,
 )
+from lmforge.errors import DataError
 
 __all__ = [
     "DataConfig",

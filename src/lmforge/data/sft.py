@@ -30,8 +30,8 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from lmforge.config import Section, package_path
-from lmforge.data.clean import DataError
 from lmforge.data.tokenizer import EOS_ALIASES, eos_id
+from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 

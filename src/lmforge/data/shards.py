@@ -22,8 +22,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmforge.atomic import atomic_write_text
-from lmforge.data.clean import DataError
 from lmforge.data.tokenizer import chunkable, eos_id, safe_pieces
+from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.clean import DataError
 from lmforge.data.tokenizer import bos_id, eos_id
+from lmforge.errors import DataError
 from lmforge.eval.metrics import generation_metrics, sentence_scores
 from lmforge.eval.report import generation_report
 from lmforge.generate import SampleConfig, generate_text

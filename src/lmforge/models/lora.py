@@ -35,8 +35,8 @@ from torch import nn
 
 from lmforge.atomic import atomic_write_text
 from lmforge.config import Section
+from lmforge.interop.hf import GPT2_BLOCK, LLAMA_LINEARS, hf_model_type
 from lmforge.models.decoder import Decoder
-from lmforge.models.hf import GPT2_BLOCK, LLAMA_LINEARS, hf_model_type
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 LMFORGE_CONFIG = "lmforge_lora.json"

@@ -14,10 +14,10 @@ from typing import TextIO
 
 from pydantic import Field
 
+from lmforge.checkpoint.store import load_for_inference
 from lmforge.config import Section
 from lmforge.data.sft import ChatFormat, Message
 from lmforge.generate import SampleConfig, stream_text
-from lmforge.train.checkpoint import load_for_inference
 from lmforge.train.device import resolve_device
 
 

@@ -25,15 +25,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.atomic import atomic_write_text
-from lmforge.config import (
-    ConfigError,
-    Section,
-    load_config,
-    read_yaml,
-    save_config,
-    to_yaml,
-    validate_config,
-)
+from lmforge.checkpoint.store import find_checkpoint, load_weights, new_run_dir
+from lmforge.config import Section, load_config, read_yaml, save_config, to_yaml, validate_config
 from lmforge.data.classification import (
     ClassificationBatches,
     ClassifyDataConfig,
@@ -50,12 +43,12 @@ from lmforge.data.classification import (
     train_wordpiece,
 )
 from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval.metrics import classification_metrics
 from lmforge.eval.report import classification_report
+from lmforge.interop.hf_bert import load_hf_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
-from lmforge.models.hf_bert import load_hf_encoder
 from lmforge.models.lora import LoraConfig, apply_lora, trainable_report
-from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_weights, new_run_dir
 from lmforge.train.device import setup_device
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup

@@ -14,7 +14,7 @@ the model is described by its config only (built on the meta device, no weights 
 batch, row length, precision, optimizer, checkpointing and, for a fine-tune, the method and
 adapters (lora.targets in lmforge's module names) and the model, read from its ``base`` unless
 ``--model`` is given. ``--fit BUDGET`` prints the plan ``train.memory_budget`` would choose
-(``train/memory_plan.py``), changing precision or method only as ``--memory_allow`` allows.
+(``plan/autofit.py``), changing precision or method only as ``--memory_allow`` allows.
 ``--calibrate`` is the exception: it trains the configured model for a few steps on random
 tokens on the present device (``fit``), and the MFU it measures replaces the assumed one.
 """
@@ -29,16 +29,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmforge.config import (
-    CONFIG_DIR,
-    ConfigError,
-    Section,
-    read_yaml,
-    resolve_config_path,
-    validate_config,
-)
+from lmforge.config import CONFIG_DIR, Section, read_yaml, resolve_config_path, validate_config
+from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
-from lmforge.train.memory_estimate import (
+from lmforge.plan.estimate import (
     DEFAULT_MFU,
     GPUS,
     Workload,
@@ -117,11 +111,11 @@ def load_model_config(spec: str) -> DecoderConfig:
     if path.is_dir() and (path / "config.json").is_file():
         path = path / "config.json"
     if path.suffix == ".gguf" and path.is_file():  # the metadata only, no tensor is read
-        from lmforge.models.gguf import gguf_config
+        from lmforge.interop.gguf import gguf_config
 
         return gguf_config(path)
     if path.name == "config.json" and path.is_file():
-        from lmforge.models.hf import config_from_hf
+        from lmforge.interop.hf import config_from_hf
 
         return config_from_hf(json.loads(path.read_text()), str(path))
     for candidate in (path / "config.yaml", path):
@@ -130,7 +124,7 @@ def load_model_config(spec: str) -> DecoderConfig:
             if "model" in data:
                 return validate_config(DecoderConfig, data["model"], str(candidate))
     if path.is_dir():
-        from lmforge.train.checkpoint import find_checkpoint
+        from lmforge.checkpoint.store import find_checkpoint
 
         ckpt = find_checkpoint(path)
         return load_model_config(str(ckpt / "config.yaml"))
@@ -172,8 +166,9 @@ def config_kind(config_file: str) -> tuple[str, Path]:
 def base_model_config(base: str | None, source: str) -> DecoderConfig:
     """The model config of a fine-tune's ``base`` (lmforge checkpoint or run folder, Hugging
     Face folder or config.json, .gguf metadata), no weights read; null = the demo base."""
+    from lmforge.checkpoint.store import find_checkpoint
+    from lmforge.errors import CheckpointError
     from lmforge.recipes.finetune import DEMO_BASE_MODEL
-    from lmforge.train.checkpoint import CheckpointError, find_checkpoint
 
     if base is None:  # finetune pretrains this first; its tokenizer has 512 tokens
         return validate_config(DecoderConfig, DEMO_BASE_MODEL | {"vocab_size": 512}, "demo base")
@@ -197,7 +192,7 @@ def resolve(
     optimizer, checkpointing, method and adapters, memory budget) ← overrides. Returns the
     model config, the workload, the options (fit / memory_allow filled from the config) and what
     the config was: "pretrain", "finetune" or "model" (``--model`` alone)."""
-    from lmforge.train.memory_plan import train_workload
+    from lmforge.plan.autofit import train_workload
 
     ours = {k: v for k, v in overrides.items() if k in EstimateConfig.model_fields or k == "json"}
     rest = {k: v for k, v in overrides.items() if k not in ours}
@@ -271,10 +266,10 @@ def calibrate_mfu(
 
     from lmforge.data.loader import TokenBatches
     from lmforge.models.decoder import Decoder
+    from lmforge.plan.estimate import flops_per_token
     from lmforge.train.device import peak_flops, resolve_device
     from lmforge.train.loop import TrainConfig, fit
     from lmforge.train.lr_schedule import SchedConfig
-    from lmforge.train.memory_estimate import flops_per_token
     from lmforge.train.optim import OptimConfig, build_optimizer
 
     dev = resolve_device(device)
@@ -333,8 +328,8 @@ def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
     if calibration is not None:
         report["calibration"] = calibration
-    if est.fit:  # what train.memory_budget would choose (memory_plan.apply_memory_budget)
-        from lmforge.train.memory_plan import budget_bytes, plan_fit
+    if est.fit:  # what train.memory_budget would choose (plan.autofit.apply_memory_budget)
+        from lmforge.plan.autofit import budget_bytes, plan_fit
 
         allow = est.memory_allow or []
         could = ("precision",) if kind == "pretrain" else ("precision", "method")

@@ -14,11 +14,12 @@ import numpy as np
 from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
-from lmforge.config import ConfigError, Section
+from lmforge.checkpoint.store import load_for_inference
+from lmforge.config import Section
 from lmforge.data.prepare import load_meta
 from lmforge.data.shards import open_shard
+from lmforge.errors import ConfigError
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
-from lmforge.train.checkpoint import load_for_inference
 from lmforge.train.device import resolve_device
 from lmforge.train.precision import precision_error
 

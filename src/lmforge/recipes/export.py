@@ -3,7 +3,7 @@
     lmforge export --checkpoint runs/pretrain-…/ --format hf --out_dir my-model/
 
 ``hf`` writes a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` load offline (``models/hf.py``). ONNX comes later.
+``AutoTokenizer.from_pretrained`` load offline (``interop/hf.py``). ONNX comes later.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from lmforge.checkpoint.store import load_for_inference
 from lmforge.config import Section
-from lmforge.models.hf import export_hf
-from lmforge.train.checkpoint import load_for_inference
+from lmforge.interop.hf import export_hf
 
 
 class ExportConfig(Section):

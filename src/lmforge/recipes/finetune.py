@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_model
 
 from lmforge.atomic import atomic_write_text
+from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
@@ -53,7 +54,7 @@ from lmforge.models.lora import (
     save_adapter,
     trainable_report,
 )
-from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights, new_run_dir
+from lmforge.plan.estimate import Workload
 from lmforge.train.device import setup_device
 from lmforge.train.forgetting import (
     Retained,
@@ -67,7 +68,6 @@ from lmforge.train.forgetting import (
 )
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.memory_estimate import Workload
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.precision import autocast, weight_dtype
@@ -172,9 +172,9 @@ def memory_workload(cfg: FinetuneConfig, model_cfg: DecoderConfig, device_type: 
     """What this fine-tune runs, for the memory estimator (``lmforge estimate --config``) and
     planner (``train.memory_budget``): micro-batch, accumulation, row length, precision,
     checkpointing, optimizer, method and adapters (lora.targets, lmforge's module names, mapped
-    by ``memory_estimate.lora_terms``)."""
-    from lmforge.train.memory_estimate import lora_terms
-    from lmforge.train.memory_plan import train_workload
+    by ``plan.estimate.lora_terms``)."""
+    from lmforge.plan.autofit import train_workload
+    from lmforge.plan.estimate import lora_terms
 
     lora = cfg.lora
     return train_workload(
@@ -275,7 +275,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     log.info("base %s; chat template: %s", base_ckpt, fmt.source)
     context = train_context(cfg, model.cfg)
     if cfg.train.memory_budget:  # micro-batch, accumulation, checkpointing (+ allowed changes)
-        from lmforge.train.memory_plan import apply_memory_budget
+        from lmforge.plan.autofit import apply_memory_budget
 
         w = memory_workload(cfg, model.cfg, device.type)
         train, plan = apply_memory_budget(cfg.train, w, model.cfg, device.type, run_dir, True)

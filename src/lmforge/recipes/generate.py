@@ -10,10 +10,10 @@ import torch
 from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
+from lmforge.checkpoint.store import load_for_inference
 from lmforge.data.sft import ChatFormat
 from lmforge.data.tokenizer import bos_id
 from lmforge.generate import SampleConfig, generate_text
-from lmforge.train.checkpoint import load_for_inference
 from lmforge.train.device import resolve_device
 
 

@@ -27,14 +27,15 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge.atomic import atomic_write_text
-from lmforge.config import ConfigError, Section, load_config, save_config, to_yaml
+from lmforge.checkpoint.store import new_run_dir
+from lmforge.config import Section, load_config, save_config, to_yaml
 from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, prepare_data
 from lmforge.data.shards import open_shard
 from lmforge.data.tokenizer import load_tokenizer, special_token_ids
+from lmforge.errors import ConfigError
 from lmforge.models.decoder import token_loss_sum
 from lmforge.models.encoder import Encoder, EncoderConfig, MaskedLMHead
-from lmforge.train.checkpoint import new_run_dir
 from lmforge.train.device import setup_device
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup

@@ -18,8 +18,8 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge.atomic import atomic_write_text
+from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights
 from lmforge.config import (
-    ConfigError,
     Section,
     deep_merge,
     read_yaml,
@@ -33,10 +33,10 @@ from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, load_meta, prepare_data
 from lmforge.data.shards import open_shard
 from lmforge.data.tokenizer import bos_id, eos_id, load_tokenizer
+from lmforge.errors import ConfigError
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed
-from lmforge.train.checkpoint import find_checkpoint, load_for_inference, load_weights
 from lmforge.train.device import peak_flops, resolve_device
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import FitResult, TrainConfig, fit
@@ -180,7 +180,7 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
     )
     cfg = cfg.model_copy(update={"model": model_cfg})
     if cfg.train.memory_budget:  # micro-batch, accumulation, checkpointing that fit the budget
-        from lmforge.train.memory_plan import apply_memory_budget, train_workload
+        from lmforge.plan.autofit import apply_memory_budget, train_workload
 
         fsdp = par.strategy in ("fsdp", "fsdp+tp")  # tp alone is estimated unsharded (more)
         w = train_workload(

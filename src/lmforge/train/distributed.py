@@ -39,8 +39,9 @@ import torch.distributed as dist
 from pydantic import Field
 from torch import nn
 
-from lmforge.config import ConfigError, Section
-from lmforge.train import checkpoint as ckpt_io
+from lmforge.checkpoint import store as ckpt_io
+from lmforge.config import Section
+from lmforge.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -461,22 +462,22 @@ def load_optimizer(
     """Restore the optimizer of a checkpoint saved under any layout and number of ranks."""
     if "optimizer" in state:  # single process or ddp: one whole state dict
         if par.sharded:
-            raise ckpt_io.CheckpointError(
+            raise CheckpointError(
                 f"{ckpt}: its optimizer state was saved by one process or ddp; resume it with "
                 "dist.strategy=none or ddp (its weights load under any layout)"
             )
         optimizer.load_state_dict(state["optimizer"])
         return
     if not (Path(ckpt) / "optimizer").is_dir():
-        raise ckpt_io.CheckpointError(f"{ckpt}: no optimizer state (train_state.pt or optimizer/)")
+        raise CheckpointError(f"{ckpt}: no optimizer state (train_state.pt or optimizer/)")
     saved_tp = state.get("optimizer_layout", {}).get("tp_size", 1)
     if saved_tp > 1 and saved_tp != par.tp_size:
-        raise ckpt_io.CheckpointError(
+        raise CheckpointError(
             f"{ckpt}: its optimizer state was saved with dist.tp_size={saved_tp} (qkv rows in "
             f"tensor-parallel order); resume with the same tp size (weights load under any)"
         )
     if par.tp_size > 1 and saved_tp == 1:
-        raise ckpt_io.CheckpointError(
+        raise CheckpointError(
             f"{ckpt}: resuming a non-tp optimizer state under tensor parallelism is not supported"
         )
     import torch.distributed.checkpoint as dcp

@@ -22,12 +22,13 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from lmforge.checkpoint.store import load_train_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.config import Section
 from lmforge.data.loader import TokenBatches
+from lmforge.errors import NonFiniteLossError, TrainingInterrupted
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
 from lmforge.models.decoder import token_loss_sum
 from lmforge.train import distributed
-from lmforge.train.checkpoint import load_train_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.train.lr_schedule import SchedConfig, lr_at
 from lmforge.train.metrics_log import MetricsLog, ProgressLine
 from lmforge.train.oom import (
@@ -113,18 +114,6 @@ class _Silent:
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         return lambda *args, **kwargs: None
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; a checkpoint was written (``checkpoint``) before stopping."""
-
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass

@@ -3,7 +3,7 @@
 ``plan_fit`` searches, for the global batch the user asked for (per device), every micro-batch
 that divides it (accumulation = global / micro-batch, so the global batch never changes) x
 activation checkpointing none / selective / full, and predicts each peak with
-``memory_estimate.estimate``. Precision and method are the user's: the planner changes them only
+``plan.estimate.estimate``. Precision and method are the user's: the planner changes them only
 when the user allows it (``train.memory_allow``), and then only as far as needed — it walks down a
 ladder (precision fp32 → bf16-mixed → bf16, then method full → lora → qlora) and stops at the
 first rung where something fits, because they change what is trained, not just how fast. Every
@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from lmforge.config import ConfigError
+from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
-from lmforge.train.memory_estimate import (
+from lmforge.plan.estimate import (
     Optimizer,
     Workload,
     estimate,

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge.checkpoint.store import find_checkpoint, load_for_inference
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import CheckpointError
 from lmforge.generate import generate_tokens
-from lmforge.models.gguf import load_gguf, unpermute_rows
-from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_for_inference
+from lmforge.interop.gguf import load_gguf, unpermute_rows
 
 gguf = pytest.importorskip("gguf", reason="GGUF files are read with the gguf package (dev extra)")
 transformers = pytest.importorskip(

@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp) in: the Llama family, dequantized to a plain Decoder.
 
 GGUF tensors are renamed to Hugging Face Llama names with one explicit dict and then loaded with
-``models/hf.py``'s Llama key map, so both paths share one mapping. llama.cpp's converter
+``interop/hf.py``'s Llama key map, so both paths share one mapping. llama.cpp's converter
 permutes the query/key rows of every head (its RoPE pairs adjacent dimensions, Hugging Face's
 rotate-half pairs dimension i with i + hd/2); ``unpermute_rows`` undoes that exactly as
 transformers' GGUF loader does. Quantized tensors are dequantized with ``gguf.quants``, one
@@ -24,9 +24,9 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from lmforge.config import validate_config
+from lmforge.errors import CheckpointError
+from lmforge.interop.hf import empty_decoder, fill_decoder, llama_key_map
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.hf import empty_decoder, fill_decoder, llama_key_map
-from lmforge.train.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
+from lmforge.checkpoint.store import find_checkpoint, load_for_inference
 from lmforge.data.tokenizer import train_tokenizer
+from lmforge.errors import CheckpointError
 from lmforge.generate import generate_tokens
+from lmforge.interop.hf import config_from_hf, export_hf, load_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.hf import config_from_hf, export_hf, load_hf
-from lmforge.train.checkpoint import CheckpointError, find_checkpoint, load_for_inference
 
 transformers = pytest.importorskip(
     "transformers", reason="parity tests compare against transformers (the dev extra)"
@@ -285,8 +286,8 @@ def test_hf_folder_is_accepted_wherever_a_checkpoint_is(tmp_path: Path) -> None:
 def test_cli_export_of_an_lmforge_checkpoint(tmp_path: Path) -> None:
     import yaml
 
+    from lmforge.checkpoint.store import save_checkpoint
     from lmforge.cli import main
-    from lmforge.train.checkpoint import save_checkpoint
 
     tok = tiny_tokenizer()
     model = tiny_lmforge("gpt2", tok.get_vocab_size())

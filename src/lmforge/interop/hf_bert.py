@@ -22,9 +22,9 @@ from tokenizers import Tokenizer
 from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import CheckpointError
+from lmforge.interop.hf import KeyMap, Source, _weight_files
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
-from lmforge.models.hf import KeyMap, Source, _weight_files
-from lmforge.train.checkpoint import CheckpointError
 
 # lmforge module in block i → BERT module in encoder.layer.i (query/key/value fuse into qkv)
 BERT_BLOCK = {

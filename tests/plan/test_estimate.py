@@ -12,17 +12,12 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data.loader import TokenBatches
+from lmforge.interop.hf import config_from_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.hf import config_from_hf
+from lmforge.plan.estimate import GiB, Workload, count_params, estimate
+from lmforge.plan.tracker import BudgetTracker, LiveTensorTracker, track_peak
 from lmforge.train.loop import TrainConfig, accumulate_gradients, fit, split_micro_batches
 from lmforge.train.lr_schedule import SchedConfig
-from lmforge.train.memory_estimate import (
-    GiB,
-    Workload,
-    count_params,
-    estimate,
-)
-from lmforge.train.memory_tracker import BudgetTracker, LiveTensorTracker, track_peak
 from lmforge.train.optim import OptimConfig, build_optimizer
 
 CPU = torch.device("cpu")

@@ -20,12 +20,9 @@ from torch import nn
 
 from lmforge.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from lmforge.config import package_path
+from lmforge.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that cannot be used; the message says what is missing."""
 
 
 def save_checkpoint(
@@ -125,7 +122,7 @@ def _read_pointer(path: Path) -> str | None:
 def new_run_dir(out_dir: str | None, command: str, resume: bool = False) -> Path:
     """The run folder (default ``runs/<command>-<date>-<time>``), created; a folder that already
     holds a run's checkpoints is refused unless the run is being resumed."""
-    from lmforge.config import ConfigError
+    from lmforge.errors import ConfigError
 
     run_dir = Path(out_dir or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not resume and (run_dir / "checkpoints" / "latest").exists():
@@ -200,7 +197,7 @@ def load_for_inference(path: str | Path, device: torch.device):
     """(model in eval mode, tokenizer, checkpoint folder) from any path ``find_checkpoint`` accepts.
 
     An lmforge checkpoint has ``config.yaml``; a folder with only ``config.json`` is read as a
-    Hugging Face model (``models/hf.py``), a ``.gguf`` file with ``models/gguf.py``.
+    Hugging Face model (``interop/hf.py``), a ``.gguf`` file with ``interop/gguf.py``.
     """
     from lmforge.config import read_yaml, validate_config
     from lmforge.data.tokenizer import load_tokenizer
@@ -209,11 +206,11 @@ def load_for_inference(path: str | Path, device: torch.device):
     ckpt = find_checkpoint(path)
     foreign = None
     if ckpt.suffix == ".gguf" and ckpt.is_file():
-        from lmforge.models.gguf import load_gguf
+        from lmforge.interop.gguf import load_gguf
 
         foreign = load_gguf(ckpt)
     elif not (ckpt / "config.yaml").is_file() and (ckpt / "config.json").is_file():
-        from lmforge.models.hf import load_hf
+        from lmforge.interop.hf import load_hf
 
         foreign = load_hf(ckpt, device)
     if foreign is not None:

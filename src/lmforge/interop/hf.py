@@ -2,7 +2,7 @@
 
 Tensor names map with a plain dict ``{lmforge tensor: Source}`` (one Hugging Face tensor each,
 except the fused attention projection, whose rows are ``[q; k; v]``), config.json keys with
-another. The same maps load (``load_hf``, ``models/gguf.py``) and export (``export_hf``).
+another. The same maps load (``load_hf``, ``interop/gguf.py``) and export (``export_hf``).
 Loading builds the model on the meta device and fills it while reading shard by shard, so peak
 memory is about one copy of the model. Nothing is executed and no pickle is read.
 """
@@ -25,9 +25,9 @@ from torch import nn
 from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer, special_token_ids
+from lmforge.errors import CheckpointError
 from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.layers import RotaryEmbedding
-from lmforge.train.checkpoint import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.train.checkpoint import (
-    CheckpointError,
+from lmforge.checkpoint.store import (
     find_checkpoint,
     load_train_state,
     load_weights,
     save_checkpoint,
 )
+from lmforge.errors import CheckpointError
+from lmforge.models.decoder import Decoder, DecoderConfig
 
 CFG = dict(arch="gpt2", vocab_size=64, context_length=16, n_layer=2, n_head=2, d_model=32)
 
@@ -67,7 +67,7 @@ CHILD = textwrap.dedent(
     """
     import sys, torch
     from lmforge.models.decoder import Decoder, DecoderConfig
-    from lmforge.train import checkpoint
+    from lmforge.checkpoint import store as checkpoint
     run_dir = sys.argv[1]
     model = Decoder(DecoderConfig(arch="llama", vocab_size=4096, context_length=64, n_layer=4, n_head=4, d_model=256))
     opt = torch.optim.AdamW(model.parameters())

@@ -1,4 +1,4 @@
-"""Auto-fit (``train/memory_plan.py``) and ``lmforge estimate`` on fine-tune configs: the global
+"""Auto-fit (``plan/autofit.py``) and ``lmforge estimate`` on fine-tune configs: the global
 batch never changes, precision and method change only when allowed and only when needed, a plan
 that cannot fit says what it needs and what to allow, ``finetune --train.memory_budget`` applies
 the plan; a fine-tune preset's model comes from its base (or --model), its adapters from
@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import save_model
 
 from lmforge.cli import main
-from lmforge.config import ConfigError, Section, to_yaml
+from lmforge.config import Section, to_yaml
+from lmforge.errors import ConfigError
+from lmforge.interop.hf import config_from_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.hf import config_from_hf
+from lmforge.plan.autofit import apply_memory_budget, plan_fit, train_workload
+from lmforge.plan.estimate import GiB, Workload, estimate, lora_terms, parse_bytes
+from lmforge.plan.tracker import track_peak
 from lmforge.train.loop import TrainConfig, accumulate_gradients
-from lmforge.train.memory_estimate import GiB, Workload, estimate, lora_terms, parse_bytes
-from lmforge.train.memory_plan import apply_memory_budget, plan_fit, train_workload
-from lmforge.train.memory_tracker import track_peak
 from lmforge.train.optim import OptimConfig, build_optimizer
 
 GPT2_124M = DecoderConfig(

@@ -1,0 +1,1 @@
+"""Checkpoint folders: atomic save, latest/best pointers, finding and reading them back."""

@@ -1,0 +1,1 @@
+"""Other formats in and out: Hugging Face folders (decoder, BERT key maps), GGUF files."""
