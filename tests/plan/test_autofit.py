@@ -227,7 +227,7 @@ def test_estimate_finetune_config_reads_its_base_or_names_the_key(
 def test_estimate_reads_a_gguf_base_without_its_tensors(tmp_path: Path, capsys) -> None:
     pytest.importorskip("gguf", reason="GGUF files are read with the gguf package")
     pytest.importorskip("transformers", reason="the tiny GGUF is written from a transformers model")
-    from tests.models.test_gguf import write_tiny_gguf
+    from tests.interop.test_gguf import write_tiny_gguf
 
     path = tmp_path / "tiny.gguf"
     hf_model, _ = write_tiny_gguf(path, tied=False)
