@@ -21,26 +21,24 @@ import pytest
 from lmforge.cli import main
 from lmforge.models.decoder import DecoderConfig
 from lmforge.plan.autofit import plan_fit
-from lmforge.plan.estimate import (
-    Workload,
-    estimate,
-    flops_per_token,
-    fmt_bytes,
-    hardware_table,
-    lora_terms,
-    parse_bytes,
-)
+from lmforge.plan.estimate import PeerPractice, Workload, estimate, fmt_bytes, parse_bytes
+from lmforge.plan.hardware import flops_per_token, hardware_table
+from lmforge.plan.workload import lora_terms
 
 GOLDEN = json.loads((Path(__file__).parent / "estimate_golden.json").read_text())
 MODELS = {name: DecoderConfig.model_validate(data) for name, data in GOLDEN["models"].items()}
 
 
 def _workload(case: dict[str, Any]) -> Workload:
-    """The case's workload: the recorded fields over the defaults (peer practice included)."""
+    """The case's workload: the recorded fields over the defaults."""
     own = dict(case["workload"])
     if "lora_targets" in own:
         own["lora_targets"] = tuple(own["lora_targets"])
-    return Workload(**own, **case["peer"])
+    return Workload(**own)
+
+
+def _peer(case: dict[str, Any]) -> PeerPractice:
+    return PeerPractice(**case["peer"])
 
 
 def _mismatches(cases: list[dict], compute) -> list[str]:  # type: ignore[no-untyped-def]
@@ -57,7 +55,7 @@ def _mismatches(cases: list[dict], compute) -> list[str]:  # type: ignore[no-unt
 
 def test_every_component_of_every_estimate_is_unchanged() -> None:
     def compute(case: dict) -> dict:
-        return estimate(MODELS[case["model"]], _workload(case)).to_dict()
+        return estimate(MODELS[case["model"]], _workload(case), _peer(case)).to_dict()
 
     bad = _mismatches(GOLDEN["estimates"], compute)
     assert not bad, f"{len(bad)} of {len(GOLDEN['estimates'])} estimates drifted:\n" + "\n".join(
@@ -67,7 +65,8 @@ def test_every_component_of_every_estimate_is_unchanged() -> None:
 
 def test_hardware_table_and_flops_are_unchanged() -> None:
     for case in GOLDEN["hardware"]:
-        rows = hardware_table(MODELS[case["model"]], _workload(case), case["tokens"], case["mfu"])
+        cfg = MODELS[case["model"]]
+        rows = hardware_table(cfg, _workload(case), case["tokens"], case["mfu"], _peer(case))
         assert rows == case["rows"], case["model"]
     for case in GOLDEN["flops"]:
         got = flops_per_token(MODELS[case["model"]], case["seq"], case["checkpointing"])
@@ -79,6 +78,7 @@ def test_auto_fit_plans_are_unchanged() -> None:
         return plan_fit(
             MODELS[case["model"]], _workload(case), parse_bytes(case["budget"]),
             case["global_batch"], allow=case["allow"], runnable=case["runnable"],
+            peer=_peer(case),
         )  # fmt: skip
 
     bad = _mismatches(GOLDEN["plans"], compute)
@@ -99,9 +99,7 @@ def test_cli_reports_are_unchanged(case: dict, tmp_path: Path, capsys) -> None:
     args = [a.replace("{dir}", str(tmp_path)) for a in case["args"]]
     assert main(["estimate", *args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    want = dict(case["report"])
-    assert report.pop("workload") == want.pop("workload") | want.pop("peer_practice")
-    assert report == want
+    assert report == case["report"]
 
 
 def test_byte_helpers_and_lora_names_are_unchanged() -> None:

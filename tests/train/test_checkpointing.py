@@ -15,7 +15,8 @@ from lmforge.errors import ConfigError
 from lmforge.models.activation_checkpointing import selective_policy
 from lmforge.models.decoder import Decoder, DecoderConfig, token_loss_sum
 from lmforge.plan.autofit import SAFETY_MARGIN, apply_memory_budget, plan_fit, train_workload
-from lmforge.plan.estimate import Workload, estimate, flops_per_token
+from lmforge.plan.estimate import Workload, estimate
+from lmforge.plan.hardware import flops_per_token
 from lmforge.plan.tracker import track_peak
 from lmforge.train.loop import TrainConfig, accumulate_gradients
 from lmforge.train.optim import OptimConfig, build_optimizer

@@ -22,14 +22,9 @@ from typing import Any, Literal, get_args
 
 from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
-from lmforge.plan.estimate import (
-    Optimizer,
-    Workload,
-    estimate,
-    flops_per_token,
-    fmt_bytes,
-    parse_bytes,
-)
+from lmforge.plan.estimate import estimate, fmt_bytes, parse_bytes
+from lmforge.plan.hardware import flops_per_token
+from lmforge.plan.workload import LMFORGE_PRACTICE, Optimizer, PeerPractice, Workload
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +46,16 @@ def _describe(w: Workload) -> str:
     )
 
 
-def _options(cfg: DecoderConfig, w: Workload, global_batch: int) -> list[tuple[Any, ...]]:
+def _options(
+    cfg: DecoderConfig, w: Workload, global_batch: int, peer: PeerPractice
+) -> list[tuple[Any, ...]]:
     """(predicted need, speed, checkpointing preference, workload) of every micro-batch x
     checkpointing option of ``w``'s precision and method."""
     out = []
     for mb in (d for d in range(1, global_batch + 1) if global_batch % d == 0):
         for pref, ac in enumerate(("full", "selective", "none")):
             ww = replace(w, batch=mb, grad_accum=global_batch // mb, checkpointing=ac)
-            est = estimate(cfg, ww)
+            est = estimate(cfg, ww, peer)
             # throughput: FLOPs/token (x4/3 with full checkpointing, not with selective, which
             # reruns only pointwise ops) and b/(b+1) of the large-batch speed for a micro-batch
             # of b (launch and per-step overhead; a rough, stated assumption). At equal speed:
@@ -77,13 +74,15 @@ def plan_fit(
     margin: float = SAFETY_MARGIN,
     runnable: Collection[str] | None = None,
     could_allow: Collection[Change] = ("precision", "method"),
+    peer: PeerPractice = LMFORGE_PRACTICE,
 ) -> dict[str, Any]:
     """The fastest micro-batch / accumulation / checkpointing whose predicted peak plus runtime
     overhead fits ``budget`` x (1 - ``margin``), for ``global_batch`` sequences per device.
 
     ``allow`` lets it also change precision and/or method (see the module docstring), never
     otherwise; ``runnable`` limits the precisions it may switch to (what the device supports).
-    ``could_allow`` names what the "nothing fits" message may suggest allowing. Returns the plan
+    ``could_allow`` names what the "nothing fits" message may suggest allowing; ``peer`` is
+    another library's loop practice (``lmforge estimate --loss_chunks``). Returns the plan
     (``fits``, ``micro_batch``, ``grad_accum``, ``activation_checkpointing``, ``precision``,
     ``method``, ``predicted_peak``, ``changes`` with the reason for each, ``summary``) or, when
     nothing fits, ``fits`` false with the smallest need found.
@@ -97,7 +96,7 @@ def plan_fit(
     rungs: list[tuple[str, str, float, Workload]] = []  # tried, nothing fitted: smallest need
     for method in methods:
         for prec in precisions:
-            options = _options(cfg, replace(w, method=method, precision=prec), global_batch)
+            options = _options(cfg, replace(w, method=method, precision=prec), global_batch, peer)
             fitting = [o for o in options if o[0] <= usable]
             if not fitting:
                 smallest = min(options, key=lambda o: o[0])
@@ -157,9 +156,19 @@ def device_free_bytes(device_type: str) -> float:
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def budget_bytes(spec: str, device_type: str) -> float:
-    """``24GiB`` / ``40GB`` / ``auto`` (the device's free memory) → bytes."""
-    return device_free_bytes(device_type) if spec == "auto" else parse_bytes(spec)
+def budget_bytes(spec: str, device_type: str, option: str = "train.memory_budget") -> float:
+    """``24GiB`` / ``40GB`` / ``auto`` (the device's free memory) → bytes; anything else is a
+    ``ConfigError`` naming ``option`` (where the budget was given) and the accepted forms."""
+    if spec == "auto":
+        return device_free_bytes(device_type)
+    try:
+        return parse_bytes(spec)
+    except ValueError:
+        raise ConfigError(
+            f"{option}={spec}: not a memory budget; give a size such as 24GiB, 80GB or 512MiB "
+            "(GiB/MiB: powers of 2, GB/MB: powers of 10), or auto for this machine's free "
+            "device memory"
+        ) from None
 
 
 def train_workload(train: Any, optim: Any, seq: int, device_type: str, **fields: Any) -> Workload:

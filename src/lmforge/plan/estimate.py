@@ -1,9 +1,10 @@
 """Predict the peak memory of a training step (and of inference) from the config alone.
 
-The model is built on the meta device (no weights), its parameters are counted by role, and the
-activations saved for backward are summed tensor by tensor, the way autograd keeps them in
-lmforge's own layers (``models/layers.py``). Every term is named so that the breakdown explains
-the peak; docs/memory.md lists the terms, where each comes from and how it was checked.
+The model is described by its config (no weights), its parameters are counted by role
+(``plan/params.py``), and the activations saved for backward are summed tensor by tensor, the
+way autograd keeps them in lmforge's own layers (``plan/activations.py``). Each component has
+its own function below; docs/memory.md lists the terms, where each comes from and how it was
+checked.
 
 Peak of a steady-state step (step >= 2: the optimizer states exist) is the largest of
   forward/backward: weights + optimizer + (gradients if accumulating) + saved activations
@@ -11,7 +12,7 @@ Peak of a steady-state step (step >= 2: the optimizer states exist) is the large
                     peak usually falls): fp32 logits — the fp32 log-softmax and two fp32
                     gradients; 16-bit logits — the logits, their 16-bit gradient and one fp32
                     chunk (lmforge's ``token_loss_sum``), or the upcast path's fp32 tensors
-                    (``Workload.loss_upcast``: litgpt, torchtune)
+                    (``PeerPractice.loss_upcast``: litgpt, torchtune)
   recompute (selective or full activation checkpointing): one block's activations rebuilt in
                     backward
   optimizer step:   weights + gradients + optimizer states
@@ -21,13 +22,31 @@ All byte counts are exact sizes of tensors; CUDA adds its context and allocator 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, field
 
 from lmforge.models.decoder import DecoderConfig, loss_chunk_rows
-from lmforge.train.device import GPU_PEAK_FLOPS
+from lmforge.plan.activations import (
+    all_blocks,
+    attention_kernel,
+    autocast_weight_copies,
+    block_activation_terms,
+    block_weight_copies,
+    costliest_block_workload,
+    down_projection_input,
+    model_level_activations,
+    param_bytes,
+    selective_activation_terms,
+    tensor_widths,
+)
+from lmforge.plan.params import ParamCounts, count_params, trainable_params
+from lmforge.plan.workload import LMFORGE_PRACTICE, PeerPractice, Workload, lora_terms
+
+# The estimator's public names; Workload, PeerPractice and lora_terms live in plan/workload.py
+# and are re-exported because callers describe a workload where they call ``estimate``.
+__all__ = [
+    "GiB", "Estimate", "PeerPractice", "Workload", "count_params", "estimate", "fmt_bytes",
+    "lora_terms", "parse_bytes",
+]  # fmt: skip
 
 GiB = 2**30
 
@@ -38,70 +57,20 @@ CUDA_CONTEXT_BYTES = 600 * 2**20
 # NCCL communicator buffers per process: NCCL_BUFFSIZE (default 4 MiB) x channels (up to 32)
 # x 2 directions for a ring; ~256 MiB is what nvidia-smi shows per rank on 8-GPU nodes.
 NCCL_BUFFER_BYTES = 256 * 2**20
-# The caching allocator rounds blocks and fragments: reserved / allocated is ~1.05-1.15 in
-# training; the planner's safety margin covers it.
-ALLOCATOR_SLACK = 0.05
 # QLoRA NF4 storage: 4 bits + one fp32 absmax per 64 weights (bitsandbytes blocksize 64), or
 # with double quantisation an 8-bit absmax per 64 + one fp32 per 256 blocks.
 NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
 NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-
-# name: (memory bytes, dense bf16 FLOP/s, dense fp32 FLOP/s); FLOP/s from train/device.py
-GPUS: dict[str, tuple[int, float, float]] = {
-    "RTX 4090": (24 * GiB, *GPU_PEAK_FLOPS["RTX 4090"]),
-    "A100 40GB": (40 * GiB, *GPU_PEAK_FLOPS["A100"]),
-    "A100 80GB": (80 * GiB, *GPU_PEAK_FLOPS["A100"]),
-    "H100 80GB": (80 * GiB, *GPU_PEAK_FLOPS["H100"]),
-    "H200 141GB": (141 * 10**9, *GPU_PEAK_FLOPS["H200"]),
-}
-DEFAULT_MFU = 0.40  # assumed model FLOPs utilisation when none was measured
-
-Method = Literal["full", "lora", "dora", "qlora", "freeze"]  # as lmforge finetune's methods
-Optimizer = Literal["adamw", "adam", "sgd", "adamw8bit", "adagrad", "rmsprop", "none"]
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What runs: shapes, precision, method, optimizer and parallelism."""
-
-    batch: int = 1  # sequences per micro-batch (per device)
-    seq: int = 256  # tokens per sequence
-    grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed | bf16
-    optimizer: Optimizer = "adamw"
-    momentum: float = 0.9  # sgd / rmsprop
-    method: Method = "full"
-    lora_rank: int = 8
-    lora_targets: tuple[str, ...] = ("q", "v")  # of q k v qkv(fused) o gate up down fc head
-    lora_dropout: float = 0.0
-    qlora_double_quant: bool = False
-    train_blocks: int | None = None  # freeze: only the top k blocks train (None = all)
-    train_norms: bool = True  # freeze: every norm trains too (as models/lora.py freeze)
-    train_embeddings: bool = False  # freeze: embeddings and head train too
-    checkpointing: Literal["none", "selective", "full"] = "none"
-    device: Literal["cpu", "cuda"] = "cpu"
-    attention: Literal["auto", "sdpa", "eager"] = "auto"
-    loss_upcast: bool = False  # 16-bit logits upcast to fp32 for F.cross_entropy (litgpt,
-    # torchtune; implied by loss_chunks > 1 or loss_fused); False: lmforge's token_loss_sum
-    loss_chunks: int = 1  # upcast cross-entropy computed in this many chunks (litgpt, torchtune)
-    loss_fused: bool = False  # chunks upcast and reduced one at a time (compiled, torchtune)
-    logits_in_backward: bool = False  # the loop holds the logits in backward (litgpt); lmforge
-    # and torchtune drop them once the loss is computed
-    optimizer_in_backward: bool = False  # each gradient applied and freed as it is produced
-    paged_optimizer: bool = (
-        False  # bitsandbytes paged states: managed memory, outside the allocator
-    )
-    quantize_head: bool = False  # QLoRA also quantises the output head (litgpt's bnb plugin)
-    world_size: int = 1
-    sharding: Literal["none", "zero1", "zero2", "zero3"] = "none"  # zero3 = FSDP full shard
-    inference: bool = False
+# Optimizer state tensors per trained parameter, each in the parameter's dtype (8-bit AdamW:
+# two 1-byte states, see ``optimizer_state_bytes``). SGD and RMSprop depend on the momentum.
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "adagrad": 1, "none": 0}
 
 
 @dataclass
 class Estimate:
     """Predicted bytes by component; ``peak`` is what ``max_memory_allocated`` would show."""
 
-    components: dict[str, float]
+    components: dict[str, float]  # live at the peak
     peak: float
     phase: str  # where the peak falls
     per_layer_activation: float
@@ -114,540 +83,299 @@ class Estimate:
         return asdict(self)
 
 
-# ---- parameter counts by role ---------------------------------------------------------------
+# ---- weights, gradients, optimizer states (bytes per device) ---------------------------------
 
 
-@dataclass(frozen=True)
-class ParamCounts:
-    embedding: int  # token (+ position) embeddings
-    head: int  # untied output head (0 when tied)
-    per_layer_linear: dict[str, int]  # q k v o gate up down fc proj weights (+ biases)
-    per_layer_other: int  # norms
-    final_norm: int
-    n_layer: int
-
-    @property
-    def layer(self) -> int:
-        return sum(self.per_layer_linear.values()) + self.per_layer_other
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.head + self.n_layer * self.layer + self.final_norm
+def weight_bytes(cfg: DecoderConfig, w: Workload, peer: PeerPractice = LMFORGE_PRACTICE) -> float:
+    """All weights: ``param_bytes`` each, except QLoRA's NF4 blocks (and head, when the peer
+    quantises it) at ~0.5 bytes per weight."""
+    counts = count_params(cfg)
+    if w.method != "qlora":
+        return counts.total * param_bytes(w)
+    nf4 = NF4_DQ_BYTES_PER_PARAM if w.qlora_double_quant else NF4_BYTES_PER_PARAM
+    quantized = cfg.n_layer * counts.linear_per_layer + (counts.head if peer.quantize_head else 0)
+    return quantized * nf4 + (counts.total - quantized) * param_bytes(w)
 
 
-def count_params(cfg: DecoderConfig) -> ParamCounts:
-    """Parameters by role, computed from the config (equal to ``Decoder.num_params``)."""
-    C, F, V = cfg.d_model, cfg.ff_width, cfg.vocab_size or 0
-    hd = C // cfg.n_head
-    kvd = cfg.kv_heads * hd
-    b, qb = int(bool(cfg.bias)), int(bool(cfg.qkv_bias))
-    lin = {"q": C * C + qb * C, "k": C * kvd + qb * kvd, "v": C * kvd + qb * kvd}
-    lin["o"] = C * C + b * C
-    if cfg.mlp == "swiglu":
-        lin |= {"gate": C * F + b * F, "up": C * F + b * F, "down": F * C + b * C}
-    else:
-        lin |= {"fc": C * F + b * F, "down": F * C + b * C}
-    norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
-    emb = V * C + (cfg.context_length * C if cfg.positions == "learned" else 0)
-    return ParamCounts(emb, 0 if cfg.tie_embeddings else V * C, lin, 2 * norm, norm, cfg.n_layer)
-
-
-# lmforge's linear modules (``models/lora.py`` target names) → the estimator's linear names.
-# A target matches a module as peft matches it: the whole name or a "."-suffix ("proj" = both
-# attn.proj and mlp.proj). The estimator's own names (q k v separately: other libraries' layouts,
-# e.g. litgpt's LoRA on q and v) are accepted as they are. The one mapping between the two.
-LORA_MODULE_TERMS = {
-    "attn.qkv": "qkv", "attn.proj": "o", "mlp.gate": "gate", "mlp.up": "up", "mlp.fc": "fc",
-    "mlp.proj": "down", "lm_head": "head",
-}  # fmt: skip
-LORA_TERMS = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc", "head")
-
-
-def lora_terms(targets: Iterable[str]) -> tuple[str, ...]:
-    """LoRA targets as lmforge module names (``attn.qkv``, ``mlp.proj``, ``proj``) or estimator
-    names (``q``, ``v``, ``down``) → estimator names, in order, without repeats."""
-    out: list[str] = []
-    for t in targets:
-        hits = [t] if t in LORA_TERMS else [
-            term for name, term in LORA_MODULE_TERMS.items() if name == t or name.endswith("." + t)
-        ]  # fmt: skip
-        if not hits:
-            raise ValueError(
-                f"LoRA target {t!r} is neither an lmforge module name "
-                f"({', '.join(LORA_MODULE_TERMS)}, or a suffix of one) nor one of "
-                f"{' '.join(LORA_TERMS)}"
-            )
-        out += [h for h in hits if h not in out]
-    return tuple(out)
-
-
-def _adapter_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear an adapter can target, in one block."""
-    C, F = cfg.d_model, cfg.ff_width
-    kvd = cfg.kv_heads * (C // cfg.n_head)
-    shapes = {"q": (C, C), "k": (C, kvd), "v": (C, kvd), "o": (C, C), "qkv": (C, C + 2 * kvd)}
-    shapes |= {"gate": (C, F), "up": (C, F), "fc": (C, F), "down": (F, C)}
-    has = set(count_params(cfg).per_layer_linear) | {"qkv"}  # fc or gate/up, by MLP type
-    return {k: v for k, v in shapes.items() if k in has}
-
-
-def lora_params(cfg: DecoderConfig, w: Workload) -> int:
-    """Adapter parameters: r x (in + out) per targeted linear per layer (+ head if targeted);
-    DoRA adds a magnitude per output feature."""
-    shapes = _adapter_shapes(cfg)
-    dora = w.method == "dora"
-    per_layer = sum(
-        w.lora_rank * (i + o) + dora * o for t, (i, o) in shapes.items() if t in w.lora_targets
-    )
-    V = cfg.vocab_size or 0
-    head = w.lora_rank * (cfg.d_model + V) + dora * V if "head" in w.lora_targets else 0
-    return cfg.n_layer * per_layer + head
-
-
-def _trained_blocks(cfg: DecoderConfig, w: Workload) -> int:
-    """How many blocks (the top ones) have all their weights trained."""
-    if w.method == "freeze" and w.train_blocks is not None:
-        return min(w.train_blocks, cfg.n_layer)
-    return cfg.n_layer if w.method in ("full", "freeze") else 0
-
-
-def trainable_params(cfg: DecoderConfig, w: Workload) -> int:
-    """Parameters with gradients and optimizer states: all (full), the adapters (lora, dora,
-    qlora), or for freeze the top ``train_blocks`` blocks (+ every norm, + embeddings/head)."""
-    pc = count_params(cfg)
-    if w.method == "full":
-        return pc.total
-    if w.method != "freeze":
-        return lora_params(cfg, w)
-    k = _trained_blocks(cfg, w)
-    n = k * pc.layer
-    if w.train_norms:
-        n += (pc.n_layer - k) * pc.per_layer_other + pc.final_norm
-    if w.train_embeddings:
-        n += pc.embedding + pc.head
-    return n
-
-
-def _head_trained(w: Workload) -> bool:
-    """The output head's full weight gets a gradient."""
-    return w.method == "full" or (w.method == "freeze" and w.train_embeddings)
-
-
-def _block_workload(w: Workload) -> Workload:
-    """The workload of the most expensive block, as ``block_activation_terms`` knows methods:
-    a trained block of a freeze is a full fine-tune's; DoRA is LoRA plus ``_stacked_blocks``'s
-    extra term."""
-    if w.method == "freeze":
-        return replace(w, method="full")
-    return replace(w, method="lora") if w.method == "dora" else w
-
-
-def _stacked_blocks(cfg: DecoderConfig, w: Workload, weight_bytes: int, per_layer: float) -> float:
-    """Saved activations of all blocks, given one block's ``per_layer`` (of ``_block_workload``).
-
-    freeze: trained blocks save what a full fine-tune saves; a frozen block below them saves
-    only what the gradient needs to pass through it (no linear inputs), and nothing when no
-    gradient flows that far (norms and embeddings frozen too). DoRA (measured, peft 0.21): each
-    adapted linear also keeps its base output and its adapter output, N x out each, for the
-    magnitude's gradient.
-    """
-    L = cfg.n_layer
-    if w.method == "freeze":
-        k = _trained_blocks(cfg, w)
-        below = 0.0
-        if w.train_norms or w.train_embeddings:
-            frozen = replace(w, method="lora", lora_targets=())
-            below = sum(block_activation_terms(cfg, frozen, weight_bytes).values())
-        return k * per_layer + (L - k) * below
-    total = L * per_layer
-    if w.method == "dora":
-        a = _dtypes(w, weight_bytes)[0]
-        outs = sum(o for t, (_, o) in _adapter_shapes(cfg).items() if t in w.lora_targets)
-        total += L * 2 * w.batch * w.seq * outs * a
-    return total
-
-
-# ---- dtypes -------------------------------------------------------------------------------
-
-
-def _dtypes(w: Workload, weight_bytes: int) -> tuple[int, int, int]:
-    """(matmul output bytes a, residual-stream bytes r, saved linear-input bytes cast)."""
-    if w.precision in ("bf16-mixed", "fp16-mixed"):
-        return 2, 4, 2  # autocast: matmuls in 16 bit, residual stream and norms in fp32
-    if w.precision == "bf16" or weight_bytes == 2:
-        return 2, 2, 2
-    return 4, 4, 4
-
-
-def attention_kernel(w: Workload) -> str:
-    """Which attention path runs: lmforge's ``attend`` uses matmul-softmax-matmul for bf16 on
-    CPU and SDPA otherwise; SDPA on CPU with dropout falls back to the math (eager) kernel."""
-    if w.attention != "auto":
-        return w.attention
-    if w.device == "cpu" and w.precision in ("bf16-mixed", "bf16"):
-        return "eager"
-    return "sdpa"
-
-
-# ---- activations ----------------------------------------------------------------------------
-
-
-def block_activation_terms(cfg: DecoderConfig, w: Workload, weight_bytes: int) -> dict[str, float]:
-    """Bytes one block saves for backward per micro-batch, by term (all B x T tokens).
-
-    ``trainable`` decides what a frozen linear (LoRA base) no longer needs: a linear whose
-    weight is frozen needs only its weight for the input gradient, not its input.
-    """
-    B, T, C, F = w.batch, w.seq, cfg.d_model, cfg.ff_width
-    N = B * T
-    nh = cfg.n_head
-    hd = C // nh
-    kvd = cfg.kv_heads * hd
-    qkvd = C + 2 * kvd
-    a, r, cast = _dtypes(w, weight_bytes)
-    kernel = attention_kernel(w)
-    drop = cfg.dropout > 0
-    mask_b = a if w.device == "cpu" else 1  # CPU dropout keeps its mask in the input dtype
-    if drop and kernel == "sdpa" and w.device == "cpu":
-        kernel = "math"
-    full = w.method == "full"
-    lora = set(w.lora_targets) if not full else set()
-    if "qkv" in lora:  # lmforge's fused projection: one adapter for q, k and v
-        lora |= {"q", "k", "v"}
-
-    def needs(*linears: str) -> bool:  # the input of these linears is saved
-        return full or bool(lora & set(linears))
-
-    t: dict[str, float] = {}
-    t["residual stream (block input, mid)"] = 2 * N * C * r
-    mlp_in = ("gate", "up") if cfg.mlp == "swiglu" else ("fc",)
-    t["norm outputs (linear inputs)"] = N * C * cast * (needs("q", "k", "v") + needs(*mlp_in))
-    stats = 2 if cfg.norm == "layernorm" else 1  # (mean, rstd) or rstd per norm
-    t["norm statistics"] = (
-        2 * stats * N * (2 if w.precision == "bf16" and cfg.norm == "layernorm" else 4)
-    )
-    if cfg.norm == "rmsnorm" and w.precision != "fp32":  # fp32 upcast inside the norm is saved
-        t["rmsnorm fp32 internals"] = (
-            N * C * 4 * (2 if w.precision in ("bf16-mixed", "fp16-mixed") else 4)
-        )
-    rope = cfg.positions == "rope"
-    if kernel == "sdpa":
-        t["q, k, v"] = N * qkvd * a
-        if rope:  # rotated halves and rotated q/k (measured on CPU; CUDA keeps k un-expanded)
-            t["rope"] = N * a * ((3 * C + kvd) if w.device == "cpu" else (2 * C + 2 * kvd))
-        t["attention output"] = N * C * a
-        t["attention logsumexp"] = N * nh * 4
-    else:  # eager / math: q, k, v are copied (k and v expanded to every query head)
-        t["q, k, v copies"] = N * a * (4 * C if rope else 3 * C)
-        t["attention probabilities"] = B * nh * T * T * a  # one tensor: softmax out = bmm in
-        if drop:
-            t["attention dropout"] = B * nh * T * T * (mask_b + a)
-        t["attention output"] = N * C * a * needs("o")
-        t["causal mask"] = T * T
-        if rope and w.precision in ("bf16-mixed", "fp16-mixed"):
-            t["rope cos/sin casts"] = 4 * T * hd * 2
-    if drop:
-        t["residual dropout masks"] = 2 * N * C * mask_b
-    if cfg.mlp == "swiglu":
-        t["mlp gate, silu, up"] = 3 * N * F * a
-        t["mlp product (down input)"] = N * F * a * needs("down")
-    else:
-        t["mlp fc output"] = N * F * a
-        t["mlp gelu output (proj input)"] = N * F * a * needs("down")
-    if lora:
-        n_targets = sum(1 for x in w.lora_targets if x != "head")
-        t["lora A outputs"] = n_targets * N * w.lora_rank * a
-        if w.lora_dropout > 0:
-            t["lora dropout"] = n_targets * N * C * (a + mask_b)
-    return t
-
-
-def selective_activation_terms(
-    cfg: DecoderConfig, w: Workload, weight_bytes: int
-) -> tuple[dict[str, float], float]:
-    """Bytes one block keeps under selective checkpointing (``models/activation_checkpointing``):
-    its input and the outputs of its matmuls and attention kernel; everything pointwise is rebuilt
-    in backward. Also returns how many of these bytes no checkpointing would not keep (outputs
-    that backward does not need: the o and down projections', the eager attention's two bmm
-    outputs, LoRA B's), which the recompute of a block adds to its usual activations.
-    """
-    B, T, C, F = w.batch, w.seq, cfg.d_model, cfg.ff_width
-    N = B * T
-    nh = cfg.n_head
-    kvd = cfg.kv_heads * (C // nh)
-    a, r, _ = _dtypes(w, weight_bytes)
-    kernel = attention_kernel(w)
-    drop = cfg.dropout > 0
-    if drop and kernel == "sdpa" and w.device == "cpu":
-        kernel = "math"  # SDPA's math fallback: its two bmm are saved, as eager's
-    t: dict[str, float] = {"block input": N * C * r, "qkv output": N * (C + 2 * kvd) * a}
-    extra = {"o output": N * C * a, "down output": N * C * a}
-    if kernel == "sdpa":
-        if not drop:  # a fused kernel with dropout draws random numbers: it is recomputed
-            t["attention output, logsumexp"] = N * C * a + N * nh * 4
-    else:  # scores q·kᵀ and probabilities·v (the softmax and its casts are recomputed)
-        extra |= {"attention scores": B * nh * T * T * a, "attention bmm output": N * C * a}
-    if cfg.mlp == "swiglu":
-        t["mlp gate, up outputs"] = 2 * N * F * a
-    else:
-        t["mlp fc output"] = N * F * a
-    if w.method != "full":  # each adapter: A's output (saved anyway) and B's
-        shapes = {"q": C, "k": kvd, "v": kvd, "qkv": C + 2 * kvd, "o": C}
-        shapes |= {"gate": F, "up": F, "fc": F, "down": C}
-        targets = [x for x in w.lora_targets if x in shapes]
-        t["lora A outputs"] = len(targets) * N * w.lora_rank * a
-        extra["lora B outputs"] = sum(N * shapes[x] * a for x in targets)
-    return t | extra, sum(extra.values())
-
-
-def estimate(cfg: DecoderConfig, w: Workload) -> Estimate:
-    """Predicted peak bytes of one steady-state training step (or of inference) per device."""
-    if cfg.vocab_size is None:
-        raise ValueError("estimate needs model.vocab_size (set it, or give a tokenizer/model)")
-    pc = count_params(cfg)
-    V, C, L = cfg.vocab_size, cfg.d_model, cfg.n_layer
-    N = w.batch * w.seq  # tokens per micro-batch
-    notes: list[str] = []
-    wb = 2 if w.precision == "bf16" else 4
-    a, r, cast = _dtypes(w, wb)
-    linear_per_layer = sum(pc.per_layer_linear.values())
-    matmul_weights = L * linear_per_layer + V * C  # the head is a matmul even when tied
-    comps: dict[str, float] = {}
-
-    # weights
-    if w.method == "qlora":
-        nf4 = NF4_DQ_BYTES_PER_PARAM if w.qlora_double_quant else NF4_BYTES_PER_PARAM
-        quantized = L * linear_per_layer + (pc.head if w.quantize_head else 0)
-        comps["weights"] = quantized * nf4 + (pc.total - quantized) * wb
-    else:
-        comps["weights"] = pc.total * wb
-    n_train = trainable_params(cfg, w)
-    train_b = wb  # adapters in the base's dtype (litgpt, torchtune)
-    if w.method in ("lora", "dora", "qlora"):
-        comps["lora adapters"] = n_train * train_b
-    if w.inference:
-        return _inference(cfg, w, comps, pc, notes)
-
-    # gradients and optimizer states
-    shard = max(1, w.world_size)
-    g = n_train * train_b
-    opt_per = {"adamw": 2, "adam": 2, "adagrad": 1, "none": 0}.get(w.optimizer)
-    if w.optimizer == "sgd":
-        opt_per = 1 if w.momentum > 0 else 0
-    if w.optimizer == "rmsprop":
-        opt_per = 1 + (w.momentum > 0)
-    opt = n_train * (2 if w.optimizer == "adamw8bit" else opt_per * train_b)
-    if w.paged_optimizer:
-        opt = 0.0  # cudaMallocManaged pages: not in max_memory_allocated (see notes)
-        notes.append("paged optimizer states live in CUDA managed memory, outside the allocator")
-    if w.optimizer_in_backward:  # only the gradient being applied is live
-        g = max(pc.per_layer_linear.values()) * train_b if w.method == "full" else g
-    if w.sharding in ("zero1", "zero2", "zero3"):
-        opt /= shard
+def gradient_bytes(cfg: DecoderConfig, w: Workload, peer: PeerPractice = LMFORGE_PRACTICE) -> float:
+    """Gradients of the trained parameters; with the optimizer in backward only the largest
+    linear's (full fine-tune) is live at once; ZeRO-2/3 shard them over the devices."""
+    grads: float = trainable_params(cfg, w) * param_bytes(w)
+    if peer.optimizer_in_backward and w.method == "full":
+        grads = max(count_params(cfg).per_layer_linear.values()) * param_bytes(w)
     if w.sharding in ("zero2", "zero3"):
-        g /= shard
-    if w.sharding == "zero3":
-        full_layer = pc.layer * wb
-        comps["weights"] = comps["weights"] / shard + 2 * full_layer  # gathered unit + prefetch
-        notes.append("zero3/FSDP: weights sharded; one gathered block and one prefetched")
-    comps["gradients"] = g
-    comps["optimizer states"] = opt
-    if w.world_size > 1 and w.sharding == "none":
-        comps["DDP gradient buckets"] = g  # gradient_as_bucket_view=False keeps a copy
+        grads /= max(1, w.world_size)
+    return grads
 
-    # activations
-    terms = block_activation_terms(cfg, _block_workload(w), wb)
-    per_layer = sum(terms.values())
-    head_trainable = _head_trained(w) or (w.method != "freeze" and "head" in w.lora_targets)
-    head_acts = N * C * r + N * C * cast * head_trainable  # norm_f input / output
-    if cfg.norm == "rmsnorm" and w.precision != "fp32":
-        head_acts += N * C * 4 * (1 if w.precision in ("bf16-mixed", "fp16-mixed") else 2)
-    if cfg.dropout > 0:
-        head_acts += N * C * (a if w.device == "cpu" else 1)  # embedding dropout mask
-    mixed = w.precision in ("bf16-mixed", "fp16-mixed")
-    weight_casts = 2 * matmul_weights if mixed and w.method != "qlora" else 0
-    if weight_casts and w.method == "freeze" and not (w.train_norms or w.train_embeddings):
-        # casts of frozen weights are not cached; with no gradient below, none is saved
-        weight_casts -= 2 * (L - _trained_blocks(cfg, w)) * linear_per_layer
-    if w.checkpointing == "full":
-        kept, rebuilt = N * C * r, per_layer
-        comps["activations (checkpointed block inputs)"] = L * kept + head_acts
-        weight_casts = 2 * V * C if mixed else 0  # only the head's cast outlives the forward
-    elif w.checkpointing == "selective":
-        sel, sel_extra = selective_activation_terms(cfg, _block_workload(w), wb)
-        kept = sum(sel.values())
-        rebuilt = per_layer - (kept - sel_extra)  # what the recompute allocates anew
-        comps["activations (selective: block inputs, matmul outputs)"] = L * kept + head_acts
-        weight_casts = 2 * V * C if mixed else 0  # the blocks' casts are recomputed too
-    else:
-        comps["activations"] = _stacked_blocks(cfg, w, wb, per_layer) + head_acts
-    if weight_casts:
-        comps["autocast weight copies (16 bit)"] = weight_casts
 
-    # logits and loss at the start of backward. F.cross_entropy on fp32 logits (fp32, or 16-bit
-    # logits upcast first): the fp32 log-softmax is saved, and two fp32 (N, V) gradients (of the
-    # loss and of the log-softmax input) exist. lmforge's 16-bit path (``models/decoder.py``
-    # LowPrecisionCrossEntropy) saves the 16-bit logits themselves and builds their 16-bit
-    # gradient through one fp32 chunk of rows.
-    logits = {"logits": N * V * a} if w.logits_in_backward else {}
-    if a == 2 and not (w.loss_upcast or w.loss_chunks > 1 or w.loss_fused):
-        if not w.logits_in_backward:  # otherwise the same tensor is counted as "logits"
-            logits["loss: saved 16-bit logits"] = N * V * 2
-        chunk = loss_chunk_rows(N, V, w.device) * V * 4
-        logits["loss: backward temporaries"] = N * V * 2 + chunk
+def optimizer_state_bytes(
+    cfg: DecoderConfig, w: Workload, peer: PeerPractice = LMFORGE_PRACTICE
+) -> float:
+    """Optimizer states of the trained parameters (Adam: two per parameter; 8-bit AdamW: two
+    bytes); paged states live in CUDA managed memory, off the allocator (0); ZeRO-1/2/3 shard
+    them over the devices."""
+    trained = trainable_params(cfg, w)
+    if w.optimizer == "adamw8bit":
+        states: float = trained * 2
     else:
-        fused = max(1, w.loss_chunks) if w.loss_fused else 1  # one chunk's log-softmax saved
-        logits["loss: fp32 log-softmax"] = N * V * 4 / fused
-        logits["loss: backward temporaries"] = 2 * N * V * 4 / max(1, w.loss_chunks)
-    base = {k: comps[k] for k in ("weights", "lora adapters", "optimizer states") if k in comps}
-    if "DDP gradient buckets" in comps:
-        base["DDP gradient buckets"] = comps["DDP gradient buckets"]
-    grads = {"gradients": comps["gradients"]}
-    acts = {k: v for k, v in comps.items() if k.startswith(("activations", "autocast"))}
-    phases: dict[str, dict[str, float]] = {}
-    # micro-batches after the first find the accumulated gradients already there
-    phases["start of backward (vocabulary-sized loss gradients)"] = (
-        base | (grads if w.grad_accum > 1 else {}) | acts | logits
+        per_param = OPTIMIZER_STATES.get(w.optimizer, 0)
+        if w.optimizer == "sgd":
+            per_param = 1 if w.momentum > 0 else 0
+        if w.optimizer == "rmsprop":
+            per_param = 1 + (w.momentum > 0)
+        states = trained * (per_param * param_bytes(w))
+    if peer.paged_optimizer:
+        states = 0.0
+    if w.sharding in ("zero1", "zero2", "zero3"):
+        states /= max(1, w.world_size)
+    return states
+
+
+def sharded_weight_bytes(cfg: DecoderConfig, w: Workload, weights: float) -> float:
+    """ZeRO-3 / FSDP: this device's shard of ``weights`` + one gathered block + one prefetched."""
+    return weights / max(1, w.world_size) + 2 * count_params(cfg).layer * param_bytes(w)
+
+
+# ---- the loss --------------------------------------------------------------------------------
+
+
+def loss_bytes(
+    cfg: DecoderConfig, w: Workload, peer: PeerPractice = LMFORGE_PRACTICE
+) -> dict[str, float]:
+    """Vocabulary-sized tensors at the start of backward, by term.
+
+    F.cross_entropy on fp32 logits (fp32, or 16-bit logits upcast first): the fp32 log-softmax
+    is saved, and two fp32 (tokens, vocab) gradients (of the loss and of the log-softmax input)
+    exist. lmforge's 16-bit path (``models/decoder.py`` LowPrecisionCrossEntropy) saves the
+    16-bit logits themselves and builds their 16-bit gradient through one fp32 chunk of rows.
+    A peer that holds the logits in backward adds them as "logits".
+    """
+    n_tok, vocab = w.tokens, cfg.vocab_size or 0
+    logits_b = tensor_widths(w).matmul_output
+    terms: dict[str, float] = (
+        {"logits": n_tok * vocab * logits_b} if peer.logits_in_backward else {}
     )
-    # backward, block by block: the logits tensor is still referenced by the loop, gradients
-    # appear as saved activations are freed, and inside a block the MLP's hidden-width
-    # activation gradients are live (GELU: 2, SwiGLU: 3) once the down projection's input has
-    # been freed (its gradients are made). Checkpointing rebuilds one block.
-    ckpt = w.checkpointing != "none"
-    block_casts = 2 * linear_per_layer if mixed and (ckpt or w.method != "qlora") else 0
-    down_in = terms.get("mlp product (down input)", 0)
-    down_in += terms.get("mlp gelu output (proj input)", 0)
-    inside = {"recomputed block": rebuilt + block_casts - down_in} if ckpt else {}
-    hidden_grads = (3 if cfg.mlp == "swiglu" else 2) * N * cfg.ff_width * a
-    inside |= {"temporaries (activation gradients)": hidden_grads + 2 * N * C * 4}
-    held = {"logits": N * V * a} if w.logits_in_backward else {}
-    inside |= held
-    head_g = {"gradients (head)": V * C * wb} if w.method == "full" and w.grad_accum == 1 else {}
-    if ckpt:
-        kept_all = {"activations (kept by checkpointing)": L * kept}
+    if logits_b == 2 and not peer.upcasts_logits:
+        if not peer.logits_in_backward:  # otherwise the same tensor is counted as "logits"
+            terms["loss: saved 16-bit logits"] = n_tok * vocab * 2
+        chunk = loss_chunk_rows(n_tok, vocab, w.device) * vocab * 4
+        terms["loss: backward temporaries"] = n_tok * vocab * 2 + chunk
     else:
-        kept_all = acts | {"activations": acts["activations"] - down_in}
-    last = "backward recompute of the last block" if ckpt else "backward of the last block"
-    phases[last] = base | (grads if w.grad_accum > 1 else head_g) | kept_all | inside
-    if (
-        w.grad_accum == 1 and w.method == "full" and L > 1 and not w.optimizer_in_backward
-        and w.sharding in ("none", "zero1")
-    ):  # fmt: skip
-        # the first block's backward: the gradients of every later block and the head exist,
-        # the activations of the first block alone are left
-        pos_emb = pc.embedding - V * C
-        later = (pc.total - pc.layer - pos_emb - (0 if cfg.tie_embeddings else V * C)) * wb
-        first = {"activations (first block)": kept if ckpt else per_layer + block_casts - down_in}
-        phases["backward of the first block"] = (
-            base | {"gradients (later blocks, head)": later} | first | inside
-        )
-    end = base | grads | held
-    if cfg.tie_embeddings and w.method == "full":
-        # the head's gradient waits in autograd's buffer for the embedding's; both and their
-        # sum are live before the sum becomes the weight's gradient
-        end["gradients"] -= V * C * wb / (shard if w.sharding in ("zero2", "zero3") else 1)
-        end["temporaries (tied embedding gradients and sum)"] = 3 * V * C * wb
-    phases["end of backward"] = end
-    phases["optimizer step"] = base | grads
-    phase = max(phases, key=lambda k: sum(phases[k].values()))
-    live = phases[phase]
-    all_items = comps | logits
+        saved_chunks = max(1, peer.loss_chunks) if peer.loss_fused else 1  # one chunk at a time
+        terms["loss: fp32 log-softmax"] = n_tok * vocab * 4 / saved_chunks
+        terms["loss: backward temporaries"] = 2 * n_tok * vocab * 4 / max(1, peer.loss_chunks)
+    return terms
+
+
+# ---- outside the allocator ---------------------------------------------------------------------
+
+
+def runtime_overhead_bytes(w: Workload) -> int:
+    """CUDA context and NCCL buffers: device memory ``max_memory_allocated`` does not count."""
     overhead = CUDA_CONTEXT_BYTES if w.device == "cuda" else 0
-    overhead += NCCL_BUFFER_BYTES if w.world_size > 1 else 0
-    if mixed:
-        notes.append("autocast keeps a 16-bit copy of every matmul weight through backward")
-    if attention_kernel(w) == "eager":
-        notes.append("eager attention keeps B x heads x T x T probabilities")
-    est = Estimate(
-        live, sum(live.values()), phase, per_layer, overhead, cpu_load_peak(cfg, wb), notes
-    )
-    est.all_components = all_items
-    return est
-
-
-def _inference(
-    cfg: DecoderConfig, w: Workload, comps: dict[str, float], pc: ParamCounts, notes: list[str]
-) -> Estimate:
-    """Weights + KV cache (B x context x layers x 2 x kv heads x head dim) + the prefill logits."""
-    kv_bytes = 2 if w.precision != "fp32" else 4
-    hd = cfg.d_model // cfg.n_head
-    comps["KV cache"] = 2 * cfg.n_layer * w.batch * w.seq * cfg.kv_heads * hd * kv_bytes
-    comps["prefill logits"] = w.batch * w.seq * (cfg.vocab_size or 0) * kv_bytes
-    peak = sum(comps.values())
-    overhead = CUDA_CONTEXT_BYTES if w.device == "cuda" else 0
-    gqa = f"GQA {cfg.n_head}/{cfg.kv_heads} heads" if cfg.kv_heads < cfg.n_head else "MHA"
-    return Estimate(
-        comps,
-        peak,
-        f"inference ({gqa})",
-        0.0,
-        overhead,
-        cpu_load_peak(cfg, kv_bytes),
-        notes,
-        dict(comps),
-    )
+    if w.world_size > 1 and not w.inference:
+        overhead += NCCL_BUFFER_BYTES
+    return overhead
 
 
 def cpu_load_peak(cfg: DecoderConfig, weight_bytes: int) -> float:
     """Host memory while loading a Hugging Face folder: ``load_hf`` fills a meta model shard by
     shard, so about one copy of the model plus the largest tensor (the embedding) in flight."""
-    pc = count_params(cfg)
-    return pc.total * weight_bytes + (cfg.vocab_size or 0) * cfg.d_model * 4
+    return count_params(cfg).total * weight_bytes + (cfg.vocab_size or 0) * cfg.d_model * 4
 
 
-# ---- time and hardware -----------------------------------------------------------------------
+# ---- the estimate ------------------------------------------------------------------------------
 
 
-def flops_per_token(cfg: DecoderConfig, seq: int, checkpointing: str = "none") -> float:
-    """Training FLOPs per token, 6N + 12·L·T·d (as ``Decoder.flops_per_token``); full
-    checkpointing recomputes the forward: 8N + 16·L·T·d. Selective keeps the matmul and
-    attention outputs and recomputes only pointwise ops, O(d) FLOPs per token against the
-    matmuls' O(d²), so it is counted as 1x (no matmul FLOPs are repeated)."""
-    pc = count_params(cfg)
-    n_matmul = pc.n_layer * sum(pc.per_layer_linear.values()) + (cfg.vocab_size or 0) * cfg.d_model
-    f = 6.0 * n_matmul + 12.0 * cfg.n_layer * seq * cfg.d_model
-    return f * 4 / 3 if checkpointing == "full" else f
+def estimate(cfg: DecoderConfig, w: Workload, peer: PeerPractice = LMFORGE_PRACTICE) -> Estimate:
+    """Predicted peak bytes of one steady-state training step (or of inference) per device.
+
+    ``peer``: another library's loop practice, to compare with its published figures (the
+    default is lmforge's own)."""
+    if cfg.vocab_size is None:
+        raise ValueError("estimate needs model.vocab_size (set it, or give a tokenizer/model)")
+    counts = count_params(cfg)
+    components: dict[str, float] = {"weights": weight_bytes(cfg, w, peer)}
+    if w.method in ("lora", "dora", "qlora"):
+        components["lora adapters"] = trainable_params(cfg, w) * param_bytes(w)
+    if w.inference:
+        return _inference(cfg, w, components)
+
+    notes: list[str] = []
+    if peer.paged_optimizer:
+        notes.append("paged optimizer states live in CUDA managed memory, outside the allocator")
+    if w.sharding == "zero3":
+        components["weights"] = sharded_weight_bytes(cfg, w, components["weights"])
+        notes.append("zero3/FSDP: weights sharded; one gathered block and one prefetched")
+    components["gradients"] = gradient_bytes(cfg, w, peer)
+    components["optimizer states"] = optimizer_state_bytes(cfg, w, peer)
+    if w.world_size > 1 and w.sharding == "none":
+        # DDP's gradient_as_bucket_view=False keeps a second copy in its buckets
+        components["DDP gradient buckets"] = components["gradients"]
+
+    block = block_activation_terms(cfg, costliest_block_workload(w))
+    per_layer = sum(block.values())
+    activations = _activations(cfg, w, per_layer)
+    components |= activations.saved
+    copies = autocast_weight_copies(cfg, w)
+    if copies:
+        components["autocast weight copies (16 bit)"] = copies
+    loss = loss_bytes(cfg, w, peer)
+
+    phases = _phases(cfg, w, peer, counts, components, loss, block, activations)
+    phase = max(phases, key=lambda name: sum(phases[name].values()))
+    live = phases[phase]
+    if w.mixed:
+        notes.append("autocast keeps a 16-bit copy of every matmul weight through backward")
+    if attention_kernel(w) == "eager":
+        notes.append("eager attention keeps B x heads x T x T probabilities")
+    est = Estimate(
+        live, sum(live.values()), phase, per_layer, runtime_overhead_bytes(w),
+        cpu_load_peak(cfg, param_bytes(w)), notes,
+    )  # fmt: skip
+    est.all_components = components | loss
+    return est
 
 
-def hardware_table(
-    cfg: DecoderConfig, w: Workload, tokens: float | None = None, mfu: float = DEFAULT_MFU
-) -> list[dict]:
-    """For each named GPU: does it fit, how many devices (ZeRO-3) it takes, time per step/run."""
-    rows = []
-    low = w.precision != "fp32"
-    for name, (mem, bf16, fp32) in GPUS.items():
-        need_n = None
-        for n in (1, 2, 4, 8, 16, 32, 64):
-            ww = replace(w, device="cuda", world_size=n, sharding="zero3" if n > 1 else "none")
-            est = estimate(cfg, ww)
-            if est.peak + est.runtime_overhead <= mem * (1 - ALLOCATOR_SLACK):
-                need_n = n
-                break
-        step_tokens = w.batch * w.seq * w.grad_accum * max(1, w.world_size)
-        fl = flops_per_token(cfg, w.seq, w.checkpointing) * step_tokens
-        speed = (bf16 if low else fp32) * mfu
-        row = dict(gpu=name, memory_gib=mem / GiB, fits_one=need_n == 1, devices_needed=need_n)
-        row["step_s"] = fl / speed / max(1, w.world_size)
-        if tokens:
-            row["run_h"] = tokens * fl / step_tokens / (speed * (need_n or 1)) / 3600
-        rows.append(row)
-    return rows
+@dataclass(frozen=True)
+class _Activations:
+    saved: dict[str, float]  # the component: every block (as checkpointing keeps it) + model level
+    kept_per_layer: float  # what checkpointing keeps of one block (0 without checkpointing)
+    rebuilt: float  # what the recompute of one block allocates anew (0 without checkpointing)
+
+
+def _activations(cfg: DecoderConfig, w: Workload, per_layer: float) -> _Activations:
+    """Saved activations under ``w.checkpointing``: full keeps each block's input and rebuilds
+    the whole block; selective keeps the matmul and attention outputs too and rebuilds the rest."""
+    model_level = model_level_activations(cfg, w)
+    n_layer = cfg.n_layer
+    if w.checkpointing == "full":
+        kept = w.tokens * cfg.d_model * tensor_widths(w).residual
+        name = "activations (checkpointed block inputs)"
+        return _Activations({name: n_layer * kept + model_level}, kept, per_layer)
+    if w.checkpointing == "selective":
+        selective, not_needed = selective_activation_terms(cfg, costliest_block_workload(w))
+        kept = sum(selective.values())
+        rebuilt = per_layer - (kept - not_needed)
+        name = "activations (selective: block inputs, matmul outputs)"
+        return _Activations({name: n_layer * kept + model_level}, kept, rebuilt)
+    return _Activations({"activations": all_blocks(cfg, w, per_layer) + model_level}, 0, 0)
+
+
+def _phases(
+    cfg: DecoderConfig,
+    w: Workload,
+    peer: PeerPractice,
+    counts: ParamCounts,
+    components: dict[str, float],
+    loss: dict[str, float],
+    block: dict[str, float],
+    activations: _Activations,
+) -> dict[str, dict[str, float]]:
+    """Live bytes by component at each moment of a step where the peak can fall, in order."""
+    vocab, d_model, n_layer = cfg.vocab_size or 0, cfg.d_model, cfg.n_layer
+    p_bytes, out_b = param_bytes(w), tensor_widths(w).matmul_output
+    resident = ("weights", "lora adapters", "optimizer states", "DDP gradient buckets")
+    base = {name: components[name] for name in resident if name in components}
+    grads = {"gradients": components["gradients"]}
+    # micro-batches after the first find the accumulated gradients already there
+    accumulated = grads if w.grad_accum > 1 else {}
+    saved = {k: v for k, v in components.items() if k.startswith(("activations", "autocast"))}
+    phases: dict[str, dict[str, float]] = {}
+    phases["start of backward (vocabulary-sized loss gradients)"] = (
+        base | accumulated | saved | loss
+    )
+    # backward, block by block: the logits tensor is still referenced by a peer's loop,
+    # gradients appear as saved activations are freed, and inside a block the MLP's
+    # hidden-width activation gradients are live (GELU: 2, SwiGLU: 3) once the down
+    # projection's input has been freed (its gradients are made). Checkpointing rebuilds one
+    # block.
+    checkpointed = w.checkpointing != "none"
+    block_copies = block_weight_copies(cfg, w)
+    down_in = down_projection_input(block)
+    in_block = {}
+    if checkpointed:
+        in_block["recomputed block"] = activations.rebuilt + block_copies - down_in
+    hidden_grads = (3 if cfg.mlp == "swiglu" else 2) * w.tokens * cfg.ff_width * out_b
+    in_block["temporaries (activation gradients)"] = hidden_grads + 2 * w.tokens * d_model * 4
+    held = {"logits": w.tokens * vocab * out_b} if peer.logits_in_backward else {}
+    in_block |= held
+    head_grad = {}
+    if w.method == "full" and w.grad_accum == 1:
+        head_grad["gradients (head)"] = vocab * d_model * p_bytes
+    if checkpointed:
+        kept = {"activations (kept by checkpointing)": n_layer * activations.kept_per_layer}
+        last = "backward recompute of the last block"
+    else:
+        kept = saved | {"activations": saved["activations"] - down_in}
+        last = "backward of the last block"
+    phases[last] = base | (grads if w.grad_accum > 1 else head_grad) | kept | in_block
+    if (
+        w.grad_accum == 1 and w.method == "full" and n_layer > 1
+        and not peer.optimizer_in_backward and w.sharding in ("none", "zero1")
+    ):  # fmt: skip
+        # the first block's backward: the gradients of every later block and the head exist,
+        # the activations of the first block alone are left
+        positions = counts.embedding - vocab * d_model
+        untied_head = 0 if cfg.tie_embeddings else vocab * d_model
+        later = (counts.total - counts.layer - positions - untied_head) * p_bytes
+        if checkpointed:
+            first = activations.kept_per_layer
+        else:
+            first = sum(block.values()) + block_copies - down_in
+        phases["backward of the first block"] = (
+            base | {"gradients (later blocks, head)": later}
+            | {"activations (first block)": first} | in_block
+        )  # fmt: skip
+    end = base | grads | held
+    if cfg.tie_embeddings and w.method == "full":
+        # the head's gradient waits in autograd's buffer for the embedding's; both and their
+        # sum are live before the sum becomes the weight's gradient
+        sharded = w.sharding in ("zero2", "zero3")
+        end["gradients"] -= vocab * d_model * p_bytes / (max(1, w.world_size) if sharded else 1)
+        end["temporaries (tied embedding gradients and sum)"] = 3 * vocab * d_model * p_bytes
+    phases["end of backward"] = end
+    phases["optimizer step"] = base | grads
+    return phases
+
+
+def _inference(cfg: DecoderConfig, w: Workload, components: dict[str, float]) -> Estimate:
+    """Weights + KV cache (batch x context x layers x 2 x kv heads x head dim) + the prefill
+    logits."""
+    kv_bytes = 2 if w.precision != "fp32" else 4
+    head_dim = cfg.d_model // cfg.n_head
+    components["KV cache"] = 2 * cfg.n_layer * w.batch * w.seq * cfg.kv_heads * head_dim * kv_bytes
+    components["prefill logits"] = w.batch * w.seq * (cfg.vocab_size or 0) * kv_bytes
+    attention = f"GQA {cfg.n_head}/{cfg.kv_heads} heads" if cfg.kv_heads < cfg.n_head else "MHA"
+    return Estimate(
+        components, sum(components.values()), f"inference ({attention})", 0.0,
+        runtime_overhead_bytes(w), cpu_load_peak(cfg, kv_bytes), [], dict(components),
+    )  # fmt: skip
+
+
+# ---- byte sizes as people write them --------------------------------------------------------
+
+BYTE_UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTE_UNITS |= {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
 
 
 def parse_bytes(text: str) -> float:
-    """'24GiB', '40GB', '512MiB', '1.5e9' → bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    units |= {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
+    """'24GiB', '40GB', '512MiB', '1.5e9' → bytes; anything else is a ValueError that names
+    the accepted forms."""
     s = text.strip().lower().replace(" ", "")
-    for u in sorted(units, key=len, reverse=True):
-        if s.endswith(u):
-            return float(s[: -len(u)]) * units[u]
-    return float(s)
+    number, scale = s, 1.0
+    for unit in sorted(BYTE_UNITS, key=len, reverse=True):
+        if s.endswith(unit):
+            number, scale = s[: -len(unit)], BYTE_UNITS[unit]
+            break
+    try:
+        return float(number) * scale
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a memory size: give a number of bytes with an optional unit, "
+            "e.g. 24GiB, 80GB, 512MiB or 1.5e9"
+        ) from None
 
 
 def fmt_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2**20:.1f} MiB"
-
-
-def steps_for(tokens: float, w: Workload) -> int:
-    return math.ceil(tokens / (w.batch * w.seq * w.grad_accum * max(1, w.world_size)))

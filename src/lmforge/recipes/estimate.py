@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,15 +32,9 @@ from pydantic import Field
 from lmforge.config import CONFIG_DIR, Section, read_yaml, resolve_config_path, validate_config
 from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
-from lmforge.plan.estimate import (
-    DEFAULT_MFU,
-    GPUS,
-    Workload,
-    estimate,
-    fmt_bytes,
-    hardware_table,
-    lora_terms,
-)
+from lmforge.plan.estimate import estimate, fmt_bytes
+from lmforge.plan.hardware import DEFAULT_MFU, GPUS, hardware_table
+from lmforge.plan.workload import PeerPractice, Workload, lora_terms
 
 RECIPES = ("pretrain", "finetune")  # whose configs --config reads
 
@@ -76,7 +70,12 @@ class EstimateConfig(Section):
     device: Literal["cpu", "cuda"] = Field("cuda", description="device the breakdown is for")
     world_size: int = Field(1, gt=0, description="devices (data parallel)")
     sharding: Literal["none", "zero1", "zero2", "zero3"] = "none"
-    loss_chunks: int = Field(1, gt=0, description="cross-entropy chunks (1 = whole logits)")
+    loss_chunks: int = Field(
+        1,
+        gt=0,
+        description="compare with a loop whose fp32 cross-entropy runs in this many chunks "
+        "(litgpt, torchtune); 1 = lmforge's own loss",
+    )
     inference: bool = Field(False, description="weights + KV cache instead of training")
     tokens: float | None = Field(None, gt=0, description="token budget for the run-time column")
     mfu: float = Field(DEFAULT_MFU, gt=0, le=1, description="model FLOPs utilisation assumed")
@@ -242,7 +241,7 @@ def resolve(
     }  # fmt: skip
     w = replace(
         w, **{k: v for k, v in given.items() if v is not None}, world_size=est.world_size,
-        sharding=est.sharding, loss_chunks=est.loss_chunks, inference=est.inference,
+        sharding=est.sharding, inference=est.inference,
     )  # fmt: skip
     est = est.model_copy(
         update={"fit": est.fit or budget, "memory_allow": est.memory_allow or allow}
@@ -266,7 +265,7 @@ def calibrate_mfu(
 
     from lmforge.data.loader import TokenBatches
     from lmforge.models.decoder import Decoder
-    from lmforge.plan.estimate import flops_per_token
+    from lmforge.plan.hardware import flops_per_token
     from lmforge.train.device import peak_flops, resolve_device
     from lmforge.train.loop import TrainConfig, fit
     from lmforge.train.lr_schedule import SchedConfig
@@ -310,7 +309,8 @@ def calibrate_mfu(
 def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Compute the report; printing is the CLI's job (``print_report``)."""
     cfg, w, est, kind = resolve(config_file, overrides)
-    result = estimate(cfg, w)
+    peer = PeerPractice(loss_chunks=est.loss_chunks)
+    result = estimate(cfg, w, peer)
     mfu = est.mfu
     calibration = None
     if est.calibrate and not w.inference:
@@ -319,9 +319,10 @@ def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": {"arch": cfg.arch, "n_layer": cfg.n_layer, "d_model": cfg.d_model,
                   "n_head": cfg.n_head, "n_kv_head": cfg.kv_heads, "vocab_size": cfg.vocab_size},
-        "workload": w.__dict__ | {"lora_targets": list(w.lora_targets)},
+        "workload": asdict(w) | {"lora_targets": list(w.lora_targets)},
+        "peer_practice": asdict(peer),
         "estimate": result.to_dict(),
-        "hardware": [] if w.inference else hardware_table(cfg, w, est.tokens, mfu),
+        "hardware": [] if w.inference else hardware_table(cfg, w, est.tokens, mfu, peer),
         "mfu_assumed": est.mfu,
         "mfu": mfu,  # what the time columns use
         "mfu_source": "measured" if calibration is not None else "assumed",
@@ -337,9 +338,10 @@ def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 "memory_allow: 'method' applies to fine-tune configs, not pretraining"
             )
+        option = "--fit" if overrides.get("fit") else f"{config_file} train.memory_budget"
         report["plan"] = plan_fit(
-            cfg, w, budget_bytes(est.fit, w.device), w.batch * w.grad_accum, allow=allow,
-            could_allow=could,
+            cfg, w, budget_bytes(est.fit, w.device, option), w.batch * w.grad_accum, allow=allow,
+            could_allow=could, peer=peer,
         )  # fmt: skip
     return report
 
