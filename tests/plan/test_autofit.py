@@ -277,3 +277,26 @@ def test_freeze_and_dora_estimates_match_measured(method: str, lora: dict) -> No
     est = estimate(cfg, w)
     assert est.all_components["optimizer states"] == pytest.approx(peak["Optstate"], abs=256)
     assert est.peak == pytest.approx(peak["Total"], rel=0.08)
+
+
+def test_a_budget_that_is_not_a_size_names_the_flag_and_the_accepted_forms(tmp_path: Path) -> None:
+    """``estimate --fit=lots`` (and ``train.memory_budget: lots``) is a usage error (exit 2)
+    that names where the budget came from and what to write instead, not a ValueError."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "lmforge", "estimate", "--fit=lots"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    message = run.stderr.strip()
+    assert "--fit=lots" in message and "24GiB" in message and "auto" in message
+    assert "Traceback" not in message and "ValueError" not in message
+    train = TrainConfig(memory_budget="lots")
+    w = train_workload(train, OptimConfig(), 64, "cpu")
+    cfg = DecoderConfig(arch="llama", vocab_size=64, n_layer=1, d_model=32, context_length=64)
+    with pytest.raises(ConfigError, match=r"train\.memory_budget=lots: .*80GB"):
+        apply_memory_budget(train, w, cfg, "cpu", tmp_path)
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_bytes("lots")

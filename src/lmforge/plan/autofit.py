@@ -24,7 +24,13 @@ from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
 from lmforge.plan.estimate import estimate, fmt_bytes, parse_bytes
 from lmforge.plan.hardware import flops_per_token
-from lmforge.plan.workload import LMFORGE_PRACTICE, Optimizer, PeerPractice, Workload
+from lmforge.plan.workload import (
+    LMFORGE_PRACTICE,
+    Optimizer,
+    PeerPractice,
+    Workload,
+    lora_terms,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +187,20 @@ def train_workload(train: Any, optim: Any, seq: int, device_type: str, **fields:
         optimizer=name, momentum=getattr(optim, "momentum", 0.9),
         device="cuda" if device_type == "cuda" else "cpu",
         checkpointing=train.activation_checkpointing, **fields,
+    )  # fmt: skip
+
+
+def finetune_workload(cfg: Any, model_cfg: DecoderConfig, device_type: str) -> Workload:
+    """What a fine-tune (a ``FinetuneConfig``) runs, for the estimator (``lmforge estimate
+    --config``) and the planner (``train.memory_budget``): micro-batch, accumulation, row length,
+    precision, checkpointing, optimizer, method and adapters (``lora.targets`` in lmforge's
+    module names, mapped by ``lora_terms``). A ValueError names a target it does not know."""
+    lora = cfg.lora
+    return train_workload(
+        cfg.train, cfg.optim, cfg.row_length(model_cfg), device_type, method=cfg.method,
+        lora_rank=lora.rank, lora_targets=lora_terms(lora.targets), lora_dropout=lora.dropout,
+        qlora_double_quant=lora.double_quant, train_blocks=lora.train_blocks,
+        train_norms=lora.train_norms, train_embeddings=lora.train_embeddings,
     )  # fmt: skip
 
 

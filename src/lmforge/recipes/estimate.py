@@ -29,7 +29,14 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lmforge.config import CONFIG_DIR, Section, read_yaml, resolve_config_path, validate_config
+from lmforge.config import (
+    CONFIG_DIR,
+    Section,
+    load_config,
+    read_yaml,
+    resolve_config_path,
+    validate_config,
+)
 from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
 from lmforge.plan.estimate import estimate, fmt_bytes
@@ -37,6 +44,7 @@ from lmforge.plan.hardware import DEFAULT_MFU, GPUS, hardware_table
 from lmforge.plan.workload import PeerPractice, Workload, lora_terms
 
 RECIPES = ("pretrain", "finetune")  # whose configs --config reads
+DEFAULT_CONFIG = "cpu_demo"  # no --config: the CPU pretrain demo (lmforge pretrain's default)
 
 
 class EstimateConfig(Section):
@@ -162,15 +170,16 @@ def config_kind(config_file: str) -> tuple[str, Path]:
     )
 
 
-def base_model_config(base: str | None, source: str) -> DecoderConfig:
-    """The model config of a fine-tune's ``base`` (lmforge checkpoint or run folder, Hugging
+def base_model_config(fc: Any, source: str) -> DecoderConfig:
+    """The model config of a ``FinetuneConfig``'s ``base`` (lmforge checkpoint or run folder, Hugging
     Face folder or config.json, .gguf metadata), no weights read; null = the demo base."""
     from lmforge.checkpoint.store import find_checkpoint
     from lmforge.errors import CheckpointError
-    from lmforge.recipes.finetune import DEMO_BASE_MODEL
 
-    if base is None:  # finetune pretrains this first; its tokenizer has 512 tokens
-        return validate_config(DecoderConfig, DEMO_BASE_MODEL | {"vocab_size": 512}, "demo base")
+    base = fc.base
+    if base is None:  # finetune pretrains this first, with its own small tokenizer
+        demo = fc.demo_base.MODEL | {"vocab_size": fc.demo_base.VOCAB_SIZE}
+        return validate_config(DecoderConfig, demo, "demo base")
     try:
         path = find_checkpoint(base)  # run folder → its checkpoint; .gguf; pkg:...
     except CheckpointError:
@@ -191,7 +200,11 @@ def resolve(
     optimizer, checkpointing, method and adapters, memory budget) ← overrides. Returns the
     model config, the workload, the options (fit / memory_allow filled from the config) and what
     the config was: "pretrain", "finetune" or "model" (``--model`` alone)."""
-    from lmforge.plan.autofit import train_workload
+    # --config files are the pretrain and fine-tune recipes' own: their config classes parse
+    # them (imported here, not at the top: ``lmforge estimate --help`` needs neither)
+    from lmforge.plan.autofit import finetune_workload, train_workload
+    from lmforge.recipes.finetune import FinetuneConfig
+    from lmforge.recipes.pretrain import PretrainConfig
 
     ours = {k: v for k, v in overrides.items() if k in EstimateConfig.model_fields or k == "json"}
     rest = {k: v for k, v in overrides.items() if k not in ours}
@@ -204,21 +217,19 @@ def resolve(
         kind, cfg = "model", load_model_config(est.model)
         w = Workload(seq=cfg.context_length, precision="bf16-mixed", device=est.device)
     elif kind == "finetune":
-        from lmforge.config import load_config
-        from lmforge.recipes.finetune import FinetuneConfig, memory_workload
-
         fc = load_config(FinetuneConfig, config_file=str(path), overrides=rest, recipe="finetune")
         where = f"{path}{' + command-line overrides' if rest else ''}"
-        cfg = load_model_config(est.model) if est.model else base_model_config(fc.base, where)
+        cfg = load_model_config(est.model) if est.model else base_model_config(fc, where)
         try:
-            w = memory_workload(fc, cfg, est.device)
+            w = finetune_workload(fc, cfg, est.device)
         except ValueError as e:  # a lora.targets name the estimator does not know
             raise ConfigError(f"{where}: lora.targets: {e}") from None
         budget, allow = fc.train.memory_budget, fc.train.memory_allow
     else:
-        from lmforge.recipes.pretrain import resolve_config
-
-        pc = resolve_config(config_file, rest)
+        pc = load_config(
+            PretrainConfig, config_file=config_file or DEFAULT_CONFIG, overrides=rest,
+            recipe="pretrain",
+        )  # fmt: skip
         cfg = load_model_config(est.model) if est.model else pc.model
         if cfg.vocab_size is None:  # the tokenizer decides it; its target size is known
             cfg = cfg.model_copy(update={"vocab_size": pc.data.vocab_size})

@@ -24,7 +24,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -54,7 +54,6 @@ from lmforge.models.lora import (
     save_adapter,
     trainable_report,
 )
-from lmforge.plan.estimate import Workload
 from lmforge.train.device import setup_device
 from lmforge.train.forgetting import (
     Retained,
@@ -112,6 +111,12 @@ class DemoBaseConfig(Section):
     families: list[str] | None = Field(
         None, description="families in the pretraining text; null = suite.families"
     )
+    # The model it pretrains and its tokenizer's size: fixed, not options; here (not in a
+    # module constant) so that ``lmforge estimate`` reads them from the config it parses.
+    MODEL: ClassVar[dict[str, Any]] = dict(
+        arch="llama", context_length=96, n_layer=4, n_head=4, d_model=128, tie_embeddings=True
+    )
+    VOCAB_SIZE: ClassVar[int] = 512
 
 
 class FinetuneConfig(Section):
@@ -156,33 +161,9 @@ class FinetuneConfig(Section):
             raise ValueError("retain.replay_rows/ewc_lambda/l2sp_lambda need retain.path")
         return self
 
-
-# The model ``demo_base`` pretrains (its tokenizer: 512 tokens).
-DEMO_BASE_MODEL = dict(
-    arch="llama", context_length=96, n_layer=4, n_head=4, d_model=128, tie_embeddings=True
-)
-
-
-def train_context(cfg: FinetuneConfig, model_cfg: DecoderConfig) -> int:
-    """Tokens per training row: ``context_length``, else min(the model's context, 512)."""
-    return cfg.context_length or min(model_cfg.context_length, 512)
-
-
-def memory_workload(cfg: FinetuneConfig, model_cfg: DecoderConfig, device_type: str) -> Workload:
-    """What this fine-tune runs, for the memory estimator (``lmforge estimate --config``) and
-    planner (``train.memory_budget``): micro-batch, accumulation, row length, precision,
-    checkpointing, optimizer, method and adapters (lora.targets, lmforge's module names, mapped
-    by ``plan.estimate.lora_terms``)."""
-    from lmforge.plan.autofit import train_workload
-    from lmforge.plan.estimate import lora_terms
-
-    lora = cfg.lora
-    return train_workload(
-        cfg.train, cfg.optim, train_context(cfg, model_cfg), device_type, method=cfg.method,
-        lora_rank=lora.rank, lora_targets=lora_terms(lora.targets), lora_dropout=lora.dropout,
-        qlora_double_quant=lora.double_quant, train_blocks=lora.train_blocks,
-        train_norms=lora.train_norms, train_embeddings=lora.train_embeddings,
-    )  # fmt: skip
+    def row_length(self, model_cfg: DecoderConfig) -> int:
+        """Tokens per training row: ``context_length``, else min(the model's context, 512)."""
+        return self.context_length or min(model_cfg.context_length, 512)
 
 
 def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
@@ -212,9 +193,13 @@ def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
     pcfg = PretrainConfig.model_validate(
         dict(
             data=dict(
-                path=str(text_path), vocab_size=512, near_dedup=False, dedup=False, num_workers=1
+                path=str(text_path),
+                vocab_size=DemoBaseConfig.VOCAB_SIZE,
+                near_dedup=False,
+                dedup=False,
+                num_workers=1,
             ),
-            model=DEMO_BASE_MODEL,
+            model=DemoBaseConfig.MODEL,
             train=dict(
                 max_steps=cfg.demo_base.steps,
                 batch_size=16,
@@ -273,11 +258,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model, tokenizer, base_ckpt = load_for_inference(base, device)
     fmt = ChatFormat.for_checkpoint(base_ckpt, tokenizer)
     log.info("base %s; chat template: %s", base_ckpt, fmt.source)
-    context = train_context(cfg, model.cfg)
+    context = cfg.row_length(model.cfg)
     if cfg.train.memory_budget:  # micro-batch, accumulation, checkpointing (+ allowed changes)
-        from lmforge.plan.autofit import apply_memory_budget
+        from lmforge.plan.autofit import apply_memory_budget, finetune_workload
 
-        w = memory_workload(cfg, model.cfg, device.type)
+        w = finetune_workload(cfg, model.cfg, device.type)
         train, plan = apply_memory_budget(cfg.train, w, model.cfg, device.type, run_dir, True)
         cfg = cfg.model_copy(update={"train": train, "method": plan["method"]})
         save_config(cfg, run_dir / "config.yaml")  # the values that run
