@@ -171,8 +171,9 @@ def config_kind(config_file: str) -> tuple[str, Path]:
 
 
 def base_model_config(fc: Any, source: str) -> DecoderConfig:
-    """The model config of a ``FinetuneConfig``'s ``base`` (lmforge checkpoint or run folder, Hugging
-    Face folder or config.json, .gguf metadata), no weights read; null = the demo base."""
+    """The model config of a ``FinetuneConfig``'s ``base`` (lmforge checkpoint or run folder,
+    Hugging Face folder or config.json, .gguf metadata), no weights read; null = the demo base
+    (``DemoBaseConfig.MODEL``)."""
     from lmforge.checkpoint.store import find_checkpoint
     from lmforge.errors import CheckpointError
 
@@ -349,7 +350,8 @@ def run(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(
                 "memory_allow: 'method' applies to fine-tune configs, not pretraining"
             )
-        option = "--fit" if overrides.get("fit") else f"{config_file} train.memory_budget"
+        from_config = f"{config_file or DEFAULT_CONFIG}: train.memory_budget"
+        option = "--fit" if overrides.get("fit") else from_config
         report["plan"] = plan_fit(
             cfg, w, budget_bytes(est.fit, w.device, option), w.batch * w.grad_accum, allow=allow,
             could_allow=could, peer=peer,
