@@ -18,7 +18,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from lmforge.errors import ConfigError
 from lmforge.models.decoder import DecoderConfig
@@ -52,22 +52,28 @@ def _describe(w: Workload) -> str:
     )
 
 
+class _Option(NamedTuple):
+    need: float  # predicted peak + runtime overhead, bytes
+    speed: float  # relative tokens per second (see ``_options``)
+    preference: int  # at equal speed: none (2) over selective (1) over full (0)
+    workload: Workload
+
+
 def _options(
     cfg: DecoderConfig, w: Workload, global_batch: int, peer: PeerPractice
-) -> list[tuple[Any, ...]]:
-    """(predicted need, speed, checkpointing preference, workload) of every micro-batch x
-    checkpointing option of ``w``'s precision and method."""
+) -> list[_Option]:
+    """Every micro-batch x checkpointing option of ``w``'s precision and method."""
     out = []
-    for mb in (d for d in range(1, global_batch + 1) if global_batch % d == 0):
-        for pref, ac in enumerate(("full", "selective", "none")):
-            ww = replace(w, batch=mb, grad_accum=global_batch // mb, checkpointing=ac)
-            est = estimate(cfg, ww, peer)
+    for micro in (d for d in range(1, global_batch + 1) if global_batch % d == 0):
+        for preference, mode in enumerate(("full", "selective", "none")):
+            option = replace(w, batch=micro, grad_accum=global_batch // micro, checkpointing=mode)
+            est = estimate(cfg, option, peer)
             # throughput: FLOPs/token (x4/3 with full checkpointing, not with selective, which
             # reruns only pointwise ops) and b/(b+1) of the large-batch speed for a micro-batch
             # of b (launch and per-step overhead; a rough, stated assumption). At equal speed:
             # none over selective over full, then the smaller peak.
-            speed = (mb / (mb + 1)) / flops_per_token(cfg, w.seq, ac)
-            out.append((est.peak + est.runtime_overhead, speed, pref, ww))
+            speed = (micro / (micro + 1)) / flops_per_token(cfg, w.seq, mode)
+            out.append(_Option(est.peak + est.runtime_overhead, speed, preference, option))
     return out
 
 
@@ -103,12 +109,12 @@ def plan_fit(
     for method in methods:
         for prec in precisions:
             options = _options(cfg, replace(w, method=method, precision=prec), global_batch, peer)
-            fitting = [o for o in options if o[0] <= usable]
+            fitting = [o for o in options if o.need <= usable]
             if not fitting:
-                smallest = min(options, key=lambda o: o[0])
-                rungs.append((method, prec, smallest[0], smallest[3]))
+                smallest = min(options, key=lambda o: o.need)
+                rungs.append((method, prec, smallest.need, smallest.workload))
                 continue
-            need, _, _, best = max(fitting, key=lambda o: (o[1], o[2], -o[0]))
+            need, _, _, best = max(fitting, key=lambda o: (o.speed, o.preference, -o.need))
             changes = []
             tried = ", ".join(f"{m} {p} needs {fmt_bytes(n)}" for m, p, n, _ in rungs)
             why = f"nothing fits otherwise (smallest option: {tried}; usable {fmt_bytes(usable)})"
