@@ -12,16 +12,15 @@ import pytest
 import torch
 
 from lmforge.interop.hf import export_hf
+from lmforge.interop.peft import load_adapter, save_adapter
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.lora import (
     LoraConfig,
     apply_lora,
     bf16_frozen_base,
     freeze,
-    load_adapter,
     merge_lora,
     quantize_nf4,
-    save_adapter,
     trainable_report,
 )
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
@@ -26,6 +25,7 @@ from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer, special_token_ids
 from lmforge.errors import CheckpointError
+from lmforge.interop.safetensors_folder import read_tensors, weight_files
 from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.layers import RotaryEmbedding
 
@@ -321,30 +321,6 @@ def hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        if missing := [f.name for f in files if not f.is_file()]:
-            raise CheckpointError(f"{folder}: shards listed in {index.name} are missing: {missing}")
-        return files
-    pickled = [p.name for p in folder.glob("*.bin")]
-    hint = f"; found {pickled}, but pickle files are never loaded" if pickled else ""
-    raise CheckpointError(f"{folder}: model.safetensors (or its .index.json) is missing{hint}")
-
-
-def _read_safetensors(files: list[Path], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every file, one tensor in memory at a time."""
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                full = name if name.startswith((prefix, "lm_head.")) else prefix + name
-                yield full, f.get_tensor(name)
-
-
 def load_hf(
     folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Decoder, Tokenizer | None]:
@@ -360,7 +336,7 @@ def load_hf(
     family = FAMILIES[hf["model_type"]]
     # a tied checkpoint may still store lm_head.weight: transformers ignores it, and so do we
     ignored = family.ignored + (("lm_head.weight",) if cfg.tie_embeddings else ())
-    tensors = _read_safetensors(_weight_files(folder), family.prefix)
+    tensors = read_tensors(weight_files(folder), family.prefix, keep=("lm_head.",))
     model = empty_decoder(cfg)
     fill_decoder(model, family.key_map(cfg), tensors, str(folder), device, dtype, ignored)
     tok_path = folder / "tokenizer.json"
