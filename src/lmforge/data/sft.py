@@ -30,7 +30,7 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from lmforge.config import Section, package_path
-from lmforge.data.tokenizer import EOS_ALIASES, eos_id
+from lmforge.data.tokenizer import EOS_ALIASES, eos_id, special_tokens
 from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,11 @@ class ChatFormat:
                 template, source = cfg["chat_template"], str(cfg_path)
             tok = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
             eos_tok, bos_tok = tok(cfg.get("eos_token")), tok(cfg.get("bos_token"))
+        # Tokens the template renders as bos_token/eos_token: those the tokenizer declares
+        # (special_tokens) unless the checkpoint's tokenizer_config.json names them.
+        special = special_tokens(tokenizer)
+        name = lambda i: tokenizer.id_to_token(i) if i is not None else None  # noqa: E731
+        eos_tok, bos_tok = eos_tok or name(special.eos), bos_tok or name(special.bos)
         if template is None:
             return cls.chatml(tokenizer)
         # The end of an assistant turn: ChatML's marker if the template uses it, else the EOS.
@@ -293,6 +298,8 @@ class ChatFormat:
         """Ids generation stops at: the end of an assistant turn, the end of text, and the
         ``eos_token_id`` list of the checkpoint's ``generation_config.json`` (Llama 3 lists two)."""
         ids = {self.end_of_turn}
+        if (eos := special_tokens(self.tokenizer).eos) is not None:
+            ids.add(eos)
         for name in (self.eos_token, *EOS_ALIASES, "<|eot_id|>"):
             found = self.tokenizer.token_to_id(name) if name else None
             if found is not None:

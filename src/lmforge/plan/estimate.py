@@ -140,13 +140,13 @@ def count_params(cfg: DecoderConfig) -> ParamCounts:
     C, F, V = cfg.d_model, cfg.ff_width, cfg.vocab_size or 0
     hd = C // cfg.n_head
     kvd = cfg.kv_heads * hd
-    b, qb = int(bool(cfg.bias)), int(bool(cfg.qkv_bias))
+    b, qb, mb = int(bool(cfg.bias)), int(bool(cfg.qkv_bias)), int(bool(cfg.mlp_bias))
     lin = {"q": C * C + qb * C, "k": C * kvd + qb * kvd, "v": C * kvd + qb * kvd}
     lin["o"] = C * C + b * C
     if cfg.mlp == "swiglu":
-        lin |= {"gate": C * F + b * F, "up": C * F + b * F, "down": F * C + b * C}
+        lin |= {"gate": C * F + mb * F, "up": C * F + mb * F, "down": F * C + mb * C}
     else:
-        lin |= {"fc": C * F + b * F, "down": F * C + b * C}
+        lin |= {"fc": C * F + mb * F, "down": F * C + mb * C}
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     emb = V * C + (cfg.context_length * C if cfg.positions == "learned" else 0)
     return ParamCounts(emb, 0 if cfg.tie_embeddings else V * C, lin, 2 * norm, norm, cfg.n_layer)
