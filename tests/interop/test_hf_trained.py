@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from lmforge.checkpoint.store import load_for_inference
 from lmforge.cli import main
-from lmforge.data.sft import ChatFormat
+from lmforge.data.chat_template import ChatFormat
 from lmforge.data.tokenizer import SpecialTokens, special_tokens
 from lmforge.generate import generate_tokens
 from lmforge.interop.hf import export_hf

@@ -2,8 +2,7 @@
 
 read_conversations   Alpaca / OpenAI ``messages`` / ShareGPT records (JSON or JSONL) → messages,
                      every record validated; errors name file:line and field
-ChatFormat           the checkpoint's own Jinja chat template (sandboxed, as transformers renders
-                     it) or ChatML; renders and encodes conversations, marks the assistant tokens
+                     (conversations → token ids and loss mask: ``data/chat_template.py``)
 encode_examples      conversations → (ids, trained) arrays, with the stated truncation policy
 SFTBatches           endless (x, y, {"segments"}) batches, documents packed into rows with
                      per-document attention, exact-resume cursor — the TokenBatches interface
@@ -27,26 +26,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import Field
-from tokenizers import Tokenizer
 
 from lmforge.config import Section, package_path
-from lmforge.data.tokenizer import EOS_ALIASES, eos_id, special_tokens
+from lmforge.data.chat_template import ChatFormat, Message
 from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"}
 SHAREGPT_ROLES["assistant"] = "assistant"
-
-# ChatML (OpenAI; Qwen, SmolLM2 use it). END is replaced by the end-of-turn token.
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + 'END' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 class SFTDataConfig(Section):
@@ -211,165 +200,6 @@ def read_conversations(
     return convs, problems
 
 
-# ---- chat template ------------------------------------------------------------------------------
-
-
-def _jinja_env():
-    """Jinja2 as transformers renders chat templates: sandboxed, immutable, trimmed blocks."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = raise_exception
-    return env
-
-
-@dataclass
-class ChatFormat:
-    """A chat template bound to a tokenizer. ``end_of_turn`` is the id generation stops at."""
-
-    tokenizer: Tokenizer
-    template: str
-    end_of_turn: int
-    bos_token: str = ""
-    eos_token: str = ""
-    source: str = "ChatML"
-
-    def __post_init__(self) -> None:
-        self._compiled = _jinja_env().from_string(self.template)
-
-    @classmethod
-    def chatml(cls, tokenizer: Tokenizer) -> ChatFormat:
-        """ChatML. A tokenizer without ``<|im_end|>`` (lmforge's own BPE) ends turns with its EOS
-        token instead, so the end of a turn is one token; ``<|im_start|>`` is then plain text."""
-        end = tokenizer.token_to_id("<|im_end|>")
-        end_tok = "<|im_end|>" if end is not None else tokenizer.id_to_token(eos_id(tokenizer))
-        return cls(tokenizer, CHATML.replace("END", end_tok), tokenizer.token_to_id(end_tok))
-
-    @classmethod
-    def for_checkpoint(cls, path: str | Path, tokenizer: Tokenizer) -> ChatFormat:
-        """The checkpoint's own template (tokenizer_config.json, chat_template.jinja or GGUF
-        metadata), else ChatML."""
-        path = Path(path)
-        template, eos_tok, bos_tok, source = None, None, None, "ChatML"
-        if path.suffix == ".gguf" and path.is_file():
-            from gguf import GGUFReader
-
-            fields = GGUFReader(str(path)).fields
-            if "tokenizer.chat_template" in fields:
-                template, source = fields["tokenizer.chat_template"].contents(), f"{path} (GGUF)"
-            if "tokenizer.ggml.eos_token_id" in fields:
-                eos_tok = tokenizer.id_to_token(
-                    int(fields["tokenizer.ggml.eos_token_id"].contents())
-                )
-        elif path.is_dir():
-            cfg_path = path / "tokenizer_config.json"
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-            if (path / "chat_template.jinja").is_file():
-                template, source = (
-                    (path / "chat_template.jinja").read_text(),
-                    str(path / "chat_template.jinja"),
-                )
-            elif isinstance(cfg.get("chat_template"), str):
-                template, source = cfg["chat_template"], str(cfg_path)
-            tok = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-            eos_tok, bos_tok = tok(cfg.get("eos_token")), tok(cfg.get("bos_token"))
-        # Tokens the template renders as bos_token/eos_token: those the tokenizer declares
-        # (special_tokens) unless the checkpoint's tokenizer_config.json names them.
-        special = special_tokens(tokenizer)
-        name = lambda i: tokenizer.id_to_token(i) if i is not None else None  # noqa: E731
-        eos_tok, bos_tok = eos_tok or name(special.eos), bos_tok or name(special.bos)
-        if template is None:
-            return cls.chatml(tokenizer)
-        # The end of an assistant turn: ChatML's marker if the template uses it, else the EOS.
-        end_tok = "<|im_end|>" if "<|im_end|>" in template else eos_tok
-        end = tokenizer.token_to_id(end_tok) if end_tok else None
-        if end is None:
-            end = eos_id(tokenizer)
-        return cls(tokenizer, template, end, bos_tok or "", eos_tok or "", source)
-
-    def stop_ids(self, path: str | Path | None = None) -> set[int]:
-        """Ids generation stops at: the end of an assistant turn, the end of text, and the
-        ``eos_token_id`` list of the checkpoint's ``generation_config.json`` (Llama 3 lists two)."""
-        ids = {self.end_of_turn}
-        if (eos := special_tokens(self.tokenizer).eos) is not None:
-            ids.add(eos)
-        for name in (self.eos_token, *EOS_ALIASES, "<|eot_id|>"):
-            found = self.tokenizer.token_to_id(name) if name else None
-            if found is not None:
-                ids.add(found)
-        gen = Path(path) / "generation_config.json" if path is not None else None
-        if gen is not None and gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids |= {int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
-        return ids
-
-    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
-        return self._compiled.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
-
-    def encode(
-        self, messages: list[Message], train_on_prompt: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, trained): int32 (n,) token ids and bool (n,) True where the loss counts.
-
-        The rendered text is cut at assistant-turn edges (found by rendering each prefix with
-        and without the generation prompt) and each piece is encoded alone, so a prompt
-        encodes exactly as ``prompt_ids`` encodes it at inference time.
-        """
-        full = self.render(messages)
-        pieces: list[tuple[str, bool]] = []
-        done = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(self.render(messages[:i], add_generation_prompt=True))
-            end = len(self.render(messages[: i + 1]))
-            if not (full[:start] == self.render(messages[:i], True) and start >= done):
-                raise DataError(
-                    f"chat template ({self.source}) does not render conversations as growing "
-                    "prefixes, so assistant tokens cannot be located; use a ChatML-like template"
-                )
-            pieces += [(full[done:start], train_on_prompt), (full[start:end], True)]
-            done = end
-        pieces.append((full[done:], train_on_prompt))
-        ids, trained = [], []
-        for text, train in pieces:
-            piece = self._encode(text)
-            ids += piece
-            trained += [train] * len(piece)
-        return np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool)
-
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """Token ids to generate the next assistant turn from (history + generation prompt)."""
-        history = [*messages, {"role": "assistant", "content": "x"}]
-        ids, trained = self.encode(history)
-        return [int(t) for t in ids[: _last_prompt_end(trained)]]
-
-
-def _last_prompt_end(trained: np.ndarray) -> int:
-    """Index where the last run of trained tokens starts (the end of the final prompt)."""
-    i = len(trained)
-    while i > 0 and not trained[i - 1]:
-        i -= 1
-    while i > 0 and trained[i - 1]:
-        i -= 1
-    return i
-
-
 # ---- examples and batches -----------------------------------------------------------------------
 
 
@@ -379,6 +209,32 @@ class EncodeStats:
     truncated: int = 0
     dropped: int = 0
     trained_tokens: int = 0
+    conversations: int = 0  # read in
+    too_long: int = 0  # longer than a row (context + 1 tokens), cut or dropped
+    cut_to_nothing: int = 0  # right-truncated before their first trained token, so dropped
+    longest: int = 0  # tokens of the longest conversation
+    context: int = 0
+    truncation: str = "right"
+
+    def why_empty(self) -> str:
+        """Why no example is left, and which setting to change (for the error message)."""
+        row = f"context_length={self.context}: rows of {self.context + 1} tokens"
+        if not self.too_long:
+            return (
+                f"none of the {self.conversations} conversations has an assistant token to "
+                "train on (set data.train_on_prompt=true to train on the prompts too)"
+            )
+        how = (
+            "data.truncation=drop dropped them (set data.truncation=right to cut them instead)"
+            if self.truncation == "drop"
+            else f"data.truncation=right cut {self.cut_to_nothing} of them before their first "
+            "assistant token"
+        )
+        return (
+            f"{self.too_long} of {self.conversations} conversations are longer than a row "
+            f"({row}; the longest has {self.longest} tokens) and {how}; raise context_length "
+            f"to {self.longest - 1} (at most the model's context length) or shorten the examples"
+        )
 
 
 def encode_examples(
@@ -389,10 +245,14 @@ def encode_examples(
     truncation: str = "right",
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], EncodeStats]:
     """Conversations → (ids, trained) examples of at most ``context + 1`` tokens each."""
-    out, stats = [], EncodeStats()
+    out = []
+    stats = EncodeStats(conversations=len(convs), context=context, truncation=truncation)
     for conv in convs:
         ids, trained = fmt.encode(conv, train_on_prompt)
-        if len(ids) > context + 1:
+        stats.longest = max(stats.longest, len(ids))
+        cut = len(ids) > context + 1
+        if cut:
+            stats.too_long += 1
             if truncation == "drop":
                 stats.dropped += 1
                 continue
@@ -400,6 +260,7 @@ def encode_examples(
             stats.truncated += 1
         if not trained[1:].any():  # the first token is never a target
             stats.dropped += 1
+            stats.cut_to_nothing += cut
             continue
         out.append((ids, trained))
         stats.trained_tokens += int(trained[1:].sum())
@@ -434,9 +295,12 @@ class SFTBatches:
         seed: int,
         pad_id: int,
         pack: bool = True,
+        stats: EncodeStats | None = None,
     ) -> None:
+        """``stats``: what ``encode_examples`` reported, to say why no example is left."""
         if not examples:
-            raise DataError("no SFT examples to train on")
+            why = f": {stats.why_empty()}" if stats is not None else ""
+            raise DataError(f"no SFT examples to train on{why}")
         too_long = [len(ids) for ids, _ in examples if len(ids) > context + 1]
         assert not too_long, f"examples longer than context + 1: {too_long[:3]}"
         self.examples, self.context, self.batch_size = examples, int(context), int(batch_size)

@@ -32,10 +32,10 @@ from pydantic import Field, model_validator
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
+from lmforge.data.chat_template import ChatFormat
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
-    ChatFormat,
     MixedBatches,
     SFTBatches,
     SFTDataConfig,
@@ -291,6 +291,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg.train.seed,
         pad_id=_pad(tokenizer),
         pack=cfg.data.pack,
+        stats=stats,
     )
 
     retained = (

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import load_for_inference
-from lmforge.data.sft import ChatFormat
+from lmforge.data.chat_template import ChatFormat
 from lmforge.data.tokenizer import special_tokens
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.train.device import resolve_device

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference
 from lmforge.config import Section, to_yaml
-from lmforge.data.sft import ChatFormat
+from lmforge.data.chat_template import ChatFormat
 from lmforge.errors import CheckpointError
 from lmforge.interop.peft import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from lmforge.models.decoder import Decoder
