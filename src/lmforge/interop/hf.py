@@ -25,21 +25,10 @@ from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import declare_special_tokens, load_tokenizer, special_token_ids
 from lmforge.errors import CheckpointError
+from lmforge.interop.key_map import KeyMap, Source
 from lmforge.interop.safetensors_folder import read_tensors, weight_files
 from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.layers import RotaryEmbedding
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one lmforge tensor lives in a Hugging Face checkpoint."""
-
-    names: tuple[str, ...]  # HF tensors, concatenated along dim 0 in this order
-    rows: tuple[int, ...] = ()  # rows of each name, to split on export (when len(names) > 1)
-    transpose: bool = False  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-
-
-KeyMap = dict[str, Source]
 
 # lmforge module in a block → (GPT-2 module, is a Conv1D). c_attn is already fused [q; k; v].
 GPT2_BLOCK = {

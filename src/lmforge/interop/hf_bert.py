@@ -22,7 +22,7 @@ from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
-from lmforge.interop.hf import KeyMap, Source
+from lmforge.interop.key_map import KeyMap, Source
 from lmforge.interop.safetensors_folder import read_tensors, weight_files
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 
