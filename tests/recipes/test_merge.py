@@ -5,6 +5,7 @@ the unmerged model's logits."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,28 @@ def test_corrupt_adapter_config_names_the_file(setup, tmp_path: Path, capsys) ->
     args = ["merge", f"--base={base}", f"--adapter={broken}", f"--out_dir={tmp_path / 'm'}"]
     assert main(args) == 2
     assert str(broken / "adapter_config.json") in capsys.readouterr().err
+
+
+def test_recorded_base_matches_as_resolved_or_by_hub_name(setup, tmp_path: Path) -> None:
+    """A recorded run folder means its latest checkpoint; a recorded hub id (not a path here)
+    matches a local folder of the same last name; another name does not."""
+    from lmforge.interop.peft import ADAPTER_CONFIG
+    from lmforge.recipes.merge import check_adapter_base
+
+    base, _, adapter, _ = setup
+    copy = tmp_path / "adapter"
+    copy.mkdir()
+    for f in adapter.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    conf = json.loads((copy / ADAPTER_CONFIG).read_text())
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step-000010")
+    (run / "checkpoints" / "step-000010").symlink_to(base)
+    for recorded, ok in ((str(run), True), ("org/base", True), ("org/other-model", False)):
+        (copy / ADAPTER_CONFIG).write_text(json.dumps(conf | {"base_model_name_or_path": recorded}))
+        if ok:
+            check_adapter_base(copy, base)
+        else:
+            with pytest.raises(CheckpointError, match="org/other-model"):
+                check_adapter_base(copy, base)

@@ -22,7 +22,7 @@ from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference
 from lmforge.config import Section, to_yaml
 from lmforge.data.chat_template import ChatFormat
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.interop.peft import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from lmforge.models.decoder import Decoder
 from lmforge.models.lora import merge_lora
@@ -65,11 +65,9 @@ def _same_base(recorded: str, base: Path) -> bool:
     checkpoint). A recorded hub id (``org/name``, not a path here) matches a local folder of
     the same last name, the usual layout of a downloaded model."""
     try:
-        if find_checkpoint(recorded).resolve() == base.resolve():
-            return True
-    except Exception:  # not a checkpoint on this machine: compare names
+        return find_checkpoint(recorded).resolve() == base.resolve()
+    except (CheckpointError, ConfigError):  # not a checkpoint on this machine: compare names
         return Path(recorded).name == base.name and not Path(recorded).exists()
-    return False
 
 
 def check_adapter_base(adapter_dir: str | Path, base: Path) -> None:
