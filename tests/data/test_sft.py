@@ -12,12 +12,11 @@ import torch
 from tokenizers import AddedToken
 
 from lmforge.data.chat_template import ChatFormat
+from lmforge.data.conversations import read_conversations, to_messages
 from lmforge.data.instructions import make_suite, write_jsonl
 from lmforge.data.sft import (
     SFTBatches,
     encode_examples,
-    read_conversations,
-    to_messages,
 )
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import DataError

@@ -33,6 +33,7 @@ from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.chat_template import ChatFormat
+from lmforge.data.conversations import read_conversations
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
@@ -40,7 +41,6 @@ from lmforge.data.sft import (
     SFTBatches,
     SFTDataConfig,
     encode_examples,
-    read_conversations,
 )
 from lmforge.data.tokenizer import EOS, pad_id
 from lmforge.eval.metrics import final_number_match
