@@ -163,7 +163,7 @@ def _finetune(config_file: str | None, overrides: dict[str, Any]) -> int:
 
 
 def _merge(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.finetune import MergeConfig, merge
+    from lmforge.recipes.merge import MergeConfig, merge
 
     cfg = load_config(MergeConfig, config_file=config_file, overrides=overrides, recipe="merge")
     print(merge(cfg))
@@ -235,7 +235,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "merge": Command(
         "fold a LoRA/DoRA adapter into its base and write a checkpoint folder",
-        _config_of("lmforge.recipes.finetune", "MergeConfig"),
+        _config_of("lmforge.recipes.merge", "MergeConfig"),
         _merge,
     ),
     "chat": Command(

@@ -11,13 +11,12 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
+from lmforge.data.chat_template import ChatFormat
+from lmforge.data.conversations import read_conversations, to_messages
 from lmforge.data.instructions import make_suite, write_jsonl
 from lmforge.data.sft import (
-    ChatFormat,
     SFTBatches,
     encode_examples,
-    read_conversations,
-    to_messages,
 )
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import DataError
@@ -257,3 +256,19 @@ def test_question_answer_records_read_as_one_exchange() -> None:
     convs, problems = read_conversations("pkg:lmforge/data/corpora/gsm8k_test_250.jsonl")
     assert len(convs) == 250 and not problems
     assert package_path("pkg:lmforge/data/corpora/gsm8k_train_1k.jsonl").is_file()
+
+
+@pytest.mark.parametrize("truncation", ["right", "drop"])
+def test_no_examples_left_says_why_and_what_to_set(chat_tok, truncation: str) -> None:
+    """Every conversation longer than the row: the error counts them, gives the longest and
+    names the settings to change (context_length, data.truncation)."""
+    fmt = ChatFormat.chatml(chat_tok)
+    n = len(fmt.encode(CONV)[0])
+    ex, stats = encode_examples([CONV, CONV], fmt, context=8, truncation=truncation)
+    assert ex == [] and (stats.too_long, stats.longest, stats.dropped) == (2, n, 2)
+    with pytest.raises(DataError) as err:
+        SFTBatches(ex, 8, batch_size=2, seed=0, pad_id=0, stats=stats)
+    msg = str(err.value)
+    assert msg.startswith("no SFT examples to train on: 2 of 2 conversations are longer")
+    assert f"the longest has {n} tokens" in msg and f"raise context_length to {n - 1}" in msg
+    assert f"data.truncation={truncation}" in msg

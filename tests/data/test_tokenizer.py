@@ -11,13 +11,16 @@ from lmforge.data.tokenizer import (
     BOS,
     EOS,
     PAD,
+    SpecialTokens,
     bos_id,
     chunkable,
+    declare_special_tokens,
     eos_id,
     load_tokenizer,
     pad_id,
     save_tokenizer,
     special_token_ids,
+    special_tokens,
     tokenizer_sha256,
     train_tokenizer,
 )
@@ -115,3 +118,19 @@ def test_chunkable_only_for_plain_byte_level_bpe(tok):
     prefixed = Tokenizer.from_str(tok.to_str())
     prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     assert not chunkable(prefixed)
+
+
+def test_declared_special_tokens_win_over_known_names():
+    """A tokenizer with both GPT-2's and SentencePiece's names: guessing by name picks the first
+    known one; what its files declare (recorded by the loader) wins, a role left undeclared is
+    still guessed, and a role nothing provides is None (an error only where it is required)."""
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<|endoftext|>", "<s>", "</s>"])
+    assert special_tokens(tok) == SpecialTokens(bos=1, eos=0, pad=None)
+    declare_special_tokens(tok, {"eos": 2})
+    assert special_tokens(tok) == SpecialTokens(bos=1, eos=2, pad=None)
+    assert (bos_id(tok), eos_id(tok), special_token_ids(tok)) == (1, 2, {"bos": 1, "eos": 2})
+    with pytest.raises(DataError, match="no padding token"):
+        pad_id(tok)
+    with pytest.raises(AssertionError, match="outside"):
+        declare_special_tokens(tok, {"bos": 99})

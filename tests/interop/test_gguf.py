@@ -56,7 +56,9 @@ BLOCK = {
 }
 
 
-def write_tiny_gguf(path: Path, tied: bool) -> tuple[Any, Any]:
+def write_tiny_gguf(
+    path: Path, tied: bool, special: dict[str, int] | None = None
+) -> tuple[Any, Any]:
     """Write a random tiny HF Llama as llama.cpp's converter would, with a byte-level BPE
     tokenizer in the metadata. Returns (the transformers model, the tokenizers Tokenizer)."""
     text = "The quick brown fox jumps over the lazy dog 1234. " * 20 + "Zwölf 🙂"
@@ -98,6 +100,8 @@ def write_tiny_gguf(path: Path, tied: bool) -> tuple[Any, Any]:
     w.add_token_list(tokens)
     w.add_token_merges(merges)
     w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])  # 3 = control
+    for role, i in (special or {}).items():
+        getattr(w, f"add_{role}_token_id")(i)
     for name, p in model.state_dict().items():
         a = p.numpy()
         if name == "lm_head.weight" and tied:
@@ -229,3 +233,13 @@ def test_smollm2_generate_stops_at_end_of_turn(
     assert smollm["ref_tok"].decode(ref[-1:]) == "<|im_end|>"  # the reference stopped early
     assert text == smollm["ref_tok"].decode(ref[:-1])
     assert "<|im_end|>" not in text and "<|im_start|>" not in text
+
+
+def test_gguf_declared_special_tokens_win_over_names(tmp_path: Path) -> None:
+    """tokenizer.ggml.bos/eos_token_id (here not the ids lmforge's names give) are the ones
+    every lmforge user of the tokenizer sees."""
+    from lmforge.data.tokenizer import SpecialTokens, special_tokens
+
+    write_tiny_gguf(tmp_path / "t.gguf", tied=True, special={"bos": 1, "eos": 2})
+    _, tok = load_gguf(tmp_path / "t.gguf")
+    assert special_tokens(tok) == SpecialTokens(bos=1, eos=2, pad=2)

@@ -303,3 +303,33 @@ def test_cli_export_of_an_lmforge_checkpoint(tmp_path: Path) -> None:
     torch.testing.assert_close(logits_of(ref, ids), logits_of(model, ids), rtol=0, atol=ATOL)
     assert ckpt.name == "step-000001"
     assert main([*argv, "--format=onnx", f"--out_dir={tmp_path / 'o'}"]) == 2  # not yet
+
+
+def test_declared_special_tokens_are_read_as_transformers_reads_them(tmp_path: Path) -> None:
+    """special_tokens_map.json over tokenizer_config.json (strings or AddedToken objects), then
+    generation_config.json over config.json ids; a declared token the vocab lacks is skipped;
+    transformers agrees on the tokenizer's part."""
+    from tokenizers import Tokenizer, models
+
+    from lmforge.interop.hf import declared_special_tokens
+
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<s>", "</s>", "<eos>", "<pad>", "<unk>"])  # ids 0..4
+    write = lambda name, d: (tmp_path / name).write_text(json.dumps(d))  # noqa: E731
+    write("config.json", {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 4})
+    assert declared_special_tokens(tmp_path, tok) == {"bos": 1, "eos": 1, "pad": 4}
+    write("generation_config.json", {"bos_token_id": 0, "eos_token_id": [2, 1]})
+    assert declared_special_tokens(tmp_path, tok) == {"bos": 0, "eos": 2, "pad": 4}
+    eos = {"content": "</s>", "special": True, "__type": "AddedToken"}
+    write(
+        "tokenizer_config.json", {"bos_token": "<missing>", "eos_token": eos, "pad_token": "<pad>"}
+    )
+    assert declared_special_tokens(tmp_path, tok) == {"bos": 0, "eos": 1, "pad": 3}
+    write("special_tokens_map.json", {"bos_token": "<eos>", "eos_token": "<eos>"})
+    assert declared_special_tokens(tmp_path, tok) == {"bos": 2, "eos": 2, "pad": 3}
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<eos>", "<eos>", "<pad>")
+    (tmp_path / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        declared_special_tokens(tmp_path, tok)

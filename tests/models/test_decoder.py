@@ -254,3 +254,18 @@ def test_16bit_loss_under_torch_compile() -> None:
     loss_c = torch.compile(loss_of, backend="aot_eager")(compiled)  # dynamo traces the Function
     loss_c.backward()
     assert torch.equal(loss_c, loss_e) and torch.equal(compiled.grad, eager.grad)
+
+
+def test_bias_groups_are_independent_and_default_to_bias() -> None:
+    """q/k/v, attention output (+ LayerNorm) and MLP biases: each group its own switch (as Llama's
+    attention_bias / mlp_bias and Qwen2's q/k/v), unset ones resolved from ``bias``."""
+    cfg = tiny("llama", bias=True, mlp_bias=False)
+    assert (cfg.bias, cfg.qkv_bias, cfg.mlp_bias) == (True, True, False)
+    block = Decoder(cfg).blocks[0]
+    assert block.attn.qkv.bias is not None and block.attn.proj.bias is not None
+    assert all(getattr(block.mlp, n).bias is None for n in ("gate", "up", "proj"))
+    cfg = tiny("gpt2", bias=False, mlp_bias=True)
+    block = Decoder(cfg).blocks[0]
+    assert block.attn.proj.bias is None and block.norm1.bias is None
+    assert block.mlp.fc.bias is not None and block.mlp.proj.bias is not None
+    assert tiny("gpt2").mlp_bias is True and tiny("llama").mlp_bias is False

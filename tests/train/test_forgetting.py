@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.data.sft import ChatFormat
+from lmforge.data.chat_template import ChatFormat
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train.forgetting import (
     QA,

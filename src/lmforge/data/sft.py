@@ -1,9 +1,8 @@
-"""Supervised fine-tuning data: chat records → token ids with a loss mask → packed batches.
+"""Supervised fine-tuning data: conversations → token ids with a loss mask → packed batches.
 
-read_conversations   Alpaca / OpenAI ``messages`` / ShareGPT records (JSON or JSONL) → messages,
-                     every record validated; errors name file:line and field
-ChatFormat           the checkpoint's own Jinja chat template (sandboxed, as transformers renders
-                     it) or ChatML; renders and encodes conversations, marks the assistant tokens
+The steps before: records → messages in ``data/conversations.py``, messages → token ids and
+loss mask in ``data/chat_template.py`` (``ChatFormat``).
+
 encode_examples      conversations → (ids, trained) arrays, with the stated truncation policy
 SFTBatches           endless (x, y, {"segments"}) batches, documents packed into rows with
                      per-document attention, exact-resume cursor — the TokenBatches interface
@@ -18,35 +17,19 @@ example left without any trained token is dropped. Both are counted and reported
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
-from tokenizers import Tokenizer
 
-from lmforge.config import Section, package_path
-from lmforge.data.tokenizer import EOS_ALIASES, eos_id
+from lmforge.config import Section
+from lmforge.data.chat_template import ChatFormat, Message
 from lmforge.errors import DataError
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"}
-SHAREGPT_ROLES["assistant"] = "assistant"
-
-# ChatML (OpenAI; Qwen, SmolLM2 use it). END is replaced by the end-of-turn token.
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + 'END' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 class SFTDataConfig(Section):
@@ -78,291 +61,6 @@ class SFTDataConfig(Section):
     )
 
 
-# ---- records → messages ------------------------------------------------------------------------
-
-
-def _records(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON value) per record of a JSONL file or a JSON array file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    out: list[tuple[int, Any]] = []
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        # A JSON array, decoded element by element so each record knows its line.
-        dec, pos = json.JSONDecoder(), text.index("[") + 1 if "[" in text else 0
-        if not text.lstrip().startswith("["):
-            raise DataError(f"{path}:1: a .json file must hold an array of records")
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text) or text[pos] == "]":
-                return out
-            line = text.count("\n", 0, pos) + 1
-            try:
-                value, pos = dec.raw_decode(text, pos)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-            out.append((line, value))
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                out.append((i, DataError(f"{path}:{i}: not valid JSON ({e.msg})")))
-    return out
-
-
-def _text(value: Any, field: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{field}: expected a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"{field}: empty")
-    return value
-
-
-def to_messages(record: Any, fmt: str = "auto") -> list[Message]:
-    """One record → a list of {"role", "content"} messages; ValueError names the bad field."""
-    if not isinstance(record, dict):
-        raise ValueError(f"<record>: expected an object, got {type(record).__name__}")
-    if fmt == "auto":
-        fmt = next(
-            (
-                f
-                for f, key in (
-                    ("messages", "messages"),
-                    ("sharegpt", "conversations"),
-                    ("alpaca", "instruction"),
-                    ("qa", "question"),
-                )
-                if key in record
-            ),
-            "",
-        )
-        if not fmt:
-            raise ValueError(
-                "<record>: unknown format: expected keys messages (OpenAI), conversations "
-                f"(ShareGPT), instruction/output (Alpaca) or question/answer; got "
-                f"{sorted(record)[:6]}"
-            )
-    if fmt == "qa":
-        return [
-            {"role": "user", "content": _text(record.get("question"), "question")},
-            {"role": "assistant", "content": _text(record.get("answer"), "answer")},
-        ]
-    if fmt == "alpaca":
-        user = _text(record.get("instruction"), "instruction")
-        extra = _text(record.get("input", ""), "input", allow_empty=True)
-        msgs = [{"role": "user", "content": user + ("\n\n" + extra if extra.strip() else "")}]
-        msgs.append({"role": "assistant", "content": _text(record.get("output"), "output")})
-        if record.get("system"):
-            msgs.insert(0, {"role": "system", "content": _text(record["system"], "system")})
-        return msgs
-    key, role_key, content_key = (
-        ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
-    )
-    turns = record.get(key)
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{key}: expected a non-empty list of turns")
-    msgs = []
-    for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise ValueError(f"{where}: expected an object")
-        role = turn.get(role_key)
-        role = role if fmt == "messages" else SHAREGPT_ROLES.get(role, role)
-        if role not in ROLES:
-            raise ValueError(f"{where}.{role_key}: {role!r} is not one of {', '.join(ROLES)}")
-        if role == "system" and i > 0:
-            raise ValueError(f"{where}.{role_key}: a system message may only come first")
-        content = _text(
-            turn.get(content_key), f"{where}.{content_key}", allow_empty=role != "assistant"
-        )
-        msgs.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError(f"{key}: no assistant turn, so nothing to learn")
-    return msgs
-
-
-def read_conversations(
-    path: str | Path, fmt: str = "auto", on_error: str = "fail"
-) -> tuple[list[list[Message]], list[str]]:
-    """All records of ``path`` as message lists, and the problems of the skipped ones.
-
-    ``on_error="fail"`` raises DataError at the first bad record (``file:line: field: what``);
-    ``"skip"`` leaves it out and returns its message.
-    """
-    path = package_path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: SFT data file not found")
-    convs, problems = [], []
-    for line, value in _records(path):
-        try:
-            if isinstance(value, DataError):
-                raise value
-            convs.append(to_messages(value, fmt))
-        except (ValueError, DataError) as e:
-            msg = str(e) if isinstance(e, DataError) else f"{path}:{line}: {e}"
-            if on_error == "fail":
-                raise DataError(msg + " (set data.on_error=skip to skip bad records)") from None
-            problems.append(msg)
-    if not convs:
-        raise DataError(f"{path}: no usable records ({len(problems)} bad)")
-    return convs, problems
-
-
-# ---- chat template ------------------------------------------------------------------------------
-
-
-def _jinja_env():
-    """Jinja2 as transformers renders chat templates: sandboxed, immutable, trimmed blocks."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = raise_exception
-    return env
-
-
-@dataclass
-class ChatFormat:
-    """A chat template bound to a tokenizer. ``end_of_turn`` is the id generation stops at."""
-
-    tokenizer: Tokenizer
-    template: str
-    end_of_turn: int
-    bos_token: str = ""
-    eos_token: str = ""
-    source: str = "ChatML"
-
-    def __post_init__(self) -> None:
-        self._compiled = _jinja_env().from_string(self.template)
-
-    @classmethod
-    def chatml(cls, tokenizer: Tokenizer) -> ChatFormat:
-        """ChatML. A tokenizer without ``<|im_end|>`` (lmforge's own BPE) ends turns with its EOS
-        token instead, so the end of a turn is one token; ``<|im_start|>`` is then plain text."""
-        end = tokenizer.token_to_id("<|im_end|>")
-        end_tok = "<|im_end|>" if end is not None else tokenizer.id_to_token(eos_id(tokenizer))
-        return cls(tokenizer, CHATML.replace("END", end_tok), tokenizer.token_to_id(end_tok))
-
-    @classmethod
-    def for_checkpoint(cls, path: str | Path, tokenizer: Tokenizer) -> ChatFormat:
-        """The checkpoint's own template (tokenizer_config.json, chat_template.jinja or GGUF
-        metadata), else ChatML."""
-        path = Path(path)
-        template, eos_tok, bos_tok, source = None, None, None, "ChatML"
-        if path.suffix == ".gguf" and path.is_file():
-            from gguf import GGUFReader
-
-            fields = GGUFReader(str(path)).fields
-            if "tokenizer.chat_template" in fields:
-                template, source = fields["tokenizer.chat_template"].contents(), f"{path} (GGUF)"
-            if "tokenizer.ggml.eos_token_id" in fields:
-                eos_tok = tokenizer.id_to_token(
-                    int(fields["tokenizer.ggml.eos_token_id"].contents())
-                )
-        elif path.is_dir():
-            cfg_path = path / "tokenizer_config.json"
-            cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-            if (path / "chat_template.jinja").is_file():
-                template, source = (
-                    (path / "chat_template.jinja").read_text(),
-                    str(path / "chat_template.jinja"),
-                )
-            elif isinstance(cfg.get("chat_template"), str):
-                template, source = cfg["chat_template"], str(cfg_path)
-            tok = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
-            eos_tok, bos_tok = tok(cfg.get("eos_token")), tok(cfg.get("bos_token"))
-        if template is None:
-            return cls.chatml(tokenizer)
-        # The end of an assistant turn: ChatML's marker if the template uses it, else the EOS.
-        end_tok = "<|im_end|>" if "<|im_end|>" in template else eos_tok
-        end = tokenizer.token_to_id(end_tok) if end_tok else None
-        if end is None:
-            end = eos_id(tokenizer)
-        return cls(tokenizer, template, end, bos_tok or "", eos_tok or "", source)
-
-    def stop_ids(self, path: str | Path | None = None) -> set[int]:
-        """Ids generation stops at: the end of an assistant turn, the end of text, and the
-        ``eos_token_id`` list of the checkpoint's ``generation_config.json`` (Llama 3 lists two)."""
-        ids = {self.end_of_turn}
-        for name in (self.eos_token, *EOS_ALIASES, "<|eot_id|>"):
-            found = self.tokenizer.token_to_id(name) if name else None
-            if found is not None:
-                ids.add(found)
-        gen = Path(path) / "generation_config.json" if path is not None else None
-        if gen is not None and gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids |= {int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
-        return ids
-
-    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
-        return self._compiled.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
-
-    def encode(
-        self, messages: list[Message], train_on_prompt: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, trained): int32 (n,) token ids and bool (n,) True where the loss counts.
-
-        The rendered text is cut at assistant-turn edges (found by rendering each prefix with
-        and without the generation prompt) and each piece is encoded alone, so a prompt
-        encodes exactly as ``prompt_ids`` encodes it at inference time.
-        """
-        full = self.render(messages)
-        pieces: list[tuple[str, bool]] = []
-        done = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            start = len(self.render(messages[:i], add_generation_prompt=True))
-            end = len(self.render(messages[: i + 1]))
-            if not (full[:start] == self.render(messages[:i], True) and start >= done):
-                raise DataError(
-                    f"chat template ({self.source}) does not render conversations as growing "
-                    "prefixes, so assistant tokens cannot be located; use a ChatML-like template"
-                )
-            pieces += [(full[done:start], train_on_prompt), (full[start:end], True)]
-            done = end
-        pieces.append((full[done:], train_on_prompt))
-        ids, trained = [], []
-        for text, train in pieces:
-            piece = self._encode(text)
-            ids += piece
-            trained += [train] * len(piece)
-        return np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool)
-
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """Token ids to generate the next assistant turn from (history + generation prompt)."""
-        history = [*messages, {"role": "assistant", "content": "x"}]
-        ids, trained = self.encode(history)
-        return [int(t) for t in ids[: _last_prompt_end(trained)]]
-
-
-def _last_prompt_end(trained: np.ndarray) -> int:
-    """Index where the last run of trained tokens starts (the end of the final prompt)."""
-    i = len(trained)
-    while i > 0 and not trained[i - 1]:
-        i -= 1
-    while i > 0 and trained[i - 1]:
-        i -= 1
-    return i
-
-
 # ---- examples and batches -----------------------------------------------------------------------
 
 
@@ -372,6 +70,32 @@ class EncodeStats:
     truncated: int = 0
     dropped: int = 0
     trained_tokens: int = 0
+    conversations: int = 0  # read in
+    too_long: int = 0  # longer than a row (context + 1 tokens), cut or dropped
+    cut_to_nothing: int = 0  # right-truncated before their first trained token, so dropped
+    longest: int = 0  # tokens of the longest conversation
+    context: int = 0
+    truncation: str = "right"
+
+    def why_empty(self) -> str:
+        """Why no example is left, and which setting to change (for the error message)."""
+        row = f"context_length={self.context}: rows of {self.context + 1} tokens"
+        if not self.too_long:
+            return (
+                f"none of the {self.conversations} conversations has an assistant token to "
+                "train on (set data.train_on_prompt=true to train on the prompts too)"
+            )
+        how = (
+            "data.truncation=drop dropped them (set data.truncation=right to cut them instead)"
+            if self.truncation == "drop"
+            else f"data.truncation=right cut {self.cut_to_nothing} of them before their first "
+            "assistant token"
+        )
+        return (
+            f"{self.too_long} of {self.conversations} conversations are longer than a row "
+            f"({row}; the longest has {self.longest} tokens) and {how}; raise context_length "
+            f"to {self.longest - 1} (at most the model's context length) or shorten the examples"
+        )
 
 
 def encode_examples(
@@ -382,10 +106,14 @@ def encode_examples(
     truncation: str = "right",
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], EncodeStats]:
     """Conversations → (ids, trained) examples of at most ``context + 1`` tokens each."""
-    out, stats = [], EncodeStats()
+    out = []
+    stats = EncodeStats(conversations=len(convs), context=context, truncation=truncation)
     for conv in convs:
         ids, trained = fmt.encode(conv, train_on_prompt)
-        if len(ids) > context + 1:
+        stats.longest = max(stats.longest, len(ids))
+        cut = len(ids) > context + 1
+        if cut:
+            stats.too_long += 1
             if truncation == "drop":
                 stats.dropped += 1
                 continue
@@ -393,6 +121,7 @@ def encode_examples(
             stats.truncated += 1
         if not trained[1:].any():  # the first token is never a target
             stats.dropped += 1
+            stats.cut_to_nothing += cut
             continue
         out.append((ids, trained))
         stats.trained_tokens += int(trained[1:].sum())
@@ -427,9 +156,12 @@ class SFTBatches:
         seed: int,
         pad_id: int,
         pack: bool = True,
+        stats: EncodeStats | None = None,
     ) -> None:
+        """``stats``: what ``encode_examples`` reported, to say why no example is left."""
         if not examples:
-            raise DataError("no SFT examples to train on")
+            why = f": {stats.why_empty()}" if stats is not None else ""
+            raise DataError(f"no SFT examples to train on{why}")
         too_long = [len(ids) for ids, _ in examples if len(ids) > context + 1]
         assert not too_long, f"examples longer than context + 1: {too_long[:3]}"
         self.examples, self.context, self.batch_size = examples, int(context), int(batch_size)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -110,35 +112,76 @@ def tokenizer_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _find_id(tok: Tokenizer, names: tuple[str, ...], what: str) -> int:
-    for name in names:
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    raise DataError(f"tokenizer has no {what} token (looked for {', '.join(names)})")
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of a tokenizer's beginning-of-text, end-of-text and padding tokens (None: it has none)."""
+
+    bos: int | None
+    eos: int | None
+    pad: int | None
+
+
+# What a tokenizer's own files declare (a Hugging Face folder's tokenizer_config.json, GGUF
+# metadata...), recorded by the loader that read them (``declare_special_tokens``). Keyed weakly
+# by the Tokenizer object, so the declaration travels with the tokenizer to every user
+# (generate, eval, SFT, chat) without another argument, and dies with it.
+_DECLARED: weakref.WeakKeyDictionary[Tokenizer, dict[str, int]] = weakref.WeakKeyDictionary()
+_ALIASES = {"bos": BOS_ALIASES, "eos": EOS_ALIASES, "pad": PAD_ALIASES}
+_WHAT = {"bos": "beginning-of-text", "eos": "end-of-text", "pad": "padding"}
+
+
+def declare_special_tokens(tok: Tokenizer, ids: dict[str, int]) -> None:
+    """Record the ids (``{"bos"|"eos"|"pad": id}``) that the files ``tok`` came with declare;
+    ``special_tokens`` prefers them to guessing by name."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    bad = {k: i for k, i in ids.items() if k not in _ALIASES or not 0 <= i < size}
+    assert not bad, f"declared special tokens outside roles bos/eos/pad or the vocab: {bad}"
+    _DECLARED[tok] = dict(ids)
+
+
+def special_tokens(tok: Tokenizer) -> SpecialTokens:
+    """The one answer to "which id is BOS / EOS / PAD?" for every lmforge user of a tokenizer.
+
+    A token its files declare wins (``declare_special_tokens``; ``interop/hf.py`` reads a
+    Hugging Face folder's declarations as transformers does); otherwise the first of the
+    known names (``BOS_ALIASES``...) the vocabulary has; otherwise None.
+    """
+    declared = _DECLARED.get(tok, {})
+    found: dict[str, int | None] = {}
+    for key, names in _ALIASES.items():
+        ids = [tok.token_to_id(n) for n in names]
+        found[key] = declared.get(key, next((i for i in ids if i is not None), None))
+    return SpecialTokens(**found)
+
+
+def _required(tok: Tokenizer, key: str) -> int:
+    found = getattr(special_tokens(tok), key)
+    if found is None:
+        raise DataError(
+            f"tokenizer has no {_WHAT[key]} token (none declared; looked for "
+            f"{', '.join(_ALIASES[key])})"
+        )
+    return found
 
 
 def eos_id(tok: Tokenizer) -> int:
-    """Id of the end-of-text token appended after every document."""
-    return _find_id(tok, EOS_ALIASES, "end-of-text")
+    """Id of the end-of-text token appended after every document; DataError if there is none."""
+    return _required(tok, "eos")
 
 
 def bos_id(tok: Tokenizer) -> int:
-    return _find_id(tok, BOS_ALIASES, "beginning-of-text")
+    """Id of the beginning-of-text token; DataError if there is none. Only an empty prompt needs
+    one: callers that can do without read ``special_tokens(tok).bos``."""
+    return _required(tok, "bos")
 
 
 def pad_id(tok: Tokenizer) -> int:
-    return _find_id(tok, PAD_ALIASES, "padding")
+    return _required(tok, "pad")
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:
     """``{"bos": id, "eos": id, "pad": id}`` for the tokens this tokenizer has."""
-    out = {}
-    for key, names in (("bos", BOS_ALIASES), ("eos", EOS_ALIASES), ("pad", PAD_ALIASES)):
-        found = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
-        if found:
-            out[key] = found[0]
-    return out
+    return {k: i for k, i in vars(special_tokens(tok)).items() if i is not None}
 
 
 def chunkable(tok: Tokenizer) -> bool:

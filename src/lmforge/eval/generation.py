@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.tokenizer import bos_id, eos_id
+from lmforge.data.tokenizer import eos_id, special_tokens
 from lmforge.errors import DataError
 from lmforge.eval.metrics import generation_metrics, sentence_scores
 from lmforge.eval.report import generation_report
@@ -63,7 +63,7 @@ def evaluate_generation(
     """Generate for every prompt, score (BLEU, chrF, ROUGE, EM, F1), write the report folder."""
     pairs = read_prompt_file(data)
     sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None)
-    bos, eos = bos_id(tokenizer), eos_id(tokenizer)
+    bos, eos = special_tokens(tokenizer).bos, eos_id(tokenizer)  # BOS: empty prompts only
     preds = [
         generate_text(model, tokenizer, p, sample, bos_id=bos, eos_id=eos).strip() for p, _ in pairs
     ]

@@ -24,6 +24,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from lmforge.config import validate_config
+from lmforge.data.tokenizer import declare_special_tokens
 from lmforge.errors import CheckpointError
 from lmforge.interop.hf import empty_decoder, fill_decoder, llama_key_map
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -177,6 +178,11 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer | None:
             if k == USER_DEFINED
         ]
     )
+    # The special tokens llama.cpp uses: the one lmforge uses too (data/tokenizer.special_tokens)
+    roles = {"bos": "bos", "eos": "eos", "pad": "padding"}
+    keys = {k: f"tokenizer.ggml.{n}_token_id" for k, n in roles.items()}
+    ids = {k: int(meta[key]) for k, key in keys.items() if key in meta}
+    declare_special_tokens(tok, {k: i for k, i in ids.items() if 0 <= i < len(tokens)})
     return tok
 
 

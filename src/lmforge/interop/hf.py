@@ -11,35 +11,24 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
-from lmforge.data.tokenizer import load_tokenizer, special_token_ids
+from lmforge.data.tokenizer import declare_special_tokens, load_tokenizer, special_token_ids
 from lmforge.errors import CheckpointError
+from lmforge.interop.key_map import KeyMap, Source
+from lmforge.interop.safetensors_folder import read_tensors, weight_files
 from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.layers import RotaryEmbedding
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one lmforge tensor lives in a Hugging Face checkpoint."""
-
-    names: tuple[str, ...]  # HF tensors, concatenated along dim 0 in this order
-    rows: tuple[int, ...] = ()  # rows of each name, to split on export (when len(names) > 1)
-    transpose: bool = False  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-
-
-KeyMap = dict[str, Source]
 
 # lmforge module in a block → (GPT-2 module, is a Conv1D). c_attn is already fused [q; k; v].
 GPT2_BLOCK = {
@@ -87,8 +76,9 @@ def llama_key_map(cfg: DecoderConfig) -> KeyMap:
         for leaf in ("weight", "bias") if cfg.qkv_bias else ("weight",):
             qkv = tuple(f"{hf}self_attn.{p}_proj.{leaf}" for p in "qkv")
             km[f"{ours}attn.qkv.{leaf}"] = Source(qkv, rows)
-        for leaf in ("weight", "bias") if cfg.bias else ("weight",):
-            for a, b in LLAMA_LINEARS.items():
+        for a, b in LLAMA_LINEARS.items():
+            has_bias = cfg.mlp_bias if a.startswith("mlp.") else cfg.bias
+            for leaf in ("weight", "bias") if has_bias else ("weight",):
                 km[f"{ours}{a}.{leaf}"] = Source((f"{hf}{b}.{leaf}",))
     if not cfg.tie_embeddings:
         km["lm_head.weight"] = Source(("lm_head.weight",))
@@ -117,6 +107,9 @@ GPT2_DEFAULTS = dict(n_positions=1024, n_inner=None, layer_norm_epsilon=1e-5)
 LLAMA_DEFAULTS = dict(max_position_embeddings=2048, num_key_value_heads=None, rms_norm_eps=1e-6)
 GPT2_DEFAULTS["tie_word_embeddings"], LLAMA_DEFAULTS["tie_word_embeddings"] = True, False
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+# Files that declare special tokens, the one transformers prefers first
+TOKENIZER_DECLARATIONS = ("special_tokens_map.json", "tokenizer_config.json")  # token strings
+MODEL_DECLARATIONS = ("generation_config.json", "config.json")  # token ids
 
 
 def _unsupported(src: str, key: str, value: Any, supported: str) -> CheckpointError:
@@ -165,11 +158,13 @@ def _llama_fields(hf: dict[str, Any], src: str) -> dict[str, Any]:
     if (kind == "mistral" or hf.get("use_sliding_window")) and window and window < context:
         raise _unsupported(src, "sliding_window", window, "only ≥ max_position_embeddings")
     if kind == "qwen2":  # Qwen2 always has q/k/v biases and no other; its config has no flag
-        return dict(arch="llama", bias=False, qkv_bias=True, **_rope(hf, src))
-    bias = hf.get("attention_bias", False)
-    if hf.get("mlp_bias", False) != bias:
-        raise _unsupported(src, "mlp_bias", hf.get("mlp_bias"), "must equal attention_bias")
-    return dict(arch="llama", bias=bias, qkv_bias=bias, **_rope(hf, src))
+        return dict(arch="llama", bias=False, qkv_bias=True, mlp_bias=False, **_rope(hf, src))
+    # attention_bias: q, k, v and o; mlp_bias: gate, up and down (transformers' defaults: False)
+    attn, mlp = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    for key, value in (("attention_bias", attn), ("mlp_bias", mlp)):
+        if not isinstance(value, bool):
+            raise _unsupported(src, key, value, "must be true or false")
+    return dict(arch="llama", bias=attn, qkv_bias=attn, mlp_bias=mlp, **_rope(hf, src))
 
 
 @dataclass(frozen=True)
@@ -208,13 +203,18 @@ def hf_model_type(cfg: DecoderConfig) -> str:
     """The Hugging Face architecture that computes exactly what ``cfg`` does, or ValueError."""
     style = (cfg.positions, cfg.norm, cfg.mlp)
     if style == ("learned", "layernorm", "gelu"):
-        if not (cfg.bias and cfg.qkv_bias):
+        if not (cfg.bias and cfg.qkv_bias and cfg.mlp_bias):
             raise ValueError("Hugging Face GPT-2 has biases everywhere: export needs model.bias")
         return "gpt2"
     if style == ("rope", "rmsnorm", "swiglu"):
-        if cfg.bias and not cfg.qkv_bias:
-            raise ValueError("no Hugging Face Llama has o/MLP biases without q/k/v biases")
-        return "qwen2" if cfg.qkv_bias and not cfg.bias else "llama"
+        if cfg.qkv_bias and not cfg.bias and not cfg.mlp_bias:
+            return "qwen2"
+        if cfg.bias != cfg.qkv_bias:  # Llama's attention_bias covers q, k, v and o together
+            raise ValueError(
+                "Hugging Face Llama has q/k/v and o biases together (attention_bias) or q/k/v "
+                f"alone (Qwen2); model.bias={cfg.bias}, model.qkv_bias={cfg.qkv_bias} has neither"
+            )
+        return "llama"
     raise ValueError(
         f"no Hugging Face model has positions={cfg.positions}, norm={cfg.norm}, mlp={cfg.mlp}; "
         "exportable: learned+layernorm+gelu (gpt2), rope+rmsnorm+swiglu (llama, qwen2)"
@@ -239,7 +239,7 @@ def config_to_hf(cfg: DecoderConfig, special_ids: dict[str, int] | None = None) 
         out["rope_scaling"] = s.model_dump(include=set(LLAMA3_KEYS)) | extra
     if kind == "qwen2":
         return out | dict(use_sliding_window=False, sliding_window=None)
-    return out | dict(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    return out | dict(attention_bias=cfg.bias, mlp_bias=cfg.mlp_bias)
 
 
 def empty_decoder(cfg: DecoderConfig) -> Decoder:
@@ -321,28 +321,44 @@ def hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-        if missing := [f.name for f in files if not f.is_file()]:
-            raise CheckpointError(f"{folder}: shards listed in {index.name} are missing: {missing}")
-        return files
-    pickled = [p.name for p in folder.glob("*.bin")]
-    hint = f"; found {pickled}, but pickle files are never loaded" if pickled else ""
-    raise CheckpointError(f"{folder}: model.safetensors (or its .index.json) is missing{hint}")
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, {} if absent; CheckpointError names a broken one."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
-def _read_safetensors(files: list[Path], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every file, one tensor in memory at a time."""
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                full = name if name.startswith((prefix, "lm_head.")) else prefix + name
-                yield full, f.get_tensor(name)
+def declared_special_tokens(folder: Path, tok: Tokenizer) -> dict[str, int]:
+    """``{"bos"|"eos"|"pad": id}`` that a Hugging Face folder declares, found as transformers
+    finds them: the token strings of ``special_tokens_map.json`` over ``tokenizer_config.json``
+    (a string or an AddedToken object), then the ids of ``generation_config.json`` over
+    ``config.json`` (an EOS list's first id; stopping at all of them is ``ChatFormat.stop_ids``).
+    A declared token the vocabulary lacks is skipped (transformers would add a new, untrained
+    token)."""
+    tokenizer_files = [_json_object(folder / f) for f in TOKENIZER_DECLARATIONS]
+    model_files = [_json_object(folder / f) for f in MODEL_DECLARATIONS]
+    size = tok.get_vocab_size(with_added_tokens=True)
+    out = {}
+    for key in ("bos", "eos", "pad"):
+        candidates: list[int | None] = []
+        for declared in tokenizer_files:
+            value = declared.get(f"{key}_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            candidates.append(tok.token_to_id(value) if isinstance(value, str) else None)
+        for declared in model_files:
+            value = declared.get(f"{key}_token_id")
+            value = value[0] if isinstance(value, list) and value else value
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size
+            candidates.append(value if ok else None)
+        if (found := next((i for i in candidates if i is not None), None)) is not None:
+            out[key] = found
+    return out
 
 
 def load_hf(
@@ -360,11 +376,15 @@ def load_hf(
     family = FAMILIES[hf["model_type"]]
     # a tied checkpoint may still store lm_head.weight: transformers ignores it, and so do we
     ignored = family.ignored + (("lm_head.weight",) if cfg.tie_embeddings else ())
-    tensors = _read_safetensors(_weight_files(folder), family.prefix)
+    tensors = read_tensors(weight_files(folder), family.prefix, keep=("lm_head.",))
     model = empty_decoder(cfg)
     fill_decoder(model, family.key_map(cfg), tensors, str(folder), device, dtype, ignored)
     tok_path = folder / "tokenizer.json"
-    return model, load_tokenizer(tok_path) if tok_path.is_file() else None
+    if not tok_path.is_file():
+        return model, None
+    tokenizer = load_tokenizer(tok_path)
+    declare_special_tokens(tokenizer, declared_special_tokens(folder, tokenizer))
+    return model, tokenizer
 
 
 def export_hf(model: Decoder, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:

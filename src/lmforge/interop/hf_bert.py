@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
@@ -23,7 +22,8 @@ from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
-from lmforge.interop.hf import KeyMap, Source, _weight_files
+from lmforge.interop.key_map import KeyMap, Source
+from lmforge.interop.safetensors_folder import read_tensors, weight_files
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 
 # lmforge module in block i → BERT module in encoder.layer.i (query/key/value fuse into qkv)
@@ -126,12 +126,7 @@ def config_to_hf(
 
 
 def _read_all(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in _weight_files(folder):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                out[name] = f.get_tensor(name)
-    return out
+    return dict(read_tensors(weight_files(folder)))
 
 
 def _fill(

@@ -5,6 +5,10 @@ embeddings) can still be set on its own, and the resolved config always shows ev
 
     gpt2:  learned positions, LayerNorm, GELU MLP, biases, tied embeddings
     llama: RoPE, RMSNorm, SwiGLU MLP, no biases, grouped-query attention
+
+Biases come in three independent groups, as Hugging Face checkpoints have them: ``qkv_bias``
+(q/k/v projection: Qwen2, Llama ``attention_bias``), ``bias`` (attention output and LayerNorm:
+Llama ``attention_bias``) and ``mlp_bias`` (Llama ``mlp_bias``); unset groups follow ``bias``.
 """
 
 from __future__ import annotations
@@ -94,9 +98,14 @@ class DecoderConfig(Section):
     positions: Literal["learned", "rope"] | None = Field(None, description="position encoding")
     norm: Literal["layernorm", "rmsnorm"] | None = Field(None, description="normalisation layer")
     mlp: Literal["gelu", "swiglu"] | None = Field(None, description="MLP type")
-    bias: bool | None = Field(None, description="biases in linear layers and LayerNorm")
+    bias: bool | None = Field(
+        None, description="biases in the attention output, LayerNorm and (by default) the MLP"
+    )
     qkv_bias: bool | None = Field(
         None, description="biases on the q/k/v projection (Qwen2); null = as bias"
+    )
+    mlp_bias: bool | None = Field(
+        None, description="biases in the MLP's linear layers (Llama mlp_bias); null = as bias"
     )
     tie_embeddings: bool | None = Field(
         None, description="share the input embedding and output head"
@@ -119,8 +128,9 @@ class DecoderConfig(Section):
             for key, value in ARCH_DEFAULTS.get(arch, {}).items():
                 if data.get(key) is None:
                     data = {**data, key: value}
-            if data.get("qkv_bias") is None and data.get("bias") is not None:
-                data = {**data, "qkv_bias": data["bias"]}  # resolved: the config shows the choice
+            for key in ("qkv_bias", "mlp_bias"):  # resolved: the config shows the choice
+                if data.get(key) is None and data.get("bias") is not None:
+                    data = {**data, key: data["bias"]}
         return data
 
     @model_validator(mode="after")
@@ -198,7 +208,7 @@ class Decoder(nn.Module):
                     cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout, rope, cfg.qkv_bias
                 ),
                 make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
-                make_mlp(cfg.mlp, cfg.d_model, cfg.ff_width, cfg.bias, cfg.dropout),
+                make_mlp(cfg.mlp, cfg.d_model, cfg.ff_width, cfg.mlp_bias, cfg.dropout),
             )
             for _ in range(cfg.n_layer)
         )

@@ -39,7 +39,7 @@ def count_params(cfg: DecoderConfig) -> ParamCounts:
     """Parameters by role, computed from the config (equal to ``Decoder.num_params``)."""
     d_model, d_ff, vocab = cfg.d_model, cfg.ff_width, cfg.vocab_size or 0
     kv_dim = cfg.kv_heads * (d_model // cfg.n_head)  # k and v widths (GQA: fewer heads)
-    bias, qkv_bias = int(bool(cfg.bias)), int(bool(cfg.qkv_bias))
+    bias, qkv_bias, mlp_bias = int(bool(cfg.bias)), int(bool(cfg.qkv_bias)), int(bool(cfg.mlp_bias))
     linear = {
         "q": d_model * d_model + qkv_bias * d_model,
         "k": d_model * kv_dim + qkv_bias * kv_dim,
@@ -47,11 +47,11 @@ def count_params(cfg: DecoderConfig) -> ParamCounts:
         "o": d_model * d_model + bias * d_model,
     }
     if cfg.mlp == "swiglu":
-        linear["gate"] = d_model * d_ff + bias * d_ff
-        linear["up"] = d_model * d_ff + bias * d_ff
+        linear["gate"] = d_model * d_ff + mlp_bias * d_ff
+        linear["up"] = d_model * d_ff + mlp_bias * d_ff
     else:
-        linear["fc"] = d_model * d_ff + bias * d_ff
-    linear["down"] = d_ff * d_model + bias * d_model
+        linear["fc"] = d_model * d_ff + mlp_bias * d_ff
+    linear["down"] = d_ff * d_model + mlp_bias * d_model
     norm = d_model * (2 if cfg.norm == "layernorm" and cfg.bias else 1)  # weight (+ bias)
     positions = cfg.context_length * d_model if cfg.positions == "learned" else 0
     head = 0 if cfg.tie_embeddings else vocab * d_model

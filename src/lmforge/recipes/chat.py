@@ -16,7 +16,7 @@ from pydantic import Field
 
 from lmforge.checkpoint.store import load_for_inference
 from lmforge.config import Section
-from lmforge.data.sft import ChatFormat, Message
+from lmforge.data.chat_template import ChatFormat, Message
 from lmforge.generate import SampleConfig, stream_text
 from lmforge.train.device import resolve_device
 

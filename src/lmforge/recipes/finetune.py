@@ -28,32 +28,32 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import save_model
 
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
+from lmforge.data.chat_template import ChatFormat
+from lmforge.data.conversations import read_conversations
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
-    ChatFormat,
     MixedBatches,
     SFTBatches,
     SFTDataConfig,
     encode_examples,
-    read_conversations,
 )
 from lmforge.data.tokenizer import EOS, pad_id
 from lmforge.eval.metrics import final_number_match
+from lmforge.interop.peft import save_adapter
 from lmforge.models.decoder import DecoderConfig
 from lmforge.models.lora import (
     LoraConfig,
     Method,
     bf16_frozen_base,
     prepare_model,
-    save_adapter,
     trainable_report,
 )
+from lmforge.recipes.merge import merged_model, write_model_folder
 from lmforge.train.device import setup_device
 from lmforge.train.forgetting import (
     Retained,
@@ -228,24 +228,6 @@ def _suite_records(cfg: FinetuneConfig) -> tuple[list, list[str]]:
     return convs, [e["family"] for e in ex]
 
 
-def _write_model_folder(model, tokenizer, fmt: ChatFormat, out: Path) -> Path:
-    """A self-describing inference checkpoint: weights, model config, tokenizer, chat template."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    atomic_write_text(out / "config.yaml", to_yaml(_ModelOnly(model=model.cfg)))
-    atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
-    atomic_write_text(out / "chat_template.jinja", fmt.template)
-    eos = tokenizer.id_to_token(fmt.end_of_turn)
-    atomic_write_text(
-        out / "tokenizer_config.json", json.dumps({"eos_token": eos}, indent=2) + "\n"
-    )
-    return out
-
-
-class _ModelOnly(Section):
-    model: Any
-
-
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the whole fine-tune; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
@@ -294,6 +276,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg.train.seed,
         pad_id=_pad(tokenizer),
         pack=cfg.data.pack,
+        stats=stats,
     )
 
     retained = (
@@ -387,14 +370,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         # base as on disk instead, as `lmforge merge` does (fp32), so the merged model is the
         # one an fp32-stored base would have given. The trained copy goes first (memory).
         del model, optimizer
-        where = dict(base=str(base_ckpt), adapter=str(adapter_dir), out_dir=str(run_dir / "model"))
-        model_dir = merge(MergeConfig(**where))
+        model, tokenizer, fmt = merged_model(base_ckpt, adapter_dir)
+        model_dir = write_model_folder(model, tokenizer, fmt, run_dir / "model")
     elif cfg.method != "qlora":
         if cfg.method in ("lora", "dora"):
             from lmforge.models.lora import merge_lora
 
             merge_lora(model)
-        model_dir = _write_model_folder(model, tokenizer, fmt, run_dir / "model")
+        model_dir = write_model_folder(model, tokenizer, fmt, run_dir / "model")
 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -481,21 +464,3 @@ def print_summary(s: dict[str, Any]) -> None:
             highlight=False,
         )
     console.print(f"adapter: {s['adapter']}   model: {s['model']}")
-
-
-class MergeConfig(Section):
-    base: str = Field(description="the base checkpoint the adapter was trained on")
-    adapter: str = Field(
-        description="adapter folder (adapter_config.json + adapter_model.safetensors)"
-    )
-    out_dir: str = Field(description="folder to write the merged checkpoint to")
-
-
-def merge(cfg: MergeConfig) -> Path:
-    """Load the full-precision base, put the adapter on, fold it in, write a checkpoint folder."""
-    from lmforge.models.lora import load_adapter, merge_lora
-
-    model, tokenizer, ckpt = load_for_inference(cfg.base, torch.device("cpu"))
-    fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
-    merge_lora(load_adapter(model, cfg.adapter))
-    return _write_model_folder(model, tokenizer, fmt, Path(cfg.out_dir))

@@ -11,8 +11,8 @@ from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import load_for_inference
-from lmforge.data.sft import ChatFormat
-from lmforge.data.tokenizer import bos_id
+from lmforge.data.chat_template import ChatFormat
+from lmforge.data.tokenizer import special_tokens
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.train.device import resolve_device
 
@@ -47,7 +47,7 @@ def generate(cfg: GenerateConfig) -> str:
             tokenizer,
             cfg.prompt,
             cfg,
-            bos_id=bos_id(tokenizer),
+            bos_id=special_tokens(tokenizer).bos,  # only an empty prompt needs one
             eos_id=stop,
             on_text=show,
         )

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from lmforge.config import package_path
+from lmforge.data.chat_template import ChatFormat, Message
+from lmforge.data.conversations import read_conversations
 from lmforge.data.instructions import exact_match
-from lmforge.data.sft import ChatFormat, Message, read_conversations
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
 from lmforge.generate import generate_tokens
 from lmforge.models.decoder import token_loss_sum
