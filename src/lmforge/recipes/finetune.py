@@ -31,7 +31,9 @@ from pydantic import Field, model_validator
 from safetensors.torch import save_model
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
+from lmforge.checkpoint.load import load
+from lmforge.checkpoint.manifest import describe, write_manifest
+from lmforge.checkpoint.store import find_checkpoint, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
@@ -250,6 +252,7 @@ def _write_model_folder(model, tokenizer, fmt: ChatFormat, out: Path) -> Path:
     atomic_write_text(out / "config.yaml", to_yaml(_ModelOnly(model=model.cfg)))
     atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
     atomic_write_text(out / "chat_template.jinja", fmt.template)
+    write_manifest(out, describe(model, tokenizer=True))
     eos = tokenizer.id_to_token(fmt.end_of_turn)
     atomic_write_text(
         out / "tokenizer_config.json", json.dumps({"eos_token": eos}, indent=2) + "\n"
@@ -270,7 +273,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     # Base model, tokenizer and chat template.
     base = cfg.base or str(demo_base(run_dir, cfg))
-    model, tokenizer, base_ckpt = load_for_inference(base, device)
+    model, tokenizer, manifest = load(base, device, expect="decoder")
+    base_ckpt = manifest.path
     fmt = ChatFormat.for_checkpoint(base_ckpt, tokenizer)
     log.info("base %s; chat template: %s", base_ckpt, fmt.source)
     context = train_context(cfg, model.cfg)
@@ -510,7 +514,8 @@ def merge(cfg: MergeConfig) -> Path:
     """Load the full-precision base, put the adapter on, fold it in, write a checkpoint folder."""
     from lmforge.models.lora import load_adapter, merge_lora
 
-    model, tokenizer, ckpt = load_for_inference(cfg.base, torch.device("cpu"))
+    model, tokenizer, manifest = load(cfg.base, torch.device("cpu"), expect="decoder")
+    ckpt = manifest.path
     fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
     merge_lora(load_adapter(model, cfg.adapter))
     return _write_model_folder(model, tokenizer, fmt, Path(cfg.out_dir))
