@@ -13,6 +13,7 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +257,9 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
             f"{path}: missing; this checkpoint holds weights only and cannot be resumed"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's hints about pickle protocols: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as e:
         # torch's own advice here (weights_only=False) would run whatever the file holds
         raise untrusted(path, e) from None
@@ -268,11 +271,16 @@ def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
 def untrusted(path: Path, why: object) -> CheckpointError:
     """The error for a checkpoint file lmforge will not read: damaged, or objects that are
     not plain tensors and containers (a crafted file could run code when unpickled)."""
-    first = str(why).strip().splitlines()[0] if str(why).strip() else type(why).__name__
+    # torch's message advises retrying with weights_only=False, i.e. running the file: keep
+    # only the lines that say what was found
+    noise = ("weights_only", "Weights only", "file an issue", "documentation")
+    lines = [ln.strip() for ln in str(why).splitlines() if ln.strip()]
+    detail = " ".join(ln for ln in lines if not any(w in ln for w in noise))[:200]
     return CheckpointError(
         f"{path}: not a trusted lmforge checkpoint file (damaged, or it holds objects other "
-        f"than tensors and plain values; refused without running it: {first[:200]}). "
-        "Resume from a checkpoint lmforge wrote, or start the run afresh"
+        f"than tensors and plain values; refused without running it: "
+        f"{detail or type(why).__name__}). Resume from a checkpoint lmforge wrote, or start "
+        "the run afresh"
     )
 
 
