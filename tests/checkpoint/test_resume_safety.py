@@ -191,6 +191,20 @@ def test_real_sharded_optimizer_state_loads_through_the_safe_reader(tmp_path: Pa
             torch.testing.assert_close(got["state"][name][key], value, rtol=0, atol=0)
 
 
+def test_crafted_value_inside_the_shards_is_refused(tmp_path: Path) -> None:
+    """DCP stores non-tensor values as pickles inside its shard files, and its own planner
+    reads them with weights_only=False."""
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "MARKER"
+    dcp.save({"lr": Payload(marker)}, checkpoint_id=str(tmp_path / "optimizer"))
+    assert not marker.exists()
+    with pytest.raises(CheckpointError) as e:
+        load_sharded({"lr": 0.1}, tmp_path / "optimizer")
+    assert_refused(str(e.value), tmp_path / "optimizer")
+    assert "value lr" in str(e.value) and not marker.exists()
+
+
 def test_shard_file_outside_the_folder_is_refused(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 

@@ -76,8 +76,9 @@ def load(
 
 
 def check_kind(manifest: Manifest, expect: Kind | tuple[Kind, ...] | None) -> None:
+    """Raise unless ``manifest.kind`` is one of ``expect`` (None: any kind that is a model)."""
     kinds = (expect,) if isinstance(expect, str) else expect
-    if kinds is None and manifest.kind != "adapter" or kinds and manifest.kind in kinds:
+    if manifest.kind in (kinds or ()) or (kinds is None and manifest.kind != "adapter"):
         return
     what = _WHAT[manifest.kind].format(path=manifest.path, base=manifest.base or "BASE")
     wanted = " or ".join(kinds) if kinds else "a model"

@@ -94,7 +94,7 @@ class SafePlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as e:
-            raise untrusted(self._folder / read_item.dest_index.fqn, e) from None
+            raise untrusted(self._folder, f"value {read_item.dest_index.fqn}:\n{e}") from None
         # the same placement as DefaultLoadPlanner.load_bytes, with the safely loaded value
         plain = io.BytesIO()
         torch.save(obj, plain)
