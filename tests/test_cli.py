@@ -58,6 +58,7 @@ def test_pretrain_writes_the_run_folder(run_dir: Path) -> None:
     assert latest == "step-000012"
     ckpt = run_dir / "checkpoints" / latest
     assert {p.name for p in ckpt.iterdir()} == {
+        "manifest.json",
         "model.safetensors",
         "config.yaml",
         "tokenizer.json",

@@ -31,6 +31,7 @@ def test_save_load_round_trip_with_tied_weights(tmp_path: Path) -> None:
     assert ckpt.name == "step-000007" and find_checkpoint(tmp_path) == ckpt
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "config.yaml",
+        "manifest.json",
         "model.safetensors",
         "train_state.pt",
     ]

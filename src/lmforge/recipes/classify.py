@@ -25,7 +25,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_weights, new_run_dir
+from lmforge.checkpoint.load import Loaded
+from lmforge.checkpoint.store import load_weights, new_run_dir, pointed
 from lmforge.config import Section, load_config, read_yaml, save_config, to_yaml, validate_config
 from lmforge.data.classification import (
     ClassificationBatches,
@@ -42,7 +43,6 @@ from lmforge.data.classification import (
     stratified_split,
     train_wordpiece,
 )
-from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval.metrics import classification_metrics
 from lmforge.eval.report import classification_report
@@ -338,7 +338,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     write_plots(run_dir)
 
     # Best checkpoint → held-out report (test file, else val).
-    best = _pointer(run_dir / "checkpoints", "best") or result.checkpoint
+    best = pointed(run_dir / "checkpoints", "best") or result.checkpoint
     load_weights(model, best)
     final_ex, final_path = (
         (read_examples(test_path, dcfg), test_path)
@@ -378,44 +378,25 @@ def _show(e: Example) -> str:
     return e.text if e.text_pair is None else f"{e.text} ||| {e.text_pair}"
 
 
-def _pointer(root: Path, name: str) -> Path | None:
-    p = root / name
-    return root / p.read_text().strip() if p.is_file() else None
-
-
 # ---- evaluation of a saved classifier (``lmforge eval`` dispatches here) --------------------------
 
 
-def is_classifier_checkpoint(path: str | Path) -> bool:
-    try:
-        ckpt = find_checkpoint(path)
-    except CheckpointError:
-        return False
-    cfg = ckpt / "config.yaml"
-    return cfg.is_file() and read_yaml(cfg).get("task") == "classify"
-
-
-def load_classifier(
-    path: str | Path, device: torch.device
-) -> tuple[SequenceClassifier, Tokenizer, ClassifyConfig, Path]:
-    """A classifier checkpoint; a run folder gives its best checkpoint (else its latest)."""
-    ckpt = _pointer(Path(path) / "checkpoints", "best") or find_checkpoint(path)
+def evaluate_classifier(
+    loaded: Loaded, data: str, batch_size: int, device: torch.device, out_dir: str | None
+) -> dict[str, Any]:
+    """Metrics + report folder of a classifier checkpoint (``checkpoint.load``) on a labelled
+    file (same columns as its training data). The report goes to ``out_dir``, else
+    ``<run folder>/eval``."""
+    model, tokenizer, manifest = loaded
+    ckpt = manifest.path
+    if manifest.source != "lmforge":
+        raise CheckpointError(
+            f"{ckpt}: a {manifest.source} classifier has no lmforge classify config (data "
+            "columns, labels); fine-tune it with `lmforge classify --init` to evaluate it"
+        )
     cfg = validate_config(
         ClassifyConfig, read_yaml(ckpt / "config.yaml"), str(ckpt / "config.yaml")
     )
-    model = SequenceClassifier(Encoder(cfg.model), cfg.head)
-    if cfg.method == "lora":  # the checkpoint holds peft's module names (base_layer, lora_A/B)
-        apply_lora(model, cfg.lora)
-    load_weights(model, ckpt)
-    return model.to(device).eval(), load_tokenizer(ckpt / "tokenizer.json"), cfg, ckpt
-
-
-def evaluate_classifier(
-    checkpoint: str, data: str, batch_size: int, device: torch.device, out_dir: str | None
-) -> dict[str, Any]:
-    """Metrics + report folder of a classifier checkpoint on a labelled file (same columns as
-    its training data). The report goes to ``out_dir``, else ``<run folder>/eval``."""
-    model, tokenizer, cfg, ckpt = load_classifier(checkpoint, device)
     examples = read_examples(data, cfg.data)
     labels = cfg.data.labels or []
     y = encode_labels(examples, labels, cfg.data.multi_label)

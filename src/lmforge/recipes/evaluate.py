@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import load_for_inference
+from lmforge.checkpoint.load import load
 from lmforge.config import Section
 from lmforge.data.prepare import load_meta
 from lmforge.data.shards import open_shard
@@ -68,11 +68,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # Task dispatch: classifier checkpoints → classification metrics; a prompt/reference
     # .jsonl → generation metrics; otherwise (below) perplexity and bits-per-byte.
     from lmforge.eval.generation import evaluate_generation, is_prompt_file
-    from lmforge.recipes.classify import evaluate_classifier, is_classifier_checkpoint
+    from lmforge.recipes.classify import evaluate_classifier
 
-    if is_classifier_checkpoint(cfg.checkpoint):
-        return evaluate_classifier(cfg.checkpoint, cfg.data, cfg.batch_size, device, cfg.out_dir)
-    model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, device)
+    loaded = load(cfg.checkpoint, device, expect=("decoder", "sequence-classifier"))
+    if loaded.manifest.kind == "sequence-classifier":
+        return evaluate_classifier(loaded, cfg.data, cfg.batch_size, device, cfg.out_dir)
+    model, tokenizer, manifest = loaded
+    ckpt = manifest.path
     if is_prompt_file(cfg.data):
         out = Path(cfg.out_dir) if cfg.out_dir else Path("eval")
         info = {"checkpoint": str(ckpt), "data": cfg.data}

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from lmforge.checkpoint.store import load_for_inference
+from lmforge.checkpoint.load import load
 from lmforge.config import Section
 from lmforge.interop.hf import export_hf
 
@@ -32,5 +32,5 @@ class ExportConfig(Section):
 
 def export(cfg: ExportConfig) -> Path:
     """Load ``cfg.checkpoint`` on the CPU and write it to ``cfg.out_dir``; returns that folder."""
-    model, tokenizer, _ = load_for_inference(cfg.checkpoint, torch.device("cpu"))
+    model, tokenizer, _ = load(cfg.checkpoint, torch.device("cpu"), expect="decoder")
     return export_hf(model, tokenizer, cfg.out_dir)

@@ -30,7 +30,8 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
+from lmforge.checkpoint.load import load
+from lmforge.checkpoint.store import find_checkpoint, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.conversations import read_conversations
@@ -237,7 +238,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     # Base model, tokenizer and chat template.
     base = cfg.base or str(demo_base(run_dir, cfg))
-    model, tokenizer, base_ckpt = load_for_inference(base, device)
+    model, tokenizer, manifest = load(base, device, expect="decoder")
+    base_ckpt = manifest.path
     fmt = ChatFormat.for_checkpoint(base_ckpt, tokenizer)
     log.info("base %s; chat template: %s", base_ckpt, fmt.source)
     context = cfg.row_length(model.cfg)

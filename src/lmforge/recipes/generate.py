@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import load_for_inference
+from lmforge.checkpoint.load import load
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.tokenizer import special_tokens
 from lmforge.generate import SampleConfig, generate_text
@@ -30,7 +30,8 @@ class GenerateConfig(SampleConfig):
 
 def generate(cfg: GenerateConfig) -> str:
     device = resolve_device(cfg.device)
-    model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, device)
+    model, tokenizer, manifest = load(cfg.checkpoint, device, expect="decoder")
+    ckpt = manifest.path
     # A chat model ends its answer with an end-of-turn token (<|im_end|>, <|eot_id|>), not the
     # end-of-text one: stop at any of them, as transformers does with generation_config.json.
     stop = ChatFormat.for_checkpoint(ckpt, tokenizer).stop_ids(ckpt if ckpt.is_dir() else None)

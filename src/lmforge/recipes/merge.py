@@ -19,7 +19,9 @@ from safetensors.torch import save_model
 from tokenizers import Tokenizer
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference
+from lmforge.checkpoint.load import load
+from lmforge.checkpoint.manifest import describe, write_manifest
+from lmforge.checkpoint.store import find_checkpoint
 from lmforge.config import Section, to_yaml
 from lmforge.data.chat_template import ChatFormat
 from lmforge.errors import CheckpointError, ConfigError
@@ -51,6 +53,7 @@ def write_model_folder(model: Decoder, tokenizer: Tokenizer, fmt: ChatFormat, ou
     atomic_write_text(out / "config.yaml", to_yaml(_ModelOnly(model=model.cfg)))
     atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
     atomic_write_text(out / "chat_template.jinja", fmt.template)
+    write_manifest(out, describe(model, tokenizer=True))
     eos = tokenizer.id_to_token(fmt.end_of_turn)
     atomic_write_text(
         out / "tokenizer_config.json", json.dumps({"eos_token": eos}, indent=2) + "\n"
@@ -87,7 +90,8 @@ def check_adapter_base(adapter_dir: str | Path, base: Path) -> None:
 def merged_model(base: str | Path, adapter: str | Path) -> tuple[Decoder, Tokenizer, ChatFormat]:
     """The full-precision base on the CPU with the adapter folded in, its tokenizer and chat
     format. No check of the adapter's recorded base (``merge`` does it)."""
-    model, tokenizer, ckpt = load_for_inference(base, torch.device("cpu"))
+    model, tokenizer, manifest = load(base, torch.device("cpu"), expect="decoder")
+    ckpt = manifest.path
     fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
     merge_lora(load_adapter(model, adapter))
     return model, tokenizer, fmt

@@ -18,7 +18,8 @@ import torch
 from pydantic import Field, model_validator
 
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights
+from lmforge.checkpoint.load import load
+from lmforge.checkpoint.store import find_checkpoint, load_weights
 from lmforge.config import (
     Section,
     deep_merge,
@@ -256,7 +257,7 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
     write_plots(run_dir)
 
     if par.sharded and result.checkpoint is not None:  # sample from the gathered weights
-        plain = load_for_inference(result.checkpoint, device)[0]
+        plain = load(result.checkpoint, device, expect="decoder").model
     sample = generate_text(
         plain,
         tokenizer,

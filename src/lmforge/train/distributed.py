@@ -40,6 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from lmforge.checkpoint import store as ckpt_io
+from lmforge.checkpoint.manifest import describe, manifest_of
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
 
@@ -448,7 +449,8 @@ def save_checkpoint(
     if par.is_main:
         state = {k: v for k, v in train_state.items() if k != "optimizer"}
         state["optimizer_layout"] = {"strategy": par.strategy, "tp_size": par.tp_size}
-        ckpt_io.write_checkpoint_files(tmp, weights, state, files)
+        manifest = describe(unwrap(model), "tokenizer.json" in files, sharded_optimizer=True)
+        ckpt_io.write_checkpoint_files(tmp, weights, state, files, manifest)
     par.barrier()
     if par.is_main:
         ckpt_io.publish_checkpoint(ckpt_root, tmp, name, keep_last, is_best)
@@ -468,8 +470,15 @@ def load_optimizer(
             )
         optimizer.load_state_dict(state["optimizer"])
         return
-    if not (Path(ckpt) / "optimizer").is_dir():
-        raise CheckpointError(f"{ckpt}: no optimizer state (train_state.pt or optimizer/)")
+    # The sharded path only for checkpoints that say they are sharded: the manifest, or (older
+    # folders) the layout record of train_state.pt; its files are read without unpickling code.
+    manifest = manifest_of(Path(ckpt))
+    says_sharded = manifest.sharded_optimizer or (manifest.inferred and "optimizer_layout" in state)
+    if not says_sharded or not (Path(ckpt) / "optimizer").is_dir():
+        raise CheckpointError(
+            f"{ckpt}: no optimizer state (train_state.pt has no optimizer and the checkpoint "
+            "is not a sharded one with optimizer/); it cannot be resumed"
+        )
     saved_tp = state.get("optimizer_layout", {}).get("tp_size", 1)
     if saved_tp > 1 and saved_tp != par.tp_size:
         raise CheckpointError(
@@ -480,13 +489,14 @@ def load_optimizer(
         raise CheckpointError(
             f"{ckpt}: resuming a non-tp optimizer state under tensor parallelism is not supported"
         )
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
 
+    from lmforge.checkpoint.sharded import load_sharded
+
     osd = get_optimizer_state_dict(model, optimizer)  # initialises empty state to load into
     holder = {"optimizer": osd}
-    dcp.load(holder, checkpoint_id=str(Path(ckpt) / "optimizer"))
+    load_sharded(holder, Path(ckpt) / "optimizer")
     set_optimizer_state_dict(model, optimizer, holder["optimizer"])
