@@ -641,8 +641,19 @@ def parse_bytes(text: str) -> float:
     s = text.strip().lower().replace(" ", "")
     for u in sorted(units, key=len, reverse=True):
         if s.endswith(u):
-            return float(s[: -len(u)]) * units[u]
-    return float(s)
+            s, scale = s[: -len(u)], units[u]
+            break
+    else:
+        scale = 1
+    try:
+        return float(s) * scale
+    except ValueError:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError(
+            f"memory size {text!r} (--fit, train.memory_budget): write e.g. 24GiB, 40GB, 512MiB, "
+            "1.5e9 (bytes) or auto (this machine's free memory)"
+        ) from None
 
 
 def fmt_bytes(n: float) -> str:

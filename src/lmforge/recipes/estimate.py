@@ -217,9 +217,15 @@ def resolve(
             raise ConfigError(f"{where}: lora.targets: {e}") from None
         budget, allow = fc.train.memory_budget, fc.train.memory_allow
     else:
-        from lmforge.recipes.pretrain import resolve_config
+        from lmforge.config import load_config
+        from lmforge.recipes.pretrain import DEFAULT_PRESET, PretrainConfig
 
-        pc = resolve_config(config_file, rest)
+        pc = load_config(
+            PretrainConfig,
+            config_file=config_file or DEFAULT_PRESET,
+            overrides=rest,
+            recipe="pretrain",
+        )
         cfg = load_model_config(est.model) if est.model else pc.model
         if cfg.vocab_size is None:  # the tokenizer decides it; its target size is known
             cfg = cfg.model_copy(update={"vocab_size": pc.data.vocab_size})
