@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lmforge import __version__
-from lmforge.config import load_config, parse_overrides
+from lmforge.config import config_help, load_config, parse_overrides
 from lmforge.errors import ConfigError, LmforgeError, TrainingInterrupted
 
 
@@ -332,40 +331,6 @@ def _run_under_torchrun(name: str, nproc: int, args: list[str], debug: bool) -> 
     return code if code in (0, 2, 130) else 1
 
 
-def _type_name(annotation: Any) -> str:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Literal:
-        return "|".join(str(a) for a in args)
-    if args:
-        return " or ".join(_type_name(a) for a in args if a is not type(None))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def config_help(
-    model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
-) -> list[str]:
-    """One line per leaf option: ``--key  type  (default)  description``."""
-    lines = []
-    for name, field in model.model_fields.items():
-        default = getattr(defaults, name) if defaults is not None else field.default
-        sub = (
-            field.annotation
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-            else None
-        )
-        if sub is not None:
-            lines.append(f"\n  {prefix}{name}:")
-            lines += config_help(
-                sub, f"{prefix}{name}.", default if isinstance(default, BaseModel) else None
-            )
-            continue
-        shown = "required" if field.is_required() else f"default {json.dumps(default, default=str)}"
-        lines.append(
-            f"    --{prefix}{name}={_type_name(field.annotation)}  ({shown})  {field.description or ''}"
-        )
-    return lines
-
-
 def usage() -> str:
     rows = "\n".join(f"  {name:<14} {cmd.help}" for name, cmd in COMMANDS.items())
     return (
@@ -422,6 +387,16 @@ def _parse_nproc(value: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:  # `lmforge pretrain --help | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -13,6 +13,7 @@ is hard to read from a terminal.
 from __future__ import annotations
 
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -385,6 +386,40 @@ def validate_config(cls: type[T], data: dict[str, Any], source: str) -> T:
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, cls, source)) from None
+
+
+def _type_name(annotation: Any) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in args)
+    if args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_help(
+    model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+) -> list[str]:
+    """One line per leaf option: ``--key  type  (default)  description``."""
+    lines = []
+    for name, field in model.model_fields.items():
+        default = getattr(defaults, name) if defaults is not None else field.default
+        sub = (
+            field.annotation
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            else None
+        )
+        if sub is not None:
+            lines.append(f"\n  {prefix}{name}:")
+            lines += config_help(
+                sub, f"{prefix}{name}.", default if isinstance(default, BaseModel) else None
+            )
+            continue
+        shown = "required" if field.is_required() else f"default {json.dumps(default, default=str)}"
+        lines.append(
+            f"    --{prefix}{name}={_type_name(field.annotation)}  ({shown})  {field.description or ''}"
+        )
+    return lines
 
 
 def to_yaml(cfg: BaseModel) -> str:
