@@ -298,6 +298,7 @@ def torchrun_command(name: str, nproc: int, args: list[str], debug: bool = False
 
 _TORCHRUN_QUIET = """\
 import logging, signal, sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 logging.disable(logging.ERROR)  # torchrun's own log lines; the ranks print their messages
@@ -309,6 +310,8 @@ except ChildFailedError as e:
     if code < 0:
         print(f"rank {rank} was stopped by signal {signal.Signals(-code).name}", file=sys.stderr)
     sys.exit(code if code > 0 else 1)
+except SignalException as e:  # Ctrl-C / SIGTERM: torchrun has stopped the ranks
+    sys.exit(128 + int(e.sigval))
 """
 
 
