@@ -249,13 +249,12 @@ def resolve_config(name: str, config_file: str | None, overrides: dict[str, Any]
     names one; for ``--resume`` without ``--config`` on a command that reads its run, the run's
     own ``config.yaml``) ← ``config_file`` ← ``overrides``."""
     command = COMMANDS[name]
-    preset = command.preset
     if command.resume_reads_run and not config_file and overrides.get("resume"):
         saved = _saved_run_config(overrides["resume"], overrides.get("out_dir"))
-        config_file, preset = (str(saved), None) if saved else (None, preset)
+        config_file = str(saved) if saved else None
     return load_config(
         command.config(),
-        config_file=config_file or preset,
+        config_file=config_file or command.preset,
         overrides=overrides,
         recipe=command.recipe,
     )
