@@ -35,8 +35,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
+from lmforge.cli import resolve_config
 from lmforge.models.decoder import Decoder
-from lmforge.recipes.pretrain import resolve_config
 from lmforge.train import distributed
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import accumulate_gradients
@@ -56,7 +56,9 @@ SETTINGS = [
 
 def demo_model() -> Decoder:
     """The CPU demo's model (configs/pretrain/cpu_demo.yaml), with the tokenizer's vocabulary."""
-    cfg = resolve_config(None, {}).model.model_copy(update={"vocab_size": VOCAB, "dropout": 0.0})
+    cfg = resolve_config("pretrain", None, {}).model.model_copy(
+        update={"vocab_size": VOCAB, "dropout": 0.0}
+    )
     assert cfg.context_length == CONTEXT
     torch.manual_seed(0)
     return Decoder(cfg)

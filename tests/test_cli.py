@@ -189,3 +189,103 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None
         json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line
     ]
     assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 4  # no step repeated or lost
+
+
+# --- the command line as users type it (hardening issue) ---------------------------------
+
+
+def test_readme_generate_example_with_a_prompt_that_looks_like_yaml(
+    run_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # `lmforge generate --checkpoint runs/x --prompt "ROMEO:"` used to exit 2 ('valid string')
+    for prompt in ("ROMEO:", "Hello #world", "yes"):
+        args = ["generate", "--checkpoint", str(run_dir), "--prompt", prompt]
+        assert main([*args, "--max_new_tokens", "3", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_config_given_twice_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["pretrain", "--config", "cpu_demo", "--config=gpt2_124m"]) == 2
+    err = capsys.readouterr().err
+    assert "--config is given 2 times ('cpu_demo', 'gpt2_124m'); give it once" in err
+
+
+def test_a_value_flag_without_a_value_exits_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["generate", "--checkpoint=x", "--temperature"]) == 2
+    assert "--temperature needs a value (float)" in capsys.readouterr().err
+
+
+def test_chat_without_stdin_and_with_invalid_utf8_gives_one_paragraph(run_dir: Path) -> None:
+    import os
+
+    cmd = [sys.executable, "-m", "lmforge", "chat", f"--checkpoint={run_dir}"]
+    cmd += ["--max_new_tokens=2"]
+    # `lmforge chat <&-` used to end in AttributeError ... isatty
+    closed = subprocess.run(
+        cmd, capture_output=True, text=True, preexec_fn=lambda: os.close(0), timeout=120,
+    )  # fmt: skip
+    assert closed.returncode == 2, closed.stderr
+    assert "standard input" in closed.stderr and "Traceback" not in closed.stderr
+    assert "Error" not in closed.stderr  # no exception type name: a sentence for people
+    # bytes that are not UTF-8 used to end in TypeError (TextInputSequence must be str)
+    bad = subprocess.run(cmd, input=b"hello\n\xff\xfe hi\n", capture_output=True, timeout=120)
+    err = bad.stderr.decode()
+    assert bad.returncode == 1, err
+    assert "<stdin>:2: the input is not valid UTF-8" in err and "Traceback" not in err
+
+
+def test_estimate_with_a_bad_budget_exits_2(capsys: pytest.CaptureFixture) -> None:
+    assert main(["estimate", "--fit=lots"]) == 2  # was ValueError, exit 1
+    assert "memory size 'lots'" in capsys.readouterr().err
+
+
+def test_exit_codes_come_from_the_error_type(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import dataclasses
+
+    from lmforge.errors import CheckpointError, DataError, LmforgeError
+
+    class Unavailable(LmforgeError):  # a future error type: its own code, no edit in cli.py
+        exit_code = 3
+
+    for error, code in ((CheckpointError, 2), (DataError, 1), (Unavailable, 3)):
+
+        def fail(cfg: object, error: type[Exception] = error) -> int:
+            raise error("what went wrong and what to do")
+
+        command = dataclasses.replace(COMMANDS["generate"], run=fail)
+        monkeypatch.setitem(COMMANDS, "generate", command)
+        assert main(["generate", "--checkpoint=x"]) == code, error
+        err = capsys.readouterr().err
+        assert err == "lmforge generate: what went wrong and what to do\n"
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "classify", "mlm"])
+def test_nproc_starts_torchrun_for_every_training_command(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: started.append(cmd) or 0)
+    monkeypatch.delenv("RANK", raising=False)
+    assert main([command, "--nproc", "2", "--out_dir=r", "--train.max_steps=30"]) == 0
+    (cmd,) = started
+    assert cmd[0] == sys.executable and "--standalone" in cmd and "--nproc_per_node=2" in cmd
+    tail = cmd[cmd.index("--nproc_per_node=2") + 1 :]
+    assert tail == ["-m", "lmforge", command, "--out_dir=r", "--train.max_steps=30"]
+    assert "starting 2 processes" in capsys.readouterr().err
+    assert main([command, "--help"]) == 0 and "--nproc=N" in capsys.readouterr().out
+    # a bad config fails once, before any process starts
+    assert main([command, "--nproc=2", "--train.max_step=3"]) == 2 and len(started) == 1
+
+
+def test_a_failed_rank_is_reported_without_torchrun_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_corpus.txt"
+    done = subprocess.run(
+        [sys.executable, "-m", "lmforge", "pretrain", "--nproc=2", f"--data.path={missing}",
+         f"--out_dir={tmp_path / 'run'}", *MICRO],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"{missing}: no file, folder or glob match" in done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr

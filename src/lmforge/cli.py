@@ -2,8 +2,11 @@
 
 Every command takes ``--config FILE.yaml`` (or a shipped preset name), dotted overrides
 (``--optim.lr=1e-3``), ``--debug`` and ``--help``; the help text is generated from the typed
-config, so it cannot drift from what the command accepts. Exit codes: 0 success, 2 bad
-usage or config, 1 runtime failure, 130 interrupted (after writing a checkpoint).
+config, so it cannot drift from what the command accepts. Every command's config is built by
+one function, ``resolve_config``: the command's defaults (its shipped preset, if it names one)
+← ``--config`` ← overrides typed by the field they set. Exit codes: 0 success, 2 bad usage or
+config, 1 runtime failure, 130 interrupted (after writing a checkpoint) — an error's own
+``exit_code`` (``errors.py``).
 """
 
 from __future__ import annotations
@@ -12,83 +15,58 @@ import json
 import logging
 import os
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from lmforge import __version__
-from lmforge.config import load_config, parse_overrides
-from lmforge.errors import ConfigError
+from lmforge.config import config_help, load_config, parse_overrides
+from lmforge.errors import ConfigError, LmforgeError, TrainingInterrupted
 
 
 @dataclass(frozen=True)
 class Command:
+    """One subcommand. ``config`` is lazy (importing torch costs a second); ``run`` gets the
+    resolved config and returns the exit code."""
+
     help: str
-    config: Callable[[], type[BaseModel]]  # lazy: importing torch costs a second
-    run: Callable[[str | None, dict[str, Any]], int]
-    defaults: Callable[[], BaseModel] | None = (
-        None  # what runs with no --config, if not the class defaults
-    )
+    config: Callable[[], type[BaseModel]]
+    run: Callable[[Any], int]
+    recipe: str  # folder of its shipped presets: configs/<recipe>/
+    preset: str | None = None  # the shipped preset that runs with no --config
+    nproc: bool = False  # a training command: --nproc N starts torchrun
+    resume_reads_run: bool = False  # --resume without --config starts from the run's config.yaml
+    # estimate composes its own options with a pretrain or fine-tune config, which it resolves
+    # itself (with the same load_config); its run gets (config file, typed overrides)
+    raw: bool = False
+    also_types: Callable[[], tuple[type[BaseModel], ...]] = tuple
 
 
-def _pretrain_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
-    from lmforge.recipes.pretrain import resolve_config
+def _config_of(module: str, name: str) -> Callable[[], type[BaseModel]]:
+    def get() -> type[BaseModel]:
+        import importlib
 
-    return resolve_config(config_file, overrides)
+        return getattr(importlib.import_module(module), name)
+
+    return get
 
 
-def _pretrain(config_file: str | None, overrides: dict[str, Any]) -> int:
+def _pretrain(cfg: Any) -> int:
     from lmforge.recipes.pretrain import pretrain
 
-    summary = pretrain(_pretrain_config(config_file, overrides))
+    summary = pretrain(cfg)
     if summary:  # {} on ranks other than 0
         _print_pretrain_summary(summary)
     return 0
 
 
-def _pop_nproc(args: list[str]) -> tuple[int | None, list[str]]:
-    """``--nproc N`` / ``--nproc=N`` out of ``args``: a launcher option, not part of the config."""
-    for i, a in enumerate(args):
-        if a == "--nproc" or a.startswith("--nproc="):
-            value, rest = (
-                (a.split("=", 1)[1], args[:i] + args[i + 1 :])
-                if "=" in a
-                else (args[i + 1] if i + 1 < len(args) else "", args[:i] + args[i + 2 :])
-            )
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--nproc needs a positive number of processes, got {value!r}")
-            return int(value), rest
-    return None, args
+def _prepare(cfg: Any) -> int:
+    from lmforge.recipes.prepare import prepare
 
-
-def _run_under_torchrun(nproc: int, args: list[str]) -> int:
-    """``lmforge pretrain --nproc N ...`` → ``torchrun --standalone --nproc_per_node N -m
-    lmforge pretrain ...``; torchrun stops every rank when one fails and exits non-zero."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc_per_node={nproc}", "-m", "lmforge", "pretrain", *args]
-    print(f"lmforge pretrain: starting {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr)
-    code = subprocess.call(cmd)
-    if code != 0:
-        print(
-            f"lmforge pretrain: the {nproc}-process job failed (exit code {code}); the messages "
-            "above name the failing rank. Resume from the last checkpoint with the same command "
-            "plus --resume.",
-            file=sys.stderr,
-        )
-    return 1 if code not in (0, 2, 130) else code
-
-
-def _prepare(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.prepare import PrepareConfig, prepare
-
-    meta = prepare(
-        load_config(PrepareConfig, config_file=config_file, overrides=overrides, recipe="prepare")
-    )
+    meta = prepare(cfg)
     keys = (
         "dir",
         "vocab_size",
@@ -102,96 +80,85 @@ def _prepare(config_file: str | None, overrides: dict[str, Any]) -> int:
     return 0
 
 
-def _generate(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.generate import GenerateConfig, generate
+def _generate(cfg: Any) -> int:
+    from lmforge.recipes.generate import generate
 
-    generate(
-        load_config(GenerateConfig, config_file=config_file, overrides=overrides, recipe="generate")
-    )
+    generate(cfg)
     return 0
 
 
-def _eval(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.evaluate import EvalConfig, evaluate
+def _eval(cfg: Any) -> int:
+    from lmforge.recipes.evaluate import evaluate
 
-    report = evaluate(
-        load_config(EvalConfig, config_file=config_file, overrides=overrides, recipe="eval")
-    )
-    print(json.dumps(report, indent=2))
+    print(json.dumps(evaluate(cfg), indent=2))
     return 0
 
 
-def _export(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.export import ExportConfig, export
+def _export(cfg: Any) -> int:
+    from lmforge.recipes.export import export
 
-    out = export(
-        load_config(ExportConfig, config_file=config_file, overrides=overrides, recipe="export")
-    )
-    print(out)
+    print(export(cfg))
     return 0
 
 
-def _classify_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
-    from lmforge.recipes.classify import resolve_config
-
-    return resolve_config(config_file, overrides)
-
-
-def _classify(config_file: str | None, overrides: dict[str, Any]) -> int:
+def _classify(cfg: Any) -> int:
     from lmforge.recipes.classify import classify
 
-    summary = classify(_classify_config(config_file, overrides))
+    summary = classify(cfg)
     keep = ("run_dir", "init", "steps", "stop_reason", "best_checkpoint", "eval_data")
     keep += ("eval_accuracy", "eval_f1_macro", "eval_roc_auc", "eval_ece", "wall_seconds", "report")
-    print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=2))
+    if summary:  # {} on ranks other than 0
+        print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=2))
     return 0
 
 
-def _finetune_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
-    from lmforge.recipes.finetune import FinetuneConfig
-
-    return load_config(
-        FinetuneConfig, config_file=config_file, overrides=overrides, recipe="finetune"
-    )
-
-
-def _finetune(config_file: str | None, overrides: dict[str, Any]) -> int:
+def _finetune(cfg: Any) -> int:
     from lmforge.recipes.finetune import finetune, print_summary
 
-    print_summary(finetune(_finetune_config(config_file, overrides)))
+    summary = finetune(cfg)
+    if summary:  # {} on ranks other than 0
+        print_summary(summary)
     return 0
 
 
-def _merge(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.merge import MergeConfig, merge
+def _merge(cfg: Any) -> int:
+    from lmforge.recipes.merge import merge
 
-    cfg = load_config(MergeConfig, config_file=config_file, overrides=overrides, recipe="merge")
     print(merge(cfg))
     return 0
 
 
-def _chat(config_file: str | None, overrides: dict[str, Any]) -> int:
-    from lmforge.recipes.chat import ChatConfig, chat
+def _chat(cfg: Any) -> int:
+    from lmforge.recipes.chat import chat
 
-    chat(load_config(ChatConfig, config_file=config_file, overrides=overrides, recipe="chat"))
+    chat(cfg)
     return 0
 
 
-def _estimate(config_file: str | None, overrides: dict[str, Any]) -> int:
+def _mlm(cfg: Any) -> int:
+    from lmforge.recipes.mlm import mlm
+
+    summary = mlm(cfg)
+    if summary:  # {} on ranks other than 0
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
+    config_file, overrides = raw
     report = run(config_file, overrides)
     print_report(report, as_json=bool(overrides.get("json")))
     return 0
 
 
-def _config_of(module: str, name: str) -> Callable[[], type[BaseModel]]:
-    def get() -> type[BaseModel]:
-        import importlib
+def _estimate_types() -> tuple[type[BaseModel], ...]:
+    """estimate's options, then the keys of the pretrain or fine-tune config it reads."""
+    from lmforge.recipes.finetune import FinetuneConfig
+    from lmforge.recipes.pretrain import PretrainConfig
 
-        return getattr(importlib.import_module(module), name)
-
-    return get
+    return PretrainConfig, FinetuneConfig
 
 
 COMMANDS: dict[str, Command] = {
@@ -199,99 +166,171 @@ COMMANDS: dict[str, Command] = {
         "train a decoder LM from raw text (no arguments: the CPU demo on the shipped corpus)",
         _config_of("lmforge.recipes.pretrain", "PretrainConfig"),
         _pretrain,
-        defaults=lambda: _pretrain_config(None, {}),
+        recipe="pretrain",
+        preset="cpu_demo",
+        nproc=True,
+        resume_reads_run=True,
     ),
     "data prepare": Command(
         "clean, deduplicate and tokenize text into train/val shards",
         _config_of("lmforge.recipes.prepare", "PrepareConfig"),
         _prepare,
+        recipe="prepare",
     ),
     "generate": Command(
         "sample text from a checkpoint, streaming to the terminal",
         _config_of("lmforge.recipes.generate", "GenerateConfig"),
         _generate,
+        recipe="generate",
     ),
     "eval": Command(
         "perplexity and bits-per-byte of a checkpoint on a token folder, .bin file or text file",
         _config_of("lmforge.recipes.evaluate", "EvalConfig"),
         _eval,
+        recipe="eval",
     ),
     "classify": Command(
-        "fine-tune a BERT-style encoder for text classification (no arguments: MiniLM on the shipped support tickets)",
+        "fine-tune a BERT-style encoder for text classification (no arguments: MiniLM on the "
+        "shipped support tickets)",
         _config_of("lmforge.recipes.classify", "ClassifyConfig"),
         _classify,
-        defaults=lambda: _classify_config(None, {}),
+        recipe="classify",
+        preset="support_tickets",
+        nproc=True,
     ),
     "export": Command(
         "write a checkpoint as a Hugging Face transformers folder (--format hf)",
         _config_of("lmforge.recipes.export", "ExportConfig"),
         _export,
+        recipe="export",
     ),
     "finetune": Command(
         "fine-tune a checkpoint on instructions: full, lora, dora, qlora or freeze, forgetting "
         "measured (no arguments: LoRA on the shipped instruction suite)",
         _config_of("lmforge.recipes.finetune", "FinetuneConfig"),
         _finetune,
+        recipe="finetune",
+        nproc=True,
     ),
     "merge": Command(
         "fold a LoRA/DoRA adapter into its base and write a checkpoint folder",
         _config_of("lmforge.recipes.merge", "MergeConfig"),
         _merge,
+        recipe="merge",
     ),
     "chat": Command(
         "chat turn by turn with a checkpoint, its chat template applied (reads stdin)",
         _config_of("lmforge.recipes.chat", "ChatConfig"),
         _chat,
+        recipe="chat",
     ),
     "estimate": Command(
         "predict peak memory (by component), time per step and which GPUs fit; --fit BUDGET plans",
         _config_of("lmforge.recipes.estimate", "EstimateConfig"),
         _estimate,
+        recipe="estimate",
+        raw=True,
+        also_types=_estimate_types,
     ),
     "mlm": Command(
         "pretrain a BERT-style encoder by masked-token prediction (no arguments: the CPU demo "
         "on the shipped corpus)",
         _config_of("lmforge.recipes.mlm", "MlmConfig"),
-        lambda config_file, overrides: _config_of("lmforge.recipes.mlm", "run_cli")()(
-            config_file, overrides
-        ),
-        defaults=lambda: _config_of("lmforge.recipes.mlm", "resolve_config")()(None, {}),
+        _mlm,
+        recipe="mlm",
+        preset="cpu_demo",
+        nproc=True,
     ),
 }
 
 
-def _type_name(annotation: Any) -> str:
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Literal:
-        return "|".join(str(a) for a in args)
-    if args:
-        return " or ".join(_type_name(a) for a in args if a is not type(None))
-    return getattr(annotation, "__name__", str(annotation))
+def resolve_config(name: str, config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
+    """The config ``lmforge <name>`` runs: the command's defaults (its shipped preset when it
+    names one; for ``--resume`` without ``--config`` on a command that reads its run, the run's
+    own ``config.yaml``) ← ``config_file`` ← ``overrides``."""
+    command = COMMANDS[name]
+    if command.resume_reads_run and not config_file and overrides.get("resume"):
+        saved = _saved_run_config(overrides["resume"], overrides.get("out_dir"))
+        config_file = str(saved) if saved else None
+    return load_config(
+        command.config(),
+        config_file=config_file or command.preset,
+        overrides=overrides,
+        recipe=command.recipe,
+    )
 
 
-def config_help(
-    model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
-) -> list[str]:
-    """One line per leaf option: ``--key  type  (default)  description``."""
-    lines = []
-    for name, field in model.model_fields.items():
-        default = getattr(defaults, name) if defaults is not None else field.default
-        sub = (
-            field.annotation
-            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-            else None
+def _saved_run_config(resume: Any, out_dir: Any) -> Path | None:
+    """The ``config.yaml`` of the run that ``--resume`` (true + ``--out_dir``, or a checkpoint
+    path) continues, if there is one; the resumed run keeps its settings unless overridden."""
+    if isinstance(resume, str):
+        from lmforge.checkpoint.store import find_checkpoint
+
+        ckpt = find_checkpoint(resume)
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    elif isinstance(out_dir, str):
+        run_dir = Path(out_dir)
+    else:
+        return None  # validation says that --resume needs --out_dir
+    saved = run_dir / "config.yaml"
+    return saved if saved.is_file() else None
+
+
+def torchrun_command(name: str, nproc: int, args: list[str], debug: bool = False) -> list[str]:
+    """``lmforge <name> --nproc N ARGS`` → the torchrun command line that runs ``lmforge <name>
+    ARGS`` in N processes on this machine. Without ``--debug`` torchrun runs inside a small
+    wrapper that reports a failed rank in one line instead of torchrun's traceback (the rank
+    has already printed its own message)."""
+    launcher = ["-m", "torch.distributed.run"] if debug else ["-c", _TORCHRUN_QUIET]
+    return [
+        sys.executable,
+        *launcher,
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lmforge",
+        *name.split(),
+        *args,
+        *(["--debug"] if debug else []),
+    ]
+
+
+_TORCHRUN_QUIET = """\
+import logging, signal, sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+logging.disable(logging.ERROR)  # torchrun's own log lines; the ranks print their messages
+try:
+    run(get_args_parser().parse_args(sys.argv[1:]))
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    code = failure.exitcode
+    if code < 0:
+        print(f"rank {rank} was stopped by signal {signal.Signals(-code).name}", file=sys.stderr)
+    sys.exit(code if code > 0 else 1)
+except SignalException as e:  # Ctrl-C / SIGTERM: torchrun has stopped the ranks
+    sys.exit(128 + int(e.sigval))
+"""
+
+
+def _run_under_torchrun(name: str, nproc: int, args: list[str], debug: bool) -> int:
+    """Start ``torchrun --standalone --nproc_per_node N -m lmforge <name> ...``; torchrun stops
+    every rank when one fails and exits non-zero."""
+    import subprocess
+
+    cmd = torchrun_command(name, nproc, args, debug)
+    shown = " ".join(["torchrun", *cmd[3:]])  # after the interpreter and the launcher
+    print(f"lmforge {name}: starting {nproc} processes: {shown}", file=sys.stderr)
+    code = subprocess.call(cmd)
+    if code not in (0, 2, 130):
+        print(
+            f"lmforge {name}: the {nproc}-process job failed (exit code {code}); the messages "
+            "above name the failing rank. Resume from the last checkpoint with the same command "
+            "plus --resume.",
+            file=sys.stderr,
         )
-        if sub is not None:
-            lines.append(f"\n  {prefix}{name}:")
-            lines += config_help(
-                sub, f"{prefix}{name}.", default if isinstance(default, BaseModel) else None
-            )
-            continue
-        shown = "required" if field.is_required() else f"default {json.dumps(default, default=str)}"
-        lines.append(
-            f"    --{prefix}{name}={_type_name(field.annotation)}  ({shown})  {field.description or ''}"
-        )
-    return lines
+    return code if code in (0, 2, 130) else 1
 
 
 def usage() -> str:
@@ -303,7 +342,63 @@ def usage() -> str:
     )
 
 
+def _help(name: str, command: Command) -> str:
+    model = command.config()
+    try:  # what runs with no --config; a command with required options has no such config
+        defaults: BaseModel | None = None if command.raw else resolve_config(name, None, {})
+    except ConfigError:
+        defaults = None
+    lines = [f"lmforge {name}: {command.help}\n\noptions (also settable in --config FILE.yaml):"]
+    if command.preset:
+        lines.append(f"    (defaults shown are the shipped preset {command.preset!r}, what runs "
+                     "with no --config)")  # fmt: skip
+    lines.append("    --config=FILE  a YAML file or shipped preset name (once)")
+    lines.append("    --debug  show tracebacks")
+    if command.nproc:
+        lines.append("    --nproc=N  run N processes on this machine (torchrun; see dist.strategy)")
+    lines += config_help(model, defaults=defaults)
+    return "\n".join(lines)
+
+
+def _pop_option(args: list[str], option: str) -> tuple[str | None, list[str]]:
+    """``--option VALUE`` / ``--option=VALUE`` out of ``args`` (given at most once)."""
+    found: list[tuple[int, int, str]] = []  # (position, arguments used, value)
+    for i, a in enumerate(args):
+        if a == option:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"{option} needs a value: {option}=VALUE")
+            found.append((i, 2, args[i + 1]))
+        elif a.startswith(option + "="):
+            found.append((i, 1, a.split("=", 1)[1]))
+    if not found:
+        return None, args
+    if len(found) > 1:
+        given = ", ".join(repr(v) for _, _, v in found)
+        raise ConfigError(
+            f"{option} is given {len(found)} times ({given}); give it once (put the other "
+            "settings in that file or on the command line as --section.key=value)"
+        )
+    i, used, value = found[0]
+    return value, args[:i] + args[i + used :]
+
+
+def _parse_nproc(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"--nproc needs a positive number of processes, got {value!r}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:  # `lmforge pretrain --help | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -320,15 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if "-h" in args or "--help" in args:
-        model = command.config()
-        defaults = command.defaults() if command.defaults else _defaults(model)
-        print(f"lmforge {name}: {command.help}\n\noptions (also settable in --config FILE.yaml):")
-        if command.defaults:
-            print("    (defaults shown are what runs with no --config)")
-        print("    --config=FILE  a YAML file or shipped preset name\n    --debug  show tracebacks")
-        if name == "pretrain":
-            print("    --nproc=N  run N processes on this machine (torchrun; see dist.strategy)")
-        print("\n".join(config_help(model, defaults=defaults)))
+        print(_help(name, command))
         return 0
 
     from lmforge.train.distributed import rank_tag
@@ -342,49 +429,35 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     try:
-        config_file = None
-        if "--config" in args:
-            i = args.index("--config")
-            if i + 1 >= len(args):
-                raise ConfigError("--config needs a file name or preset name")
-            config_file = args[i + 1]
-            args = args[:i] + args[i + 2 :]
-        for i, a in enumerate(args):
-            if a.startswith("--config="):
-                config_file = a.split("=", 1)[1]
-                args = args[:i] + args[i + 1 :]
-                break
-        nproc, args = _pop_nproc(args) if name == "pretrain" else (None, args)
-        overrides = parse_overrides(args)
+        config_file, args = _pop_option(args, "--config")
+        nproc = None
+        if command.nproc:
+            value, args = _pop_option(args, "--nproc")
+            nproc = _parse_nproc(value) if value is not None else None
+        types = (command.config(), *command.also_types())
+        overrides = parse_overrides(args, *types)
+        if command.raw:
+            return command.run((config_file, overrides))
+        cfg = resolve_config(name, config_file, overrides)  # a bad config fails once, here
         if nproc is not None and nproc > 1 and "RANK" not in os.environ:
-            _pretrain_config(config_file, overrides)  # a bad config fails once, here
             full = (["--config", config_file] if config_file else []) + args
-            return _run_under_torchrun(nproc, full + (["--debug"] if debug else []))
-        return command.run(config_file, overrides)
-    except ConfigError as e:
-        print(f"lmforge {shown}: {e}", file=sys.stderr)
-        return 2
-    except (
-        _user_errors()
-    ) as e:  # bad paths or bad input data: the message says where and what to do
-        if debug:
+            return _run_under_torchrun(name, nproc, full, debug)
+        return command.run(cfg)
+    except TrainingInterrupted as e:
+        print(
+            f"lmforge {name}: {e}. Resume with: lmforge {name} --resume={e.checkpoint}",
+            file=sys.stderr,
+        )
+        return e.exit_code
+    except LmforgeError as e:  # the message says what, where and what to do
+        if debug and not isinstance(e, ConfigError):
             raise
-        from lmforge.errors import CheckpointError
-
         print(f"lmforge {shown}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, CheckpointError) else 1
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"lmforge {shown}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one paragraph for users; the traceback with --debug
-        from lmforge.errors import TrainingInterrupted
-
-        if isinstance(e, TrainingInterrupted):
-            print(
-                f"lmforge {name}: {e}. Resume with: lmforge {name} --resume={e.checkpoint}",
-                file=sys.stderr,
-            )
-            return 130
         if debug:
             raise
         print(
@@ -392,19 +465,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from lmforge.errors import CheckpointError, DataError, NonFiniteLossError
-
-    return (DataError, CheckpointError, NonFiniteLossError)
-
-
-def _defaults(model: type[BaseModel]) -> BaseModel | None:
-    try:
-        return model()
-    except Exception:  # a config with required fields has no all-default instance
-        return None
 
 
 def _print_pretrain_summary(s: dict[str, Any]) -> None:

@@ -64,9 +64,11 @@ def test_fp16_mixed_is_cuda_only_with_a_clear_message() -> None:
 
 
 def test_pretrain_rejects_fp16_on_cpu_before_any_work(tmp_path: Path) -> None:
-    from lmforge.recipes.pretrain import pretrain, resolve_config
+    from lmforge.cli import resolve_config
+    from lmforge.recipes.pretrain import pretrain
 
     cfg = resolve_config(
+        "pretrain",
         None,
         {"train": {"precision": "fp16-mixed", "device": "cpu"}, "out_dir": str(tmp_path / "r")},
     )

@@ -17,6 +17,7 @@ from pydantic import Field
 from lmforge.checkpoint.load import load
 from lmforge.config import Section
 from lmforge.data.chat_template import ChatFormat, Message
+from lmforge.errors import ConfigError, DataError
 from lmforge.generate import SampleConfig, stream_text
 from lmforge.train.device import resolve_device
 
@@ -34,8 +35,18 @@ class ChatConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
 
 
-def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """Run the chat loop until /exit or end of input; returns the number of replies."""
+def chat(cfg: ChatConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Run the chat loop until /exit or end of input; returns the number of replies.
+
+    ``stdin``/``stdout`` default to the process's own (read at call time: ``lmforge chat <&-``
+    runs with no standard input at all, which is a usage error, not an AttributeError)."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    if stdin is None or stdin.closed:
+        raise ConfigError(
+            "chat reads each user turn from standard input, and this process has none (was it "
+            "closed with <&-?): run it in a terminal or pipe the turns in, one per line"
+        )
     path = Path(cfg.checkpoint)
     if (path / "model" / "model.safetensors").is_file():  # a fine-tune run folder
         path = path / "model"
@@ -52,15 +63,16 @@ def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
         seed=cfg.seed,
     )
     history: list[Message] = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    replies = 0
+    replies = line_no = 0
     while True:
         if interactive:
             stdout.write("you> ")
             stdout.flush()
-        line = stdin.readline()
+        line_no += 1
+        line = _read_line(stdin, line_no)
         if not line or line.strip() == "/exit":
             return replies
-        text = line.rstrip("\n")
+        text = line.rstrip("\r\n")  # bytes are read as sent: a CRLF pipe keeps its \r
         if text.strip() == "/reset":
             history = history[:1] if cfg.system else []
             continue
@@ -81,3 +93,20 @@ def chat(cfg: ChatConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
         stdout.flush()
         history.append({"role": "assistant", "content": reply})
         replies += 1
+
+
+def _read_line(stdin: TextIO, line_no: int) -> str:
+    """One line of user input. Bytes that are not UTF-8 are a DataError naming the line: the
+    line is decoded here from the byte stream when there is one (a text stream would fail on a
+    whole buffered chunk, or under a C locale pass surrogates the tokenizer rejects with a bare
+    TypeError)."""
+    raw = getattr(stdin, "buffer", None)
+    try:
+        line = raw.readline().decode("utf-8") if raw is not None else stdin.readline()
+        line.encode("utf-8")
+    except UnicodeError:
+        raise DataError(
+            f"<stdin>:{line_no}: the input is not valid UTF-8 text; convert it first (e.g. "
+            "iconv -f LATIN1 -t UTF-8)"
+        ) from None
+    return line

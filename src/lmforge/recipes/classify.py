@@ -27,7 +27,7 @@ from torch import nn
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.load import Loaded
 from lmforge.checkpoint.store import load_weights, new_run_dir, pointed
-from lmforge.config import Section, load_config, read_yaml, save_config, to_yaml, validate_config
+from lmforge.config import Section, read_yaml, save_config, to_yaml, validate_config
 from lmforge.data.classification import (
     ClassificationBatches,
     ClassifyDataConfig,
@@ -116,18 +116,6 @@ class ClassifyConfig(Section):
                 "head.task: token is not supported by lmforge classify yet (sequence, multilabel)"
             )
         return self
-
-
-DEFAULT_PRESET = "support_tickets"
-
-
-def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> ClassifyConfig:
-    return load_config(
-        ClassifyConfig,
-        config_file=config_file or DEFAULT_PRESET,
-        overrides=overrides,
-        recipe="classify",
-    )
 
 
 def minilm_folder() -> Path | None:

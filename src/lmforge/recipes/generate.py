@@ -18,6 +18,14 @@ from lmforge.train.device import resolve_device
 
 
 class GenerateConfig(SampleConfig):
+    max_new_tokens: int = Field(
+        SampleConfig.model_fields["max_new_tokens"].default,
+        gt=0,
+        description="tokens to generate at most (fewer if the model ends the text). No upper "
+        "limit: past the model's context_length each new token sees the last context_length "
+        "tokens (a sliding window, re-read every step, so slower), and Ctrl-C stops it with the "
+        "text so far printed; a server must cap it",
+    )
     checkpoint: str = Field(
         description="checkpoint folder, or a run folder (its latest checkpoint)"
     )

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import new_run_dir
-from lmforge.config import Section, load_config, save_config, to_yaml
+from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, prepare_data
 from lmforge.data.shards import open_shard
@@ -43,8 +43,6 @@ from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PRESET = "cpu_demo"
 
 
 class MlmConfig(Section):
@@ -66,12 +64,6 @@ class MlmConfig(Section):
     def _check(self) -> MlmConfig:
         check_warmup(self.sched, self.train.max_steps)
         return self
-
-
-def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> MlmConfig:
-    return load_config(
-        MlmConfig, config_file=config_file or DEFAULT_PRESET, overrides=overrides, recipe="mlm"
-    )
 
 
 def mask_tokens(
@@ -238,9 +230,3 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def run_cli(config_file: str | None, overrides: dict[str, Any]) -> int:
-    """``lmforge mlm``: run, then print the summary."""
-    print(json.dumps(mlm(resolve_config(config_file, overrides)), indent=2))
-    return 0

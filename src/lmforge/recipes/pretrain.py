@@ -20,15 +20,7 @@ from pydantic import Field, model_validator
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.load import load
 from lmforge.checkpoint.store import find_checkpoint, load_weights
-from lmforge.config import (
-    Section,
-    deep_merge,
-    read_yaml,
-    resolve_config_path,
-    save_config,
-    to_yaml,
-    validate_config,
-)
+from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.clean import find_files
 from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, load_meta, prepare_data
@@ -85,23 +77,6 @@ class PretrainConfig(Section):
 
 
 DEFAULT_PRESET = "cpu_demo"
-
-
-def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> PretrainConfig:
-    """YAML file ← overrides. No file: a resumed run's own saved config, else the CPU demo preset."""
-    resume = overrides.get("resume", False)
-    path = resolve_config_path(config_file or DEFAULT_PRESET, "pretrain")
-    data, source = read_yaml(path), str(path)
-    if not config_file and resume:
-        run_dir = _run_dir_of_resume(resume, overrides.get("out_dir"))
-        saved = run_dir / "config.yaml"
-        if saved.is_file():
-            data, source = read_yaml(saved), str(saved)
-            data.pop("resume", None)
-    data = deep_merge(data, overrides)
-    return validate_config(
-        PretrainConfig, data, source + (" + command-line overrides" if overrides else "")
-    )
 
 
 def _run_dir_of_resume(resume: bool | str, out_dir: str | None) -> Path:
