@@ -149,7 +149,11 @@ def _classify(config_file: str | None, overrides: dict[str, Any]) -> int:
 
 def _finetune_config(config_file: str | None, overrides: dict[str, Any]) -> BaseModel:
     from lmforge.recipes.finetune import FinetuneConfig
+    from lmforge.runs import saved_config
 
+    if not config_file:  # --resume alone continues with the run's own resolved config
+        saved = saved_config(overrides.get("resume"), overrides.get("out_dir"))
+        config_file = str(saved) if saved else None
     return load_config(
         FinetuneConfig, config_file=config_file, overrides=overrides, recipe="finetune"
     )
@@ -158,7 +162,9 @@ def _finetune_config(config_file: str | None, overrides: dict[str, Any]) -> Base
 def _finetune(config_file: str | None, overrides: dict[str, Any]) -> int:
     from lmforge.recipes.finetune import finetune, print_summary
 
-    print_summary(finetune(_finetune_config(config_file, overrides)))
+    summary = finetune(_finetune_config(config_file, overrides))
+    if summary:  # {} on ranks other than 0
+        print_summary(summary)
     return 0
 
 

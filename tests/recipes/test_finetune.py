@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,8 +175,12 @@ def test_resume_equals_uninterrupted(
     common += ["--train.max_steps=6", "--train.save_every=3", "--train.eval_every=6"]
     whole = tmp_path / "whole"
     assert main(["finetune", f"--out_dir={whole}", *common]) == 0
+    # the run as it was after step 3 (a resumed run continues in its own folder)
     resumed = tmp_path / "resumed"
-    step3 = whole / "checkpoints" / "step-000003"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
+    step3 = resumed / "checkpoints" / "step-000003"
     assert main(["finetune", f"--out_dir={resumed}", f"--resume={step3}", *common]) == 0
     a = load_file(str(whole / "checkpoints" / "step-000006" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step-000006" / "model.safetensors"))

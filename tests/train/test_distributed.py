@@ -101,10 +101,11 @@ def _train_jobs(rank: int, world: int, port: int, strategies: list[str], tp: int
     """One rank, per strategy (one process start for all): STEPS steps → out/<strategy>/run,
     then resume from step 2 → out/<strategy>/resumed."""
     _join(rank, world, port)
-    for strategy in strategies:
-        par = distributed.setup(DistConfig(strategy=strategy, tp_size=tp), CPU)
+    pars = [distributed.setup(DistConfig(strategy=s, tp_size=tp), CPU) for s in strategies]
+    for strategy, par in zip(strategies, pars, strict=True):
         _train_job(par, Path(out) / strategy)
-    distributed.teardown(par)
+    for par in pars:  # the first started the process group and ends it
+        distributed.teardown(par)
 
 
 def _train_job(par: distributed.Parallel, out: Path) -> None:

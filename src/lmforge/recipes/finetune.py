@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -30,9 +31,10 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import save_model
 
+from lmforge import runs
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
-from lmforge.config import Section, save_config, to_yaml
+from lmforge.checkpoint.store import load_for_inference, load_weights
+from lmforge.config import Section, to_yaml
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
@@ -44,6 +46,7 @@ from lmforge.data.sft import (
     read_conversations,
 )
 from lmforge.data.tokenizer import EOS, pad_id
+from lmforge.errors import ConfigError
 from lmforge.eval.metrics import final_number_match
 from lmforge.models.decoder import DecoderConfig
 from lmforge.models.lora import (
@@ -55,7 +58,9 @@ from lmforge.models.lora import (
     trainable_report,
 )
 from lmforge.plan.estimate import Workload
+from lmforge.train import distributed
 from lmforge.train.device import setup_device
+from lmforge.train.distributed import DistConfig
 from lmforge.train.forgetting import (
     Retained,
     combine,
@@ -68,7 +73,6 @@ from lmforge.train.forgetting import (
 )
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.precision import autocast, weight_dtype
 
@@ -144,8 +148,13 @@ class FinetuneConfig(Section):
     )
     optim: OptimConfig = OptimConfig(lr=3e-3, weight_decay=0.0)
     sched: SchedConfig = SchedConfig(warmup_steps=10)
+    dist: DistConfig = DistConfig()
     out_dir: str | None = Field(None, description="run folder; null = runs/finetune-<date>-<time>")
-    resume: str | None = Field(None, description="a checkpoint of this run to continue from")
+    resume: str | None = Field(
+        None,
+        description="a checkpoint or run folder of this run to continue from (in that folder, "
+        "with its config.yaml when no --config is given)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
@@ -207,7 +216,8 @@ def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
             f"<|im_start|>user\n{ex['prompt']}{EOS}\n<|im_start|>assistant\n{ex['answer']}{EOS}\n"
         )
     random.Random(cfg.suite.seed + 3).shuffle(units)  # the val split is the text's last 10 %
-    atomic_write_text(text_path, "".join(units))
+    if not distributed.launched() or int(os.environ["RANK"]) == 0:
+        atomic_write_text(text_path, "".join(units))
     log.info("no base given: pretraining a small demo base on %s first", text_path)
     pcfg = PretrainConfig.model_validate(
         dict(
@@ -264,9 +274,33 @@ class _ModelOnly(Section):
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the whole fine-tune; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads)
-    run_dir = new_run_dir(cfg.out_dir, "finetune", resume=bool(cfg.resume))
-    save_config(cfg, run_dir / "config.yaml")
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    par = distributed.setup(cfg.dist, device, "finetune")
+    try:
+        _check_layout(cfg, par)
+        run = runs.start("finetune", cfg.out_dir, cfg.resume, par)
+        with runs.failure_note(run):
+            return _finetune(cfg, run, t_start)
+    finally:
+        distributed.teardown(par)
+
+
+def _check_layout(cfg: FinetuneConfig, par: distributed.Parallel) -> None:
+    """The distributed layouts each method can run under (ConfigError otherwise)."""
+    if not par.active:
+        return
+    if cfg.method == "qlora" and par.device.type != "cuda":
+        raise ConfigError(
+            "method=qlora runs in one process on the CPU: bitsandbytes' NF4 weights cannot be "
+            "replicated or sharded over gloo; drop --nproc, or use method=lora under ddp"
+        )
+    sharded = ("fsdp",) if cfg.method in ("full", "freeze") else ()
+    distributed.require_strategy(par, ("ddp", *sharded), f"finetune method={cfg.method}")
+
+
+def _finetune(cfg: FinetuneConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+    par, run_dir, device = run.par, run.dir, run.par.device
+    runs.write_config(run, cfg)
 
     # Base model, tokenizer and chat template.
     base = cfg.base or str(demo_base(run_dir, cfg))
@@ -280,7 +314,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         w = memory_workload(cfg, model.cfg, device.type)
         train, plan = apply_memory_budget(cfg.train, w, model.cfg, device.type, run_dir, True)
         cfg = cfg.model_copy(update={"train": train, "method": plan["method"]})
-        save_config(cfg, run_dir / "config.yaml")  # the values that run
+        _check_layout(cfg, par)  # the plan may have changed the method
+        runs.write_config(run, cfg)  # the values that run
     model.to(dtype=weight_dtype(cfg.train.precision))  # pure bf16: bf16 weights (and adapters)
 
     # Data: records → held-out prompts for exact match + training examples.
@@ -302,14 +337,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     examples, stats = encode_examples(
         train_convs, fmt, context, cfg.data.train_on_prompt, cfg.data.truncation
     )
+    # every rank draws the global micro-batch and keeps its rows (distributed.RankRows): n
+    # ranks with micro-batch b train on exactly the rows one process does with n x b
+    dp = par.dp_size
     batches: Any = SFTBatches(
-        examples,
-        context,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        pad_id=_pad(tokenizer),
+        examples, context, cfg.train.batch_size * dp, cfg.train.seed, pad_id=_pad(tokenizer),
         pack=cfg.data.pack,
-    )
+    )  # fmt: skip
 
     retained = (
         Retained.load(cfg.retain.path, fmt, cfg.retain.n_eval, cfg.retain.max_chars)
@@ -321,6 +355,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     # Surgery first: "before" scores the model as training starts (LoRA's B = 0 leaves the
     # base's function unchanged; QLoRA's base is then the NF4 one it trains on).
+    torch.manual_seed(cfg.train.seed)  # adapter init: the same on every rank and on resume
     model = prepare_model(model, cfg.method, cfg.lora)
     model.to(device)
     bf16_base = cfg.method == "lora" and cfg.train.precision == "bf16-mixed"
@@ -340,7 +375,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         last_eval.update(out=out, preds=preds)
         return out
 
-    before = evaluate(model)
+    score = distributed.evaluator(par, evaluate)  # rank 0 scores, or all in lockstep (fsdp)
+    before = score(model)
     last_eval.clear()  # "after" may reuse only an evaluation of trained weights
     log.info("before: %s", before)
 
@@ -366,12 +402,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             regularizer = ewc_penalty(model, fisher, cfg.retain.ewc_lambda)
         if cfg.retain.l2sp_lambda:
             regularizer = combine(regularizer, l2sp_penalty(model, cfg.retain.l2sp_lambda))
-        if cfg.retain.replay_rows:
-            batches = MixedBatches(batches, retain_batches, cfg.retain.replay_rows)
-    optimizer = build_optimizer(model, cfg.optim)
-    resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+        if cfg.retain.replay_rows:  # replay_rows per rank, as batch_size
+            batches = MixedBatches(batches, retain_batches, cfg.retain.replay_rows * dp)
+    batches = distributed.shard_batches(batches, par)
+    resume_ckpt = run.resume_from
     if resume_ckpt is not None:
         load_weights(model, resume_ckpt)
+    plain = model
+    model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
+    optimizer = build_optimizer(plain, cfg.optim)  # after sharding: on the sharded parameters
 
     result = fit(
         model,
@@ -385,13 +424,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         checkpoint_files={"config.yaml": to_yaml(cfg)},
         resume_from=resume_ckpt,
         regularizer=regularizer,
-        evaluate=evaluate,
+        evaluate=score,
+        parallel=par,
     )
-    write_plots(run_dir)
+    if par.sharded:  # rank 0 goes on with the whole model, as the checkpoint gathered it
+        if not par.is_main:
+            return {}
+        plain = _gathered(base, cfg, device, result.checkpoint)
+    elif not par.is_main:
+        return {}
     if result.step == cfg.train.max_steps and last_eval:  # fit scored these very weights
         after, preds = last_eval["out"], last_eval["preds"]
     else:
-        after, preds = evaluate(model), last_eval["preds"]
+        after, preds = evaluate(plain), last_eval["preds"]
+    model = plain
 
     # Save: adapters (PEFT format) and the merged model.
     adapter_dir = model_dir = None
@@ -401,7 +447,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         # Its frozen Linears are bf16, rounded from the base: merge the saved adapter into the
         # base as on disk instead, as `lmforge merge` does (fp32), so the merged model is the
         # one an fp32-stored base would have given. The trained copy goes first (memory).
-        del model, optimizer
+        del model, plain, optimizer
         where = dict(base=str(base_ckpt), adapter=str(adapter_dir), out_dir=str(run_dir / "model"))
         model_dir = merge(MergeConfig(**where))
     elif cfg.method != "qlora":
@@ -439,8 +485,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if retained is not None:
         summary |= forgetting(before, after)
     summary["wall_seconds"] = time.perf_counter() - t_start
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return runs.finish(run, summary)
+
+
+def _gathered(base: str, cfg: FinetuneConfig, device: torch.device, ckpt: Path | None):
+    """The plain (unsharded) model with the weights fit's last checkpoint gathered."""
+    if ckpt is None:
+        raise ConfigError("train.max_steps: the sharded run saved no checkpoint to gather")
+    model = load_for_inference(base, device)[0].to(dtype=weight_dtype(cfg.train.precision))
+    model = prepare_model(model, cfg.method, cfg.lora)
+    load_weights(model, ckpt)
+    return model
 
 
 def _pad(tokenizer) -> int:

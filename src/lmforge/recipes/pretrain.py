@@ -7,9 +7,7 @@ Shakespeare corpus, a small model sized for a 5-minute budget on a 2-core laptop
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,14 +15,13 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights
+from lmforge import runs
+from lmforge.checkpoint.store import load_for_inference, load_weights
 from lmforge.config import (
     Section,
     deep_merge,
     read_yaml,
     resolve_config_path,
-    save_config,
     to_yaml,
     validate_config,
 )
@@ -37,13 +34,12 @@ from lmforge.errors import ConfigError
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed
-from lmforge.train.device import peak_flops, resolve_device
+from lmforge.train.device import peak_flops, setup_device
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
-from lmforge.train.precision import precision_error, weight_dtype
+from lmforge.train.precision import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -88,30 +84,20 @@ DEFAULT_PRESET = "cpu_demo"
 
 def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> PretrainConfig:
     """YAML file ← overrides. No file: a resumed run's own saved config, else the CPU demo preset."""
-    resume = overrides.get("resume", False)
     path = resolve_config_path(config_file or DEFAULT_PRESET, "pretrain")
     data, source = read_yaml(path), str(path)
-    if not config_file and resume:
-        run_dir = _run_dir_of_resume(resume, overrides.get("out_dir"))
-        saved = run_dir / "config.yaml"
-        if saved.is_file():
-            data, source = read_yaml(saved), str(saved)
-            data.pop("resume", None)
+    saved = (
+        None
+        if config_file
+        else runs.saved_config(overrides.get("resume"), overrides.get("out_dir"))
+    )
+    if saved is not None:
+        data, source = read_yaml(saved), str(saved)
+        data.pop("resume", None)
     data = deep_merge(data, overrides)
     return validate_config(
         PretrainConfig, data, source + (" + command-line overrides" if overrides else "")
     )
-
-
-def _run_dir_of_resume(resume: bool | str, out_dir: str | None) -> Path:
-    if isinstance(resume, str):
-        ckpt = find_checkpoint(resume)
-        return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    if not out_dir:
-        raise ConfigError(
-            "resume: --resume needs --out_dir=RUN_FOLDER (or --resume=CHECKPOINT_PATH)"
-        )
-    return Path(out_dir)
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
@@ -121,43 +107,22 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     prepares data, writes files and samples; the other ranks return ``{}``.
     """
     t_start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    if err := precision_error(cfg.train.precision, device):
-        raise ConfigError(err)
-    par = distributed.setup(cfg.dist, device)
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    if cfg.data.path and not is_prepared(cfg.data.path):
+        find_files(cfg.data.path)  # a wrong data.path fails here, before the run folder exists
+    par = distributed.setup(cfg.dist, device, "pretrain")
     try:
-        return _pretrain(cfg, par, t_start)
+        run = runs.start("pretrain", cfg.out_dir, cfg.resume, par)
+        with runs.failure_note(run):
+            return _pretrain(cfg, run, t_start)
     finally:
         distributed.teardown(par)
 
 
-def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) -> dict[str, Any]:
-    device = par.device if par.active else resolve_device(cfg.train.device)
-    threads = cfg.train.num_threads
-    if device.type == "cpu" and par.active:
-        # Ranks on one machine share its cores: more threads than cores/rank only thrash.
-        per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        threads = min(threads or per_rank, per_rank)
-    if threads and device.type == "cpu":
-        torch.set_num_threads(threads)
-
-    if cfg.data.path and not is_prepared(cfg.data.path):
-        find_files(cfg.data.path)  # a wrong data.path fails here, before the run folder exists
-
-    # Run folder: a resumed run continues in its own folder.
-    resume_ckpt: Path | None = None
-    if cfg.resume:
-        run_dir = _run_dir_of_resume(cfg.resume, cfg.out_dir)
-        resume_ckpt = find_checkpoint(cfg.resume if isinstance(cfg.resume, str) else run_dir)
-    else:
-        run_dir = Path(cfg.out_dir or f"runs/pretrain-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "checkpoints" / "latest").exists():
-            raise ConfigError(
-                f"out_dir {run_dir} already holds a run; add --resume to continue it, or choose another --out_dir"
-            )
-    run_dir = Path(par.broadcast(str(run_dir)))  # rank 0's clock names the folder for all
+def _pretrain(cfg: PretrainConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+    par, run_dir, resume_ckpt = run.par, run.dir, run.resume_from
+    device = par.device
     if par.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run folder: %s", run_dir)
 
     # Data: raw text → cleaned, deduplicated, tokenized shards (reused when already prepared).
@@ -189,8 +154,7 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
         )  # fmt: skip
         train, _ = apply_memory_budget(cfg.train, w, model_cfg, device.type, run_dir)
         cfg = cfg.model_copy(update={"train": train})
-    if par.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    runs.write_config(run, cfg)
 
     # Model and optimizer.
     torch.manual_seed(cfg.train.seed)
@@ -253,7 +217,6 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
     )
     if not par.is_main:
         return {}
-    write_plots(run_dir)
 
     if par.sharded and result.checkpoint is not None:  # sample from the gathered weights
         plain = load_for_inference(result.checkpoint, device)[0]
@@ -284,5 +247,4 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
         "sample_prompt": cfg.sample.prompt,
         "sample": sample,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return runs.finish(run, summary)
