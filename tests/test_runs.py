@@ -126,6 +126,18 @@ def test_cli_failing_finetune_leaves_nothing(tmp_path: Path, capsys) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "classify", "mlm"])
+def test_every_training_recipe_checks_precision_before_any_work(
+    command: str, tmp_path: Path, capsys
+) -> None:
+    """One device setup for all (classify and mlm used to skip the precision check)."""
+    out = tmp_path / "run"
+    args = [command, "--train.precision=fp16-mixed", "--train.device=cpu", f"--out_dir={out}"]
+    assert main(args) == 2
+    assert "fp16-mixed needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_write_plots(tmp_path: Path) -> None:
     events = [{"step": s, "loss": 4.0 / s, "lr": 1e-3} for s in range(1, 5)]
     events.append({"step": 4, "val_loss": 1.2})

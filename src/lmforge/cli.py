@@ -154,6 +154,8 @@ def _finetune_config(config_file: str | None, overrides: dict[str, Any]) -> Base
     if not config_file:  # --resume alone continues with the run's own resolved config
         saved = saved_config(overrides.get("resume"), overrides.get("out_dir"))
         config_file = str(saved) if saved else None
+        if saved:  # the run continues in its own folder, wherever it now is
+            overrides = {"out_dir": None, **overrides}
     return load_config(
         FinetuneConfig, config_file=config_file, overrides=overrides, recipe="finetune"
     )

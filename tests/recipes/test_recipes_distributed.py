@@ -64,11 +64,32 @@ def finetune_args(base: Path, method: str, batch: int, steps: int = 3) -> list[s
     ]  # fmt: skip
 
 
-def classify_args(train: Path, batch: int) -> list[str]:
+def make_bert(out: Path, texts: list[str]) -> Path:
+    """A tiny random Hugging Face BERT folder with a WordPiece tokenizer.json: the classifier's
+    init. (A random-init classify run trains its own WordPiece, and tokenizers' WordPiece
+    trainer breaks count ties differently in every process: two runs would not share a
+    vocabulary. The 2-rank job shares rank 0's; this test needs the 1-process run to as well.)"""
+    from transformers import BertConfig, BertModel
+
+    from lmforge.data.classification import train_wordpiece
+
+    tok = train_wordpiece(texts, 300)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        pad_token_id=tok.token_to_id("[PAD]"),
+    )  # fmt: skip
+    BertModel(cfg).save_pretrained(out)
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def classify_args(train: Path, bert: Path, batch: int) -> list[str]:
     return [
-        "classify", "--config=tiny_random", f"--data.train={train}",
-        f"--data.test={default_paths()['test']}", "--tokenizer_vocab=300", "--model.n_layer=1",
-        "--model.d_model=32", "--model.n_head=2", "--model.dropout=0", "--head.dropout=0",
+        "classify", "--config=tiny_random", f"--init={bert}", f"--data.train={train}",
+        f"--data.test={default_paths()['test']}", "--model.dropout=0", "--head.dropout=0",
         f"--train.batch_size={batch}", "--train.max_steps=4", "--train.eval_every=2",
         "--train.save_every=2", "--train.log_every=1", "--train.num_threads=1",
         "--sched.warmup_steps=1",
@@ -136,13 +157,14 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = make_base(root / "base")
     rows = default_paths()["train"].read_text().splitlines()
     (root / "train.csv").write_text("\n".join(rows[:121]) + "\n")
+    bert = make_bert(root / "bert", rows[1:121])
     (root / "corpus.txt").write_text(
         "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300))
     )
     jobs = {
         "lora": lambda n, b: finetune_args(base, "lora", b, steps=4),
         "full": lambda n, b: finetune_args(base, "full", b),
-        "classify": lambda n, b: classify_args(root / "train.csv", b),
+        "classify": lambda n, b: classify_args(root / "train.csv", bert, b),
         "mlm": lambda n, b: mlm_args(root / "corpus.txt", b),
     }
     on_two_ranks([[*job(2, B), f"--out_dir={root / name / '2'}"] for name, job in jobs.items()])
@@ -195,6 +217,7 @@ def test_rank0_lora_adapter_loads_in_peft(ddp: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(theirs(x).logits, merged(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # a second 2-process start: ~75 s on this shared 2-core machine
 def test_distributed_finetune_resumes_with_the_printed_command(ddp: Path) -> None:
     """2 ranks resumed from step 2 with ``--resume=<checkpoint>`` alone (the command printed on
     an interrupt) end with the uninterrupted 2-rank run's weights, in the same folder."""

@@ -344,7 +344,10 @@ def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, A
         return {f"val_{k}": float(metrics[k]) for k in VAL_LOGGED}
 
     plain = model
-    model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
+    unused = cfg.head.pooling == "mean" and enc_cfg.pooler  # the pooler gets no gradient
+    model = distributed.parallelize(
+        model, par, cfg.dist, cfg.train.precision, unused_parameters=unused
+    )
     result = fit(
         model,
         build_optimizer(plain, cfg.optim),

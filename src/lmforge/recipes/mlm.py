@@ -222,7 +222,9 @@ def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
     initial = masked_lm_metrics(model, val_batches, device)
     log.info("before training: %s", initial)
     plain = model
-    model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
+    model = distributed.parallelize(  # the MLM head never uses the [CLS] pooler
+        model, par, cfg.dist, cfg.train.precision, unused_parameters=enc_cfg.pooler
+    )
 
     result = fit(
         model,

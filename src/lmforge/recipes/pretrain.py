@@ -94,6 +94,7 @@ def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> Pretra
     if saved is not None:
         data, source = read_yaml(saved), str(saved)
         data.pop("resume", None)
+        data.pop("out_dir", None)  # the run continues in its own folder, wherever it now is
     data = deep_merge(data, overrides)
     return validate_config(
         PretrainConfig, data, source + (" + command-line overrides" if overrides else "")

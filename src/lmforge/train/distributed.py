@@ -302,11 +302,20 @@ def evaluator(
 # --- wrapping the model ---------------------------------------------------------------------
 
 
-def parallelize(model: nn.Module, par: Parallel, cfg: DistConfig, precision: str) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    par: Parallel,
+    cfg: DistConfig,
+    precision: str,
+    *,
+    unused_parameters: bool = False,
+) -> nn.Module:
     """The model to train under ``par.strategy``; build the optimizer on it afterwards.
 
     ``ddp`` returns a ``DistributedDataParallel`` wrapper (``unwrap`` gives the module back);
-    the other layouts change ``model`` in place and return it.
+    the other layouts change ``model`` in place and return it. ``unused_parameters``: some
+    trainable parameters get no gradient in a step (e.g. an encoder's pooler under mean
+    pooling); DDP then searches the graph for them each step instead of waiting forever.
     """
     if par.strategy == "none":
         return model
@@ -321,6 +330,7 @@ def parallelize(model: nn.Module, par: Parallel, cfg: DistConfig, precision: str
             model,
             device_ids=[par.device.index] if par.device.type == "cuda" else None,
             forward_sync_buffers=False,
+            find_unused_parameters=unused_parameters,
         )
     if par.strategy in ("tp", "fsdp+tp"):
         _tensor_parallel(model, par.mesh["tp"])
