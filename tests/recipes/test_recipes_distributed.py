@@ -238,7 +238,7 @@ def test_distributed_finetune_resumes_with_the_printed_command(ddp: Path) -> Non
 
 
 @pytest.mark.slow  # another 2-process start, and FSDP's gathers on 2 shared cores
-def test_finetune_full_fsdp_equals_ddp(ddp: Path) -> None:
+def test_finetune_full_fsdp_equals_one_process_with_double_batch(ddp: Path) -> None:
     out = ddp / "full" / "fsdp"
     args = finetune_args(ddp / "base", "full", B)
     on_two_ranks([[*args, "--dist.strategy=fsdp", f"--out_dir={out}"]])
