@@ -17,7 +17,6 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -211,6 +210,7 @@ COMMANDS: dict[str, Command] = {
         _finetune,
         recipe="finetune",
         nproc=True,
+        resume_reads_run=True,
     ),
     "merge": Command(
         "fold a LoRA/DoRA adapter into its base and write a checkpoint folder",
@@ -250,30 +250,17 @@ def resolve_config(name: str, config_file: str | None, overrides: dict[str, Any]
     own ``config.yaml``) ← ``config_file`` ← ``overrides``."""
     command = COMMANDS[name]
     if command.resume_reads_run and not config_file and overrides.get("resume"):
-        saved = _saved_run_config(overrides["resume"], overrides.get("out_dir"))
-        config_file = str(saved) if saved else None
+        from lmforge.runs import saved_config
+
+        saved = saved_config(overrides["resume"], overrides.get("out_dir"))
+        if saved is not None:  # the run continues in its own folder, wherever it now is
+            config_file, overrides = str(saved), {"out_dir": None, **overrides}
     return load_config(
         command.config(),
         config_file=config_file or command.preset,
         overrides=overrides,
         recipe=command.recipe,
     )
-
-
-def _saved_run_config(resume: Any, out_dir: Any) -> Path | None:
-    """The ``config.yaml`` of the run that ``--resume`` (true + ``--out_dir``, or a checkpoint
-    path) continues, if there is one; the resumed run keeps its settings unless overridden."""
-    if isinstance(resume, str):
-        from lmforge.checkpoint.store import find_checkpoint
-
-        ckpt = find_checkpoint(resume)
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    elif isinstance(out_dir, str):
-        run_dir = Path(out_dir)
-    else:
-        return None  # validation says that --resume needs --out_dir
-    saved = run_dir / "config.yaml"
-    return saved if saved.is_file() else None
 
 
 def torchrun_command(name: str, nproc: int, args: list[str], debug: bool = False) -> list[str]:

@@ -148,3 +148,19 @@ def test_lora_trains_only_adapters_and_head(tmp_path: Path, capsys) -> None:
     printed = json.loads(capsys.readouterr().out)
     again = json.loads((run / "eval/report.json").read_text())["metrics"]
     assert printed["accuracy"] == pytest.approx(again["accuracy"])
+
+
+def test_unknown_test_label_is_found_before_training(tmp_path: Path, capsys) -> None:
+    """Every split is checked before the first step (it used to surface after training)."""
+    rows = default_paths()["train"].read_text().splitlines()
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join(rows[:101]) + "\n")
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nmy parcel is late,shipping\nwhat is this,refund-ish\n")
+    out = tmp_path / "run"
+    args = ["classify", f"--out_dir={out}", f"--data.train={train}", f"--data.test={test}", *TINY]
+    assert main(args) == 1
+    assert "test.csv:3: label 'refund-ish' is not one of the training labels" in (
+        capsys.readouterr().err
+    )
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -174,8 +177,12 @@ def test_resume_equals_uninterrupted(
     common += ["--train.max_steps=6", "--train.save_every=3", "--train.eval_every=6"]
     whole = tmp_path / "whole"
     assert main(["finetune", f"--out_dir={whole}", *common]) == 0
+    # the run as it was after step 3 (a resumed run continues in its own folder)
     resumed = tmp_path / "resumed"
-    step3 = whole / "checkpoints" / "step-000003"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    (resumed / "checkpoints" / "latest").write_text("step-000003\n")
+    step3 = resumed / "checkpoints" / "step-000003"
     assert main(["finetune", f"--out_dir={resumed}", f"--resume={step3}", *common]) == 0
     a = load_file(str(whole / "checkpoints" / "step-000006" / "model.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "step-000006" / "model.safetensors"))
@@ -183,3 +190,58 @@ def test_resume_equals_uninterrupted(
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
     s = json.loads((resumed / "summary.json").read_text())
     assert s["steps"] == 6
+
+
+class _SignalAt:
+    """A batch source that sends this process SIGINT as it hands out its ``at``-th batch
+    (as a user's Ctrl-C mid-run would: fit finishes the step, saves, raises)."""
+
+    def __init__(self, source, at: int) -> None:
+        self.source, self.at, self.calls = source, at, 0
+        self.context = source.context
+
+    def next_batch(self):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.source.next_batch()
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.source.load_state_dict(state)
+
+
+def test_interrupted_finetune_resumes_with_the_printed_command(
+    base: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C at step 3 prints ``Resume with: lmforge finetune --resume=<ckpt>``; that command,
+    run as shown, continues the same run in its folder (no new demo base, no new run folder) and
+    ends with the uninterrupted run's weights. (It used to start a fresh demo-base pretraining
+    in a new runs/finetune-<date> folder.)"""
+    import shlex
+
+    import lmforge.recipes.finetune as recipe
+
+    monkeypatch.chdir(tmp_path)  # a wrong default run folder would land here
+    common = [f"--base={base}", "--lora.dropout=0.1", *FAST]
+    common += ["--train.max_steps=6", "--train.save_every=100", "--train.eval_every=6"]
+    assert main(["finetune", f"--out_dir={tmp_path / 'whole'}", *common]) == 0
+
+    fit = recipe.fit
+    monkeypatch.setattr(recipe, "fit", lambda m, o, b, *a, **k: fit(m, o, _SignalAt(b, 3), *a, **k))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["finetune", f"--out_dir={run}", *common]) == 130
+    line = next(x for x in capsys.readouterr().err.splitlines() if "Resume with: " in x)
+    command = shlex.split(line.split("Resume with: ", 1)[1])
+    assert command == ["lmforge", "finetune", f"--resume={run / 'checkpoints' / 'step-000003'}"]
+
+    monkeypatch.setattr(recipe, "fit", fit)
+    assert main(command[1:]) == 0
+    assert not (tmp_path / "runs").exists()
+    a = load_file(str(tmp_path / "whole" / "checkpoints" / "step-000006" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "step-000006" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6

@@ -101,10 +101,11 @@ def _train_jobs(rank: int, world: int, port: int, strategies: list[str], tp: int
     """One rank, per strategy (one process start for all): STEPS steps → out/<strategy>/run,
     then resume from step 2 → out/<strategy>/resumed."""
     _join(rank, world, port)
-    for strategy in strategies:
-        par = distributed.setup(DistConfig(strategy=strategy, tp_size=tp), CPU)
+    pars = [distributed.setup(DistConfig(strategy=s, tp_size=tp), CPU) for s in strategies]
+    for strategy, par in zip(strategies, pars, strict=True):
         _train_job(par, Path(out) / strategy)
-    distributed.teardown(par)
+    for par in pars:  # the first started the process group and ends it
+        distributed.teardown(par)
 
 
 def _train_job(par: distributed.Parallel, out: Path) -> None:
@@ -461,3 +462,39 @@ def test_fsdp_oom_stops_with_a_record_and_resume_splits(tmp_path: Path) -> None:
     assert state["oom"]["data"] == state["ref"]["data"] and state["oom"]["step"] == STEPS
     assert state["oom"]["oom"]["splits"] == 2  # later checkpoints keep the split
     assert_same_weights(weights(tmp_path / "oom"), weights(tmp_path / "ref"))
+
+
+def test_rank_rows_split_the_global_batch_and_share_its_state() -> None:
+    """finetune/classify/mlm: each rank keeps its block of the global micro-batch (nested
+    tuples and dicts of tensors); the ranks' blocks, in rank order, are the global batch."""
+
+    class Source:
+        context = 4
+
+        def __init__(self) -> None:
+            self.i = 0
+
+        def next_batch(self):
+            self.i += 1
+            x = torch.arange(8 * 4).reshape(8, 4) + 100 * self.i
+            return x, x + 1, {"segments": x % 3}
+
+        def state_dict(self) -> dict:
+            return {"i": self.i}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.i = state["i"]
+
+    ranks = [
+        distributed.RankRows(Source(), distributed.Parallel("ddp", r, 2, r, 2)) for r in (0, 1)
+    ]
+    whole = Source().next_batch()
+    parts = [r.next_batch() for r in ranks]
+    assert all(p[0].shape == (4, 4) for p in parts) and ranks[0].context == 4
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), whole[0], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), whole[1], rtol=0, atol=0)
+    segs = torch.cat([p[2]["segments"] for p in parts])
+    torch.testing.assert_close(segs, whole[2]["segments"], rtol=0, atol=0)
+    assert ranks[1].state_dict() == {"i": 1}
+    ranks[1].load_state_dict({"i": 5})
+    assert int(ranks[1].next_batch()[0][0, 0]) == 600 + 16  # rank 1's first row of batch 6

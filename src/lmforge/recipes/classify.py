@@ -12,7 +12,6 @@ With no arguments it runs configs/classify/support_tickets.yaml on the shipped d
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,10 +23,11 @@ from pydantic import Field, model_validator
 from tokenizers import Tokenizer
 from torch import nn
 
+from lmforge import runs
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.load import Loaded
-from lmforge.checkpoint.store import load_weights, new_run_dir, pointed
-from lmforge.config import Section, read_yaml, save_config, to_yaml, validate_config
+from lmforge.checkpoint.store import load_weights, pointed
+from lmforge.config import Section, read_yaml, to_yaml, validate_config
 from lmforge.data.classification import (
     ClassificationBatches,
     ClassifyDataConfig,
@@ -49,10 +49,11 @@ from lmforge.eval.report import classification_report
 from lmforge.interop.hf_bert import load_hf_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 from lmforge.models.lora import LoraConfig, apply_lora, trainable_report
+from lmforge.train import distributed
 from lmforge.train.device import setup_device
+from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class ClassifyConfig(Section):
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
+    dist: DistConfig = DistConfig()
     out_dir: str | None = Field(None, description="run folder; null = runs/classify-<date>-<time>")
 
     @model_validator(mode="after")
@@ -239,8 +241,19 @@ def build_model(
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     """Run the fine-tune; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads)
-    run_dir = new_run_dir(cfg.out_dir, "classify")
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    par = distributed.setup(cfg.dist, device, "classify")
+    try:
+        distributed.require_strategy(par, ("ddp",), "classify")
+        run = runs.start("classify", cfg.out_dir, par=par)
+        with runs.failure_note(run):
+            return _classify(cfg, run, t_start)
+    finally:
+        distributed.teardown(par)
+
+
+def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+    par, run_dir, device = run.par, run.dir, run.par.device
     log.info("run folder: %s", run_dir)
 
     # Data: rows → labels → split → imbalance report.
@@ -259,6 +272,9 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         tr, va = stratified_split(train_ex, y_all, dcfg.val_fraction, cfg.train.seed)
         train_ex, val_ex = [train_ex[i] for i in tr], [train_ex[i] for i in va]
         y_train, y_val = y_all[tr], y_all[va]
+    # every split is checked before training: an unknown test label must not wait for the end
+    test_ex = read_examples(test_path, dcfg) if test_path else None
+    y_test = encode_labels(test_ex, labels, dcfg.multi_label) if test_ex is not None else None
     balance = imbalance(y_train, labels)
     log.info(
         "labels %s; train %d, val %d; class counts %s (max/min %.1f)",
@@ -272,6 +288,8 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     # Model, tokenizer, resolved config (the checkpoint's config.yaml rebuilds all of it).
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, enc_cfg, source = build_model(cfg, [e.text for e in train_ex])
+    if par.active:  # one tokenizer for all ranks: rank 0's (a WordPiece trained on each may differ)
+        tokenizer = Tokenizer.from_str(par.broadcast(tokenizer.to_str()))
     head = cfg.head.model_copy(update={"num_labels": len(labels)})
     model = SequenceClassifier(model.encoder, head).to(device)
     model.encoder.tok_emb.weight.requires_grad_(not cfg.freeze_embeddings)
@@ -292,25 +310,35 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     cfg = cfg.model_copy(
         update={"model": enc_cfg, "head": head, "data": resolved_data, "init": source}
     )
-    save_config(cfg, run_dir / "config.yaml")
+    runs.write_config(run, cfg)
     tok_path = run_dir / "tokenizer.json"
-    atomic_write_text(tok_path, tokenizer.to_str())
+    if par.is_main:
+        atomic_write_text(tok_path, tokenizer.to_str())
     log.info("encoder from %s: %.2fM parameters", source, model.encoder.num_params() / 1e6)
 
     rows_train = encode_texts(tokenizer, train_ex, dcfg.max_length)
     rows_val = encode_texts(tokenizer, val_ex, dcfg.max_length)
     pad = enc_cfg.pad_id
-    batches = _FitBatches(rows_train, y_train, cfg.train.batch_size, cfg.train.seed, pad)
+    # every rank draws the global micro-batch and keeps its rows (distributed.RankRows)
+    global_batch = cfg.train.batch_size * par.dp_size
+    batches = distributed.shard_batches(
+        _FitBatches(rows_train, y_train, global_batch, cfg.train.seed, pad), par
+    )
     weights = class_weights(y_train, len(labels)) if cfg.class_weights else None
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
 
     def evaluate(m: nn.Module) -> dict[str, float]:
-        metrics, _ = evaluate_rows(model, rows_val, y_val, labels, eval_bs, device, pad)
+        metrics, _ = evaluate_rows(m, rows_val, y_val, labels, eval_bs, device, pad)
         return {f"val_{k}": float(metrics[k]) for k in VAL_LOGGED}
 
+    plain = model
+    unused = cfg.head.pooling == "mean" and enc_cfg.pooler  # the pooler gets no gradient
+    model = distributed.parallelize(
+        model, par, cfg.dist, cfg.train.precision, unused_parameters=unused
+    )
     result = fit(
         model,
-        build_optimizer(model, cfg.optim),
+        build_optimizer(plain, cfg.optim),
         batches,
         cfg.train,
         peak_lr=cfg.optim.lr,
@@ -318,22 +346,24 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         run_dir=run_dir,
         device=device,
         checkpoint_files={"config.yaml": to_yaml(cfg), "tokenizer.json": tok_path},
-        loss_fn=classification_loss(model, weights),
-        evaluate=evaluate,
+        loss_fn=classification_loss(plain, weights),
+        evaluate=distributed.evaluator(par, evaluate),
         monitor=f"val_{cfg.monitor.removeprefix('val_')}",
         monitor_mode="min" if cfg.monitor == "val_loss" else "max",
+        parallel=par,
     )
-    write_plots(run_dir)
+    if not par.is_main:
+        return {}
+    model = plain
 
     # Best checkpoint → held-out report (test file, else val).
     best = pointed(run_dir / "checkpoints", "best") or result.checkpoint
     load_weights(model, best)
-    final_ex, final_path = (
-        (read_examples(test_path, dcfg), test_path)
-        if test_path
-        else (val_ex, val_path or "val split")
+    final_ex, final_path, y_final = (
+        (test_ex, test_path, y_test)
+        if test_ex is not None and y_test is not None
+        else (val_ex, val_path or "val split", y_val)
     )
-    y_final = encode_labels(final_ex, labels, dcfg.multi_label)
     rows_final = encode_texts(tokenizer, final_ex, dcfg.max_length)
     metrics, probs = evaluate_rows(model, rows_final, y_final, labels, eval_bs, device, pad)
     info = {"checkpoint": str(best), "data": str(final_path), "labels": ", ".join(labels)}
@@ -358,8 +388,7 @@ def classify(cfg: ClassifyConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - t_start,
         "report": str(run_dir / "eval" / "report.md"),
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return runs.finish(run, summary)
 
 
 def _show(e: Example) -> str:

@@ -17,25 +17,23 @@ base re-read from disk; evaluation runs under autocast.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from lmforge.atomic import atomic_write_text
+from lmforge import runs
 from lmforge.checkpoint.load import load
-from lmforge.checkpoint.store import find_checkpoint, load_weights, new_run_dir
-from lmforge.config import Section, save_config, to_yaml
+from lmforge.checkpoint.store import load_weights
+from lmforge.config import Section, to_yaml
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.conversations import read_conversations
-from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
+from lmforge.data.instructions import FAMILIES, exact_match, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
     MixedBatches,
@@ -43,7 +41,8 @@ from lmforge.data.sft import (
     SFTDataConfig,
     encode_examples,
 )
-from lmforge.data.tokenizer import EOS, pad_id
+from lmforge.data.tokenizer import pad_id
+from lmforge.errors import ConfigError
 from lmforge.eval.metrics import final_number_match
 from lmforge.interop.peft import save_adapter
 from lmforge.models.decoder import DecoderConfig
@@ -54,8 +53,11 @@ from lmforge.models.lora import (
     prepare_model,
     trainable_report,
 )
+from lmforge.recipes.demo_base import DemoBaseConfig, demo_base
 from lmforge.recipes.merge import merged_model, write_model_folder
+from lmforge.train import distributed
 from lmforge.train.device import setup_device
+from lmforge.train.distributed import DistConfig
 from lmforge.train.forgetting import (
     Retained,
     combine,
@@ -68,7 +70,6 @@ from lmforge.train.forgetting import (
 )
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.precision import autocast, weight_dtype
 
@@ -104,22 +105,6 @@ class RetainConfig(Section):
     fisher_batches: int = Field(8, gt=0, description="retained batches for EWC's Fisher estimate")
 
 
-class DemoBaseConfig(Section):
-    """The small base ``finetune`` pretrains first when no ``base`` is given."""
-
-    steps: int = Field(1500, gt=0, description="pretraining steps on the suite's plain text")
-    n_per_family: int = Field(3000, gt=0, description="plain-text examples per family")
-    families: list[str] | None = Field(
-        None, description="families in the pretraining text; null = suite.families"
-    )
-    # The model it pretrains and its tokenizer's size: fixed, not options; here (not in a
-    # module constant) so that ``lmforge estimate`` reads them from the config it parses.
-    MODEL: ClassVar[dict[str, Any]] = dict(
-        arch="llama", context_length=96, n_layer=4, n_head=4, d_model=128, tie_embeddings=True
-    )
-    VOCAB_SIZE: ClassVar[int] = 512
-
-
 class FinetuneConfig(Section):
     """Everything ``lmforge finetune`` reads. With no --config: LoRA on the shipped suite."""
 
@@ -150,8 +135,13 @@ class FinetuneConfig(Section):
     )
     optim: OptimConfig = OptimConfig(lr=3e-3, weight_decay=0.0)
     sched: SchedConfig = SchedConfig(warmup_steps=10)
+    dist: DistConfig = DistConfig()
     out_dir: str | None = Field(None, description="run folder; null = runs/finetune-<date>-<time>")
-    resume: str | None = Field(None, description="a checkpoint of this run to continue from")
+    resume: str | None = Field(
+        None,
+        description="a checkpoint or run folder of this run to continue from (in that folder, "
+        "with its config.yaml when no --config is given)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
@@ -167,59 +157,6 @@ class FinetuneConfig(Section):
         return self.context_length or min(model_cfg.context_length, 512)
 
 
-def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
-    """Pretrain a tiny Llama-style model on the suite's tasks written as plain text lines
-    (``reverse: c a t = t a c``), mixed with chat-formatted examples of the *other* families.
-    It knows the tasks and it knows the chat format, but has never seen these tasks asked in a
-    chat: what an instruction tune teaches a real base model (without chat examples a 1M model
-    spends the whole fine-tune learning the template's bytes; measured: 3 % exact match)."""
-    from lmforge.recipes.pretrain import PretrainConfig, pretrain
-
-    base_dir = run_dir / "base"
-    if (base_dir / "checkpoints" / "latest").exists():
-        return base_dir
-    text_path = run_dir / "base_text.txt"
-    families = cfg.demo_base.families or cfg.suite.families
-    examples = make_suite(families, cfg.demo_base.n_per_family, seed=cfg.suite.seed + 1)
-    units = as_plain_text(examples).splitlines(keepends=True)
-    others = [f for f in FAMILIES if f not in set(families) | set(cfg.suite.families)]
-    for ex in make_suite(others, cfg.demo_base.n_per_family // 2, seed=cfg.suite.seed + 2):
-        # ChatML as ChatFormat.chatml renders it for lmforge's tokenizer (EOS ends a turn)
-        units.append(
-            f"<|im_start|>user\n{ex['prompt']}{EOS}\n<|im_start|>assistant\n{ex['answer']}{EOS}\n"
-        )
-    random.Random(cfg.suite.seed + 3).shuffle(units)  # the val split is the text's last 10 %
-    atomic_write_text(text_path, "".join(units))
-    log.info("no base given: pretraining a small demo base on %s first", text_path)
-    pcfg = PretrainConfig.model_validate(
-        dict(
-            data=dict(
-                path=str(text_path),
-                vocab_size=DemoBaseConfig.VOCAB_SIZE,
-                near_dedup=False,
-                dedup=False,
-                num_workers=1,
-            ),
-            model=DemoBaseConfig.MODEL,
-            train=dict(
-                max_steps=cfg.demo_base.steps,
-                batch_size=16,
-                eval_every=cfg.demo_base.steps,
-                save_every=cfg.demo_base.steps,
-                precision="bf16-mixed",
-                num_threads=cfg.train.num_threads,
-                log_every=50,
-            ),
-            optim=dict(lr=3e-3, weight_decay=0.1),
-            sched=dict(warmup_steps=min(20, cfg.demo_base.steps // 10)),
-            sample=dict(prompt="reverse: a b c =", max_new_tokens=8, temperature=0.0),
-            out_dir=str(base_dir),
-        )
-    )
-    pretrain(pcfg)
-    return base_dir
-
-
 def _suite_records(cfg: FinetuneConfig) -> tuple[list, list[str]]:
     ex = make_suite(cfg.suite.families, cfg.suite.n_per_family, seed=cfg.suite.seed)
     convs = [
@@ -232,9 +169,33 @@ def _suite_records(cfg: FinetuneConfig) -> tuple[list, list[str]]:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run the whole fine-tune; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads)
-    run_dir = new_run_dir(cfg.out_dir, "finetune", resume=bool(cfg.resume))
-    save_config(cfg, run_dir / "config.yaml")
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    par = distributed.setup(cfg.dist, device, "finetune")
+    try:
+        _check_layout(cfg, par)
+        run = runs.start("finetune", cfg.out_dir, cfg.resume, par)
+        with runs.failure_note(run):
+            return _finetune(cfg, run, t_start)
+    finally:
+        distributed.teardown(par)
+
+
+def _check_layout(cfg: FinetuneConfig, par: distributed.Parallel) -> None:
+    """The distributed layouts each method can run under (ConfigError otherwise)."""
+    if not par.active:
+        return
+    if cfg.method == "qlora" and par.device.type != "cuda":
+        raise ConfigError(
+            "method=qlora runs in one process on the CPU: bitsandbytes' NF4 weights cannot be "
+            "replicated or sharded over gloo; drop --nproc, or use method=lora under ddp"
+        )
+    sharded = ("fsdp",) if cfg.method in ("full", "freeze") else ()
+    distributed.require_strategy(par, ("ddp", *sharded), f"finetune method={cfg.method}")
+
+
+def _finetune(cfg: FinetuneConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+    par, run_dir, device = run.par, run.dir, run.par.device
+    runs.write_config(run, cfg)
 
     # Base model, tokenizer and chat template.
     base = cfg.base or str(demo_base(run_dir, cfg))
@@ -249,7 +210,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         w = finetune_workload(cfg, model.cfg, device.type)
         train, plan = apply_memory_budget(cfg.train, w, model.cfg, device.type, run_dir, True)
         cfg = cfg.model_copy(update={"train": train, "method": plan["method"]})
-        save_config(cfg, run_dir / "config.yaml")  # the values that run
+        _check_layout(cfg, par)  # the plan may have changed the method
+        runs.write_config(run, cfg)  # the values that run
     model.to(dtype=weight_dtype(cfg.train.precision))  # pure bf16: bf16 weights (and adapters)
 
     # Data: records → held-out prompts for exact match + training examples.
@@ -271,10 +233,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     examples, stats = encode_examples(
         train_convs, fmt, context, cfg.data.train_on_prompt, cfg.data.truncation
     )
+    # every rank draws the global micro-batch and keeps its rows (distributed.RankRows): n
+    # ranks with micro-batch b train on exactly the rows one process does with n x b
+    dp = par.dp_size
     batches: Any = SFTBatches(
         examples,
         context,
-        cfg.train.batch_size,
+        cfg.train.batch_size * dp,
         cfg.train.seed,
         pad_id=_pad(tokenizer),
         pack=cfg.data.pack,
@@ -291,6 +256,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     # Surgery first: "before" scores the model as training starts (LoRA's B = 0 leaves the
     # base's function unchanged; QLoRA's base is then the NF4 one it trains on).
+    torch.manual_seed(cfg.train.seed)  # adapter init: the same on every rank and on resume
     model = prepare_model(model, cfg.method, cfg.lora)
     model.to(device)
     bf16_base = cfg.method == "lora" and cfg.train.precision == "bf16-mixed"
@@ -310,7 +276,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         last_eval.update(out=out, preds=preds)
         return out
 
-    before = evaluate(model)
+    score = distributed.evaluator(par, evaluate)  # rank 0 scores, or all in lockstep (fsdp)
+    before = score(model)
     last_eval.clear()  # "after" may reuse only an evaluation of trained weights
     log.info("before: %s", before)
 
@@ -336,12 +303,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             regularizer = ewc_penalty(model, fisher, cfg.retain.ewc_lambda)
         if cfg.retain.l2sp_lambda:
             regularizer = combine(regularizer, l2sp_penalty(model, cfg.retain.l2sp_lambda))
-        if cfg.retain.replay_rows:
-            batches = MixedBatches(batches, retain_batches, cfg.retain.replay_rows)
-    optimizer = build_optimizer(model, cfg.optim)
-    resume_ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+        if cfg.retain.replay_rows:  # replay_rows per rank, as batch_size
+            batches = MixedBatches(batches, retain_batches, cfg.retain.replay_rows * dp)
+    batches = distributed.shard_batches(batches, par)
+    resume_ckpt = run.resume_from
     if resume_ckpt is not None:
         load_weights(model, resume_ckpt)
+    plain = model
+    model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
+    optimizer = build_optimizer(plain, cfg.optim)  # after sharding: on the sharded parameters
 
     result = fit(
         model,
@@ -355,13 +325,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         checkpoint_files={"config.yaml": to_yaml(cfg)},
         resume_from=resume_ckpt,
         regularizer=regularizer,
-        evaluate=evaluate,
+        evaluate=score,
+        parallel=par,
     )
-    write_plots(run_dir)
+    if par.sharded:  # rank 0 goes on with the whole model, as the checkpoint gathered it
+        if not par.is_main:
+            return {}
+        plain = _gathered(base, cfg, device, result.checkpoint)
+    elif not par.is_main:
+        return {}
     if result.step == cfg.train.max_steps and last_eval:  # fit scored these very weights
         after, preds = last_eval["out"], last_eval["preds"]
     else:
-        after, preds = evaluate(model), last_eval["preds"]
+        after, preds = evaluate(plain), last_eval["preds"]
+    model = plain
 
     # Save: adapters (PEFT format) and the merged model.
     adapter_dir = model_dir = None
@@ -371,7 +348,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         # Its frozen Linears are bf16, rounded from the base: merge the saved adapter into the
         # base as on disk instead, as `lmforge merge` does (fp32), so the merged model is the
         # one an fp32-stored base would have given. The trained copy goes first (memory).
-        del model, optimizer
+        del model, plain, optimizer
         model, tokenizer, fmt = merged_model(base_ckpt, adapter_dir)
         model_dir = write_model_folder(model, tokenizer, fmt, run_dir / "model")
     elif cfg.method != "qlora":
@@ -409,8 +386,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if retained is not None:
         summary |= forgetting(before, after)
     summary["wall_seconds"] = time.perf_counter() - t_start
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return runs.finish(run, summary)
+
+
+def _gathered(base: str, cfg: FinetuneConfig, device: torch.device, ckpt: Path | None):
+    """The plain (unsharded) model with the weights fit's last checkpoint gathered."""
+    if ckpt is None:
+        raise ConfigError("train.max_steps: the sharded run saved no checkpoint to gather")
+    model = load(base, device, expect="decoder").model.to(dtype=weight_dtype(cfg.train.precision))
+    model = prepare_model(model, cfg.method, cfg.lora)
+    load_weights(model, ckpt)
+    return model
 
 
 def _pad(tokenizer) -> int:

@@ -16,7 +16,6 @@ With no arguments it runs configs/mlm/cpu_demo.yaml.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,9 +25,8 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.store import new_run_dir
-from lmforge.config import Section, save_config, to_yaml
+from lmforge import runs
+from lmforge.config import Section, to_yaml
 from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, prepare_data
 from lmforge.data.shards import open_shard
@@ -36,10 +34,11 @@ from lmforge.data.tokenizer import load_tokenizer, special_token_ids
 from lmforge.errors import ConfigError
 from lmforge.models.decoder import token_loss_sum
 from lmforge.models.encoder import Encoder, EncoderConfig, MaskedLMHead
+from lmforge.train import distributed
 from lmforge.train.device import setup_device
+from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -58,6 +57,7 @@ class MlmConfig(Section):
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     sched: SchedConfig = SchedConfig()
+    dist: DistConfig = DistConfig()
     out_dir: str | None = Field(None, description="run folder; null = runs/mlm-<date>-<time>")
 
     @model_validator(mode="after")
@@ -153,15 +153,27 @@ def masked_lm_metrics(
 def mlm(cfg: MlmConfig) -> dict[str, Any]:
     """Run the pretraining; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads)
-    run_dir = new_run_dir(cfg.out_dir, "mlm")
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    par = distributed.setup(cfg.dist, device, "mlm")
+    try:
+        distributed.require_strategy(par, ("ddp",), "mlm")
+        run = runs.start("mlm", cfg.out_dir, par=par)
+        with runs.failure_note(run):
+            return _mlm(cfg, run, t_start)
+    finally:
+        distributed.teardown(par)
+
+
+def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+    par, run_dir, device = run.par, run.dir, run.par.device
     log.info("run folder: %s", run_dir)
 
     # Data: raw text → the BPE token shards of `lmforge pretrain` (reused when already prepared).
     prepared = cfg.data.path and is_prepared(cfg.data.path)
     data_dir = Path(cfg.data.path) if prepared else run_dir / "data"
-    if not is_prepared(data_dir):
+    if par.is_main and not is_prepared(data_dir):
         prepare_data(cfg.data, data_dir, cfg.train.seed)
+    par.barrier()  # the other ranks read the shards rank 0 wrote
     tokenizer_path = data_dir / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_path)
     specials = special_token_ids(tokenizer)
@@ -171,7 +183,7 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
     vocab = tokenizer.get_vocab_size()
     enc_cfg = cfg.model.model_copy(update={"vocab_size": vocab, "pad_id": mask_id})
     cfg = cfg.model_copy(update={"model": enc_cfg})
-    save_config(cfg, run_dir / "config.yaml")
+    runs.write_config(run, cfg)
 
     torch.manual_seed(cfg.train.seed)
     model = MaskedLMHead(Encoder(enc_cfg)).to(device)
@@ -179,8 +191,13 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
     log.info("encoder + MLM head: %.2fM parameters, vocabulary %d", n_params / 1e6, vocab)
 
     T = enc_cfg.context_length
-    windows = TokenBatches(open_shard(data_dir, "train"), T, cfg.train.batch_size, cfg.train.seed)
-    batches = MaskedBatches(windows, mask_id, special_ids, vocab, cfg.mask_prob, cfg.train.seed)
+    # every rank draws the global micro-batch (and its masks) and keeps its rows: n ranks with
+    # micro-batch b train on exactly what one process does with n x b
+    global_batch = cfg.train.batch_size * par.dp_size
+    windows = TokenBatches(open_shard(data_dir, "train"), T, global_batch, cfg.train.seed)
+    batches = distributed.shard_batches(
+        MaskedBatches(windows, mask_id, special_ids, vocab, cfg.mask_prob, cfg.train.seed), par
+    )
     # Val: consecutive windows under masks drawn once, so every evaluation scores the same task.
     val = np.asarray(open_shard(data_dir, "val"), dtype=np.int64)
     n_win = min(cfg.eval_windows, len(val) // T)
@@ -195,10 +212,14 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
     ]
     initial = masked_lm_metrics(model, val_batches, device)
     log.info("before training: %s", initial)
+    plain = model
+    model = distributed.parallelize(  # the MLM head never uses the [CLS] pooler
+        model, par, cfg.dist, cfg.train.precision, unused_parameters=enc_cfg.pooler
+    )
 
     result = fit(
         model,
-        build_optimizer(model, cfg.optim),
+        build_optimizer(plain, cfg.optim),
         batches,  # type: ignore[arg-type]  # the TokenBatches interface fit uses
         cfg.train,
         peak_lr=cfg.optim.lr,
@@ -207,11 +228,13 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
         device=device,
         checkpoint_files={"config.yaml": to_yaml(cfg), "tokenizer.json": tokenizer_path},
         loss_fn=token_loss_sum,  # summed CE over labels != -100: the masked positions only
-        evaluate=lambda m: masked_lm_metrics(model, val_batches, device),
+        evaluate=distributed.evaluator(par, lambda m: masked_lm_metrics(m, val_batches, device)),
         monitor="val_mlm_loss",
         monitor_mode="min",
+        parallel=par,
     )
-    write_plots(run_dir)
+    if not par.is_main:
+        return {}
     summary = {
         "run_dir": str(run_dir),
         "steps": result.step,
@@ -228,5 +251,4 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
         "train_seconds": result.train_seconds,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return runs.finish(run, summary)

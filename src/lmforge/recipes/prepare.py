@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from lmforge.config import Section, save_config
+from lmforge import runs
+from lmforge.config import Section
 from lmforge.data.prepare import DataConfig, prepare_data
 
 
@@ -19,8 +18,8 @@ class PrepareConfig(Section):
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    out_dir = Path(cfg.out_dir or f"runs/data-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    meta = prepare_data(cfg.data, out_dir, cfg.seed)
-    return {"dir": str(meta.get("data_dir", out_dir)), **meta}
+    run = runs.start("data", cfg.out_dir)
+    with runs.failure_note(run):
+        runs.write_config(run, cfg)
+        meta = prepare_data(cfg.data, run.dir, cfg.seed)
+    return {"dir": str(meta.get("data_dir", run.dir)), **meta}

@@ -7,9 +7,7 @@ Shakespeare corpus, a small model sized for a 5-minute budget on a 2-core laptop
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,10 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from lmforge.atomic import atomic_write_text
+from lmforge import runs
 from lmforge.checkpoint.load import load
-from lmforge.checkpoint.store import find_checkpoint, load_weights
-from lmforge.config import Section, save_config, to_yaml
+from lmforge.checkpoint.store import load_weights
+from lmforge.config import Section, to_yaml
 from lmforge.data.clean import find_files
 from lmforge.data.loader import TokenBatches
 from lmforge.data.prepare import DataConfig, is_prepared, load_meta, prepare_data
@@ -30,13 +28,12 @@ from lmforge.errors import ConfigError
 from lmforge.generate import SampleConfig, generate_text
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed
-from lmforge.train.device import peak_flops, resolve_device
+from lmforge.train.device import peak_flops, setup_device
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
-from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
-from lmforge.train.precision import precision_error, weight_dtype
+from lmforge.train.precision import weight_dtype
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +76,6 @@ class PretrainConfig(Section):
 DEFAULT_PRESET = "cpu_demo"
 
 
-def _run_dir_of_resume(resume: bool | str, out_dir: str | None) -> Path:
-    if isinstance(resume, str):
-        ckpt = find_checkpoint(resume)
-        return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    if not out_dir:
-        raise ConfigError(
-            "resume: --resume needs --out_dir=RUN_FOLDER (or --resume=CHECKPOINT_PATH)"
-        )
-    return Path(out_dir)
-
-
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run the whole pretraining job; returns the summary also written to ``summary.json``.
 
@@ -97,43 +83,22 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     prepares data, writes files and samples; the other ranks return ``{}``.
     """
     t_start = time.perf_counter()
-    device = resolve_device(cfg.train.device)
-    if err := precision_error(cfg.train.precision, device):
-        raise ConfigError(err)
-    par = distributed.setup(cfg.dist, device)
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    if cfg.data.path and not is_prepared(cfg.data.path):
+        find_files(cfg.data.path)  # a wrong data.path fails here, before the run folder exists
+    par = distributed.setup(cfg.dist, device, "pretrain")
     try:
-        return _pretrain(cfg, par, t_start)
+        run = runs.start("pretrain", cfg.out_dir, cfg.resume, par)
+        with runs.failure_note(run):
+            return _pretrain(cfg, run, t_start)
     finally:
         distributed.teardown(par)
 
 
-def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) -> dict[str, Any]:
-    device = par.device if par.active else resolve_device(cfg.train.device)
-    threads = cfg.train.num_threads
-    if device.type == "cpu" and par.active:
-        # Ranks on one machine share its cores: more threads than cores/rank only thrash.
-        per_rank = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        threads = min(threads or per_rank, per_rank)
-    if threads and device.type == "cpu":
-        torch.set_num_threads(threads)
-
-    if cfg.data.path and not is_prepared(cfg.data.path):
-        find_files(cfg.data.path)  # a wrong data.path fails here, before the run folder exists
-
-    # Run folder: a resumed run continues in its own folder.
-    resume_ckpt: Path | None = None
-    if cfg.resume:
-        run_dir = _run_dir_of_resume(cfg.resume, cfg.out_dir)
-        resume_ckpt = find_checkpoint(cfg.resume if isinstance(cfg.resume, str) else run_dir)
-    else:
-        run_dir = Path(cfg.out_dir or f"runs/pretrain-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "checkpoints" / "latest").exists():
-            raise ConfigError(
-                f"out_dir {run_dir} already holds a run; add --resume to continue it, or choose another --out_dir"
-            )
-    run_dir = Path(par.broadcast(str(run_dir)))  # rank 0's clock names the folder for all
+def _pretrain(cfg: PretrainConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+    par, run_dir, resume_ckpt = run.par, run.dir, run.resume_from
+    device = par.device
     if par.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run folder: %s", run_dir)
 
     # Data: raw text → cleaned, deduplicated, tokenized shards (reused when already prepared).
@@ -165,8 +130,7 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
         )  # fmt: skip
         train, _ = apply_memory_budget(cfg.train, w, model_cfg, device.type, run_dir)
         cfg = cfg.model_copy(update={"train": train})
-    if par.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+    runs.write_config(run, cfg)
 
     # Model and optimizer.
     torch.manual_seed(cfg.train.seed)
@@ -229,7 +193,6 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
     )
     if not par.is_main:
         return {}
-    write_plots(run_dir)
 
     if par.sharded and result.checkpoint is not None:  # sample from the gathered weights
         plain = load(result.checkpoint, device, expect="decoder").model
@@ -260,5 +223,4 @@ def _pretrain(cfg: PretrainConfig, par: distributed.Parallel, t_start: float) ->
         "sample_prompt": cfg.sample.prompt,
         "sample": sample,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return runs.finish(run, summary)

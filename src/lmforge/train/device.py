@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
+
+from lmforge.errors import ConfigError
+from lmforge.train.precision import precision_error
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets: (bf16/fp16 tensor core, fp32).
 # Sources: NVIDIA A100 datasheet (2021), H100 SXM datasheet (2023), H200 product brief (2024),
@@ -25,15 +29,29 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name}: no CUDA device is visible; use cpu or auto")
+        raise ConfigError(f"train.device={name}: no CUDA device is visible; use cpu or auto")
     return device
 
 
-def setup_device(name: str, num_threads: int | None = None) -> torch.device:
-    """The run's device (``resolve_device``); on the CPU also torch's thread count, when given."""
+def setup_device(
+    name: str, num_threads: int | None = None, precision: str | None = None
+) -> torch.device:
+    """The run's device (``resolve_device``), checked against ``precision``; on the CPU also
+    torch's thread count. Every recipe starts with this (then ``distributed.setup``).
+
+    Ranks started on one machine (torchrun's ``LOCAL_WORLD_SIZE``) share its cores: each gets
+    at most cores / ranks threads, since more only thrash.
+    """
     device = resolve_device(name)
-    if num_threads and device.type == "cpu":
-        torch.set_num_threads(num_threads)
+    if precision is not None and (err := precision_error(precision, device)):
+        raise ConfigError(err)
+    if device.type == "cpu":
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if local_ranks > 1:
+            per_rank = max(1, (os.cpu_count() or 1) // local_ranks)
+            num_threads = min(num_threads or per_rank, per_rank)
+        if num_threads:
+            torch.set_num_threads(num_threads)
     return device
 
 

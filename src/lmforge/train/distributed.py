@@ -29,7 +29,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +115,9 @@ class Parallel:
     tp_size: int = 1
     device: torch.device = torch.device("cpu")
     mesh: Any = None  # DeviceMesh with dims ("dp",) or ("dp", "tp"); None for none/ddp
+    # setup() started the process group (so teardown ends it); False when joining one that a
+    # caller already runs (finetune pretraining its demo base inside its own job)
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -164,19 +167,20 @@ class Parallel:
 SINGLE = Parallel()
 
 
-def setup(cfg: DistConfig, device: torch.device) -> Parallel:
+def setup(cfg: DistConfig, device: torch.device, command: str = "pretrain") -> Parallel:
     """Join the job torchrun started (process group, device, mesh), or run as one process.
 
     ``device`` is the resolved ``train.device``; on CUDA each rank takes ``cuda:LOCAL_RANK``.
-    Backend: NCCL on CUDA, gloo on CPU.
+    Backend: NCCL on CUDA, gloo on CPU. ``command`` names the recipe in error messages.
     """
     if not launched():
         if cfg.strategy not in ("auto", "none"):
             raise ConfigError(
                 f"dist.strategy={cfg.strategy} needs several processes: start with "
-                "`lmforge pretrain --nproc N ...` or `torchrun --nproc_per_node N -m lmforge pretrain ...`"
+                f"`lmforge {command} --nproc N ...` or "
+                f"`torchrun --nproc_per_node N -m lmforge {command} ...`"
             )
-        return SINGLE
+        return Parallel(device=device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     strategy = "ddp" if cfg.strategy == "auto" else cfg.strategy
@@ -201,7 +205,8 @@ def setup(cfg: DistConfig, device: torch.device) -> Parallel:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
     mesh = None
     if strategy in SHARDED:
@@ -209,22 +214,109 @@ def setup(cfg: DistConfig, device: torch.device) -> Parallel:
 
         mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
     dp_rank = rank // tp  # init_device_mesh lays ranks out row-major: rank = dp * tp + tp_rank
-    return Parallel(strategy, rank, world, dp_rank, world // tp, tp, device, mesh)
+    return Parallel(strategy, rank, world, dp_rank, world // tp, tp, device, mesh, owns_group)
 
 
 def teardown(par: Parallel) -> None:
-    if par.active and dist.is_initialized():
+    """End the process group ``setup`` started (one joined from an outer job stays up)."""
+    if par.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def require_strategy(par: Parallel, allowed: tuple[str, ...], what: str) -> None:
+    """A ConfigError when ``what`` (a recipe or method) cannot run under ``par.strategy``."""
+    if par.strategy not in ("none", *allowed):
+        raise ConfigError(
+            f"dist.strategy={par.strategy}: {what} runs under {' or '.join(allowed)} only; "
+            f"set --dist.strategy={allowed[0]}"
+        )
+
+
+# --- data and evaluation ------------------------------------------------------------------------
+
+
+class RankRows:
+    """This data-parallel rank's rows of every global micro-batch of ``source``.
+
+    ``source`` is built with the global micro-batch (``batch_size x dp_size`` rows) and is in
+    the same state on every rank; rank r keeps rows ``[r*b, (r+1)*b)``. So ``dp_size`` ranks
+    with micro-batch b see exactly the rows one process sees with micro-batch ``b x dp_size``
+    (the equivalence the tests check), whatever the source (SFT rows, classification pairs,
+    masked windows), and rank 0's ``state_dict`` resumes every rank. The price is that each
+    rank assembles the whole global batch: cheap next to a forward and backward.
+    """
+
+    def __init__(self, source: Any, par: Parallel) -> None:
+        self.source = source
+        self.rank, self.size = par.dp_rank, par.dp_size
+
+    @property
+    def context(self) -> int:
+        return self.source.context
+
+    def next_batch(self) -> Any:
+        return _rows(self.source.next_batch(), self.rank, self.size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+
+def _rows(batch: Any, rank: int, size: int) -> Any:
+    """Rank ``rank`` of ``size`` equal row blocks of every tensor in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        if batch.shape[0] % size:
+            raise ValueError(f"a batch of {batch.shape[0]} rows does not split over {size} ranks")
+        n = batch.shape[0] // size
+        return batch[rank * n : (rank + 1) * n]
+    if isinstance(batch, tuple | list):
+        return type(batch)(_rows(b, rank, size) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _rows(v, rank, size) for k, v in batch.items()}
+    return batch
+
+
+def shard_batches(source: Any, par: Parallel) -> Any:
+    """``source`` itself in one process, else ``RankRows`` over it (built with the global batch)."""
+    return RankRows(source, par) if par.dp_size > 1 else source
+
+
+def evaluator(
+    par: Parallel, fn: Callable[[nn.Module], dict[str, float]]
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``fit``'s ``evaluate`` under ``par``: the same metrics on every rank (they decide the best
+    checkpoint and early stopping, which every rank must agree on).
+
+    Unsharded layouts: rank 0 scores the plain module (replicas are identical) and broadcasts
+    its result, the other ranks wait. Sharded layouts have collectives inside the forward, so
+    every rank runs ``fn`` in lockstep on the same data.
+    """
+    if not par.active:
+        return fn
+    if par.sharded:
+        return lambda model: fn(unwrap(model))
+    return lambda model: par.broadcast(fn(unwrap(model)) if par.is_main else None)
 
 
 # --- wrapping the model ---------------------------------------------------------------------
 
 
-def parallelize(model: nn.Module, par: Parallel, cfg: DistConfig, precision: str) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    par: Parallel,
+    cfg: DistConfig,
+    precision: str,
+    *,
+    unused_parameters: bool = False,
+) -> nn.Module:
     """The model to train under ``par.strategy``; build the optimizer on it afterwards.
 
     ``ddp`` returns a ``DistributedDataParallel`` wrapper (``unwrap`` gives the module back);
-    the other layouts change ``model`` in place and return it.
+    the other layouts change ``model`` in place and return it. ``unused_parameters``: some
+    trainable parameters get no gradient in a step (e.g. an encoder's pooler under mean
+    pooling); DDP then searches the graph for them each step instead of waiting forever.
     """
     if par.strategy == "none":
         return model
@@ -239,6 +331,7 @@ def parallelize(model: nn.Module, par: Parallel, cfg: DistConfig, precision: str
             model,
             device_ids=[par.device.index] if par.device.type == "cuda" else None,
             forward_sync_buffers=False,
+            find_unused_parameters=unused_parameters,
         )
     if par.strategy in ("tp", "fsdp+tp"):
         _tensor_parallel(model, par.mesh["tp"])

@@ -1,4 +1,4 @@
-"""Watching a run: ``metrics.jsonl``, TensorBoard events, a progress line, and plots at the end."""
+"""Watching a run: ``metrics.jsonl``, TensorBoard events and a progress line (plots: ``runs.py``)."""
 
 from __future__ import annotations
 
@@ -106,39 +106,3 @@ class ProgressLine:
     def close(self) -> None:
         if self.live:
             self.bar.stop()
-
-
-def write_plots(run_dir: Path) -> list[Path]:
-    """``plots/loss.png`` (train and val loss vs step) and ``plots/lr.png`` from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    events = read_metrics(Path(run_dir) / "metrics.jsonl")
-    train = [e for e in events if "loss" in e]
-    val = [e for e in events if "val_loss" in e]
-    out_dir = Path(run_dir) / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="train", lw=1)
-    ax.plot([e["step"] for e in val], [e["val_loss"] for e in val], "o-", label="val")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    written.append(out_dir / "loss.png")
-
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot([e["step"] for e in train], [e["lr"] for e in train])
-    ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "lr.png", dpi=100)
-    plt.close(fig)
-    written.append(out_dir / "lr.png")
-    return written
