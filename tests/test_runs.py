@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from lmforge import runs
 from lmforge.cli import main
@@ -18,7 +20,7 @@ def fake_run(root: Path, steps: tuple[int, ...] = (2, 4)) -> Path:
     for s in steps:
         ckpt = root / "checkpoints" / f"step-{s:06d}"
         ckpt.mkdir(parents=True)
-        (ckpt / "model.safetensors").write_bytes(b"")
+        save_file({"w": torch.zeros(1)}, str(ckpt / "model.safetensors"))  # complete, not damaged
     (root / "checkpoints" / "latest").write_text(f"step-{steps[-1]:06d}\n")
     (root / "config.yaml").write_text("method: full\n")
     return root
