@@ -34,7 +34,7 @@ from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
 from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
-from lmforge.data.loader import TokenBatches
+from lmforge.data.loader import BatchSource, TokenBatches
 from lmforge.data.sft import (
     ChatFormat,
     MixedBatches,
@@ -302,7 +302,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     examples, stats = encode_examples(
         train_convs, fmt, context, cfg.data.train_on_prompt, cfg.data.truncation
     )
-    batches: Any = SFTBatches(
+    batches: BatchSource = SFTBatches(
         examples,
         context,
         cfg.train.batch_size,

@@ -207,7 +207,7 @@ def mlm(cfg: MlmConfig) -> dict[str, Any]:
     result = fit(
         model,
         build_optimizer(model, cfg.optim),
-        batches,  # type: ignore[arg-type]  # the TokenBatches interface fit uses
+        batches,
         cfg.train,
         peak_lr=cfg.optim.lr,
         sched=cfg.sched,
