@@ -26,7 +26,7 @@ from torch import nn
 from lmforge.checkpoint.store import load_train_state, rng_state, save_checkpoint, set_rng_state
 from lmforge.config import Section
 from lmforge.data.loader import BatchSource
-from lmforge.errors import NonFiniteLossError, TrainingInterrupted
+from lmforge.errors import TrainingInterrupted
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
 from lmforge.models.decoder import token_loss_sum
 from lmforge.train import distributed
@@ -34,7 +34,14 @@ from lmforge.train.lr_schedule import SchedConfig, lr_at
 from lmforge.train.metrics_log import MetricsLog, ProgressLine
 from lmforge.train.oom import OomRecovery, retry_on_oom, split_micro_batches
 from lmforge.train.precision import grad_scaler
-from lmforge.train.step import LossFn, StepParts, accumulate_gradients, normalized_loss, train_step
+from lmforge.train.step import (
+    LossFn,
+    StepParts,
+    accumulate_gradients,
+    nonfinite_error,
+    normalized_loss,
+    train_step,
+)
 
 # the step's parts were defined here before train/step.py; importers of these names keep working
 __all__ = [
@@ -306,13 +313,7 @@ def fit(
                          f"step {step}: non-finite loss/gradient ({out.loss}, {out.grad_norm}); "
                          "step skipped")  # fmt: skip
                     if nonfinite_run >= cfg.max_nonfinite:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_run} steps in a row had a non-finite loss or gradient "
-                            f"(step {step}). Likely causes: the learning rate is too high "
-                            f"(optim.lr={peak_lr:g}; try a third), too little warm-up "
-                            f"(sched.warmup_steps), fp16 overflow (use train.precision="
-                            f"bf16-mixed or fp32), or bad input data."
-                        )
+                        raise nonfinite_error(nonfinite_run, step, peak_lr)
                 tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     event = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm}
@@ -377,23 +378,20 @@ def _evaluate(
     (an out-of-memory error halves only the evaluation batch), then ``evaluate(model)``'s
     metrics; each part is logged as one event. Returns all metrics."""
     out: dict[str, float] = {}
-    results = []
+
+    def logged(metrics: dict[str, float]) -> dict[str, float]:
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        note({"step": step, **metrics}, f"step {step}: {shown}")
+        return metrics
+
     if val_tokens is not None:
         loss_sum, n = retry_on_oom(
-            lambda: stream_loss_sum(
-                forward, val_tokens, context, oom.eval_batch, device, precision
-            ),
+            lambda: stream_loss_sum(forward, val_tokens, context, oom.eval_batch, device, precision),
             lambda e: oom.give_up_eval(e, step),
             lambda: note({"step": step, "oom": "eval", "eval_batch_size": oom.halve_eval_batch()}),
             device,
-        )
-        results.append(lm_metrics(loss_sum, n, val_bytes))
+        )  # fmt: skip
+        out |= logged(lm_metrics(loss_sum, n, val_bytes))
     if evaluate is not None:
-        results.append(evaluate(model))
-    for metrics in results:
-        note(
-            {"step": step, **metrics},
-            f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        )
-        out |= metrics
+        out |= logged(evaluate(model))
     return out

@@ -21,6 +21,7 @@ from torch import nn
 
 from lmforge.checkpoint.store import rng_state, set_rng_state
 from lmforge.data.loader import MicroBatch
+from lmforge.errors import NonFiniteLossError
 from lmforge.models.decoder import token_loss_sum
 from lmforge.train import distributed
 from lmforge.train.oom import AgreedOutOfMemory, OomRecovery, retry_on_oom, split_micro_batches
@@ -210,3 +211,13 @@ def apply_gradients(parts: StepParts, loss: torch.Tensor) -> tuple[float, float,
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, norm_value, finite
+
+
+def nonfinite_error(run: int, step: int, peak_lr: float) -> NonFiniteLossError:
+    """What stops the run after ``run`` skipped steps in a row (``train.max_nonfinite``)."""
+    return NonFiniteLossError(
+        f"{run} steps in a row had a non-finite loss or gradient (step {step}). Likely causes: "
+        f"the learning rate is too high (optim.lr={peak_lr:g}; try a third), too little "
+        f"warm-up (sched.warmup_steps), fp16 overflow (use train.precision=bf16-mixed or "
+        f"fp32), or bad input data."
+    )
