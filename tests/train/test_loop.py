@@ -1,21 +1,24 @@
-"""fit() behaviour users rely on: accumulation equivalence, exact resume, the non-finite guard."""
+"""fit() behaviour users rely on: accumulation equivalence, exact resume, the non-finite guard,
+early stopping on val loss or a monitored metric, any batch source."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoint.store import find_checkpoint, load_weights
-from lmforge.data.loader import TokenBatches
+from lmforge.checkpoint.store import find_checkpoint, load_train_state, load_weights
+from lmforge.data.loader import BatchSource, MicroBatch, TokenBatches
 from lmforge.errors import NonFiniteLossError
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.train.loop import TrainConfig, accumulate_gradients, fit
+from lmforge.train.loop import EarlyStopping, TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig
 from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.step import accumulate_gradients
 
 CPU = torch.device("cpu")
 
@@ -54,13 +57,20 @@ def test_accumulation_k_micro_batches_equals_one_big_batch() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def run(run_dir: Path, max_steps: int, resume: bool = False, **train_kw) -> list[dict]:
+def run(
+    run_dir: Path,
+    max_steps: int,
+    resume: bool = False,
+    batches: Any = None,
+    fit_kw: dict | None = None,
+    **train_kw,
+) -> list[dict]:
     torch.manual_seed(0)
     cfg = model_cfg()
     model = Decoder(cfg)
     opt = build_optimizer(model, OptimConfig(lr=3e-3))
     data = tokens()
-    batches = TokenBatches(data[:3600], cfg.context_length, 4, seed=0)
+    batches = batches or TokenBatches(data[:3600], cfg.context_length, 4, seed=0)
     resume_from = find_checkpoint(run_dir) if resume else None
     if resume_from is not None:
         load_weights(model, resume_from)
@@ -84,9 +94,8 @@ def run(run_dir: Path, max_steps: int, resume: bool = False, **train_kw) -> list
         run_dir=run_dir,
         device=CPU,
         checkpoint_files={"config.yaml": "model: {}\n"},
-        val_tokens=data[3600:],
-        val_bytes=400,
         resume_from=resume_from,
+        **({"val_tokens": data[3600:], "val_bytes": 400} | (fit_kw or {})),
     )
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -153,3 +162,69 @@ def test_early_stopping_stops_and_keeps_best(
     assert (
         tmp_path / "checkpoints" / "step-000010" / "model.safetensors"
     ).is_file()  # best survives pruning
+
+
+def test_early_stopping_rule_min_and_max() -> None:
+    stop = EarlyStopping(patience=2)
+    assert [stop.update(v) for v in (3.0, 2.0, 2.5)] == [True, True, False] and not stop.should_stop
+    assert not stop.update(2.0) and stop.should_stop  # equal is no improvement
+    assert stop.state_dict() == {"best_val_loss": 2.0, "bad_evals": 2}  # the checkpoint keys
+    acc = EarlyStopping(patience=0, mode="max")  # 0: never stop
+    assert [acc.update(v) for v in (0.5, 0.7, 0.6, 0.6, 0.6)] == [True, True, False, False, False]
+    assert acc.best == -0.7 and not acc.should_stop  # kept as a loss: the saved best_val_loss
+    again = EarlyStopping(patience=2, mode="max")
+    again.load_state_dict({"best_val_loss": -0.7, "bad_evals": 1, "step": 9})
+    assert not again.update(0.69) and again.should_stop
+
+
+def test_monitored_metric_decides_best_checkpoint_and_early_stop(tmp_path: Path) -> None:
+    # no val_tokens: the evaluate() metric alone decides (classify, mlm); higher is better
+    scripted = iter([0.5, 0.8, 0.7, 0.6, 0.9])
+    events = run(
+        tmp_path, max_steps=100, early_stop_patience=2, keep_last=1,
+        fit_kw={"val_tokens": None, "evaluate": lambda m: {"val_acc": next(scripted)},
+                "monitor": "val_acc", "monitor_mode": "max"},
+    )  # fmt: skip
+    assert [(e["step"], e["val_acc"]) for e in events if "val_acc" in e] == [
+        (5, 0.5), (10, 0.8), (15, 0.7), (20, 0.6),
+    ]  # fmt: skip
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "best").read_text().strip() == "step-000010"
+    assert (ckpts / "latest").read_text().strip() == "step-000020"  # saved on stopping
+    state = load_train_state(ckpts / "step-000020")
+    assert (state["best_val_loss"], state["bad_evals"]) == (-0.8, 2)
+
+
+class _Counting:
+    """A batch source by composition, no inheritance: what ``BatchSource`` asks for."""
+
+    def __init__(self, inner: TokenBatches) -> None:
+        self.inner, self.context, self.calls = inner, inner.context, 0
+
+    def next_batch(self) -> MicroBatch:
+        self.calls += 1
+        return self.inner.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inner": self.inner.state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.calls = state["calls"]
+
+
+def test_any_batch_source_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    source = lambda: _Counting(TokenBatches(tokens()[:3600], 16, 4, seed=0))  # noqa: E731
+    assert isinstance(source(), BatchSource)
+    full = run(tmp_path / "full", max_steps=8, batches=source())
+    run(tmp_path / "cut", max_steps=8, keep_last=10, batches=source())
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-000005\n")
+    resumed_source = source()
+    resumed = run(tmp_path / "cut", max_steps=8, resume=True, batches=resumed_source)
+    assert resumed_source.calls == 8 * 2  # its own state came back: 5 steps x 2 + 3 x 2
+    losses = lambda events: [(e["step"], e["loss"]) for e in events if "loss" in e]  # noqa: E731
+    assert losses(resumed) == losses(full)
+    state = load_train_state(tmp_path / "cut" / "checkpoints" / "step-000008")
+    # the train_state format old checkpoints have (they resume with these keys)
+    assert set(state) == {"step", "optimizer", "data", "rng", "best_val_loss", "bad_evals", "oom"}
+    assert state["oom"] == {"splits": 1, "batch_size": 4, "grad_accum": 2}

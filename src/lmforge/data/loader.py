@@ -6,16 +6,51 @@ grid at a seeded random offset in ``[0, context)`` — so window edges move betw
 and visits the non-overlapping windows of that grid in a seeded random order, each exactly
 once. The whole position is two integers (epoch, windows consumed), which is what makes
 resume exact and cheap.
+
+``BatchSource`` is the interface ``train.loop.fit`` consumes; every training batch source
+(``TokenBatches`` here, ``data/sft.py``, ``data/classification.py``, the MLM masking) has it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
 import torch
 
 from lmforge.errors import DataError
+
+MicroBatch: TypeAlias = (
+    tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+)
+"""(x, y) or (x, y, keyword tensors for ``model(x, **kw)``, e.g. SFT's packed ``segments``).
+``y`` holds the targets, -100 where nothing is scored; every other element counts as one
+token (or example, or label slot) in the loss normalisation. Tensors are on the CPU."""
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What ``fit`` needs from its training data: endless batches and an exact-resume cursor.
+
+    ``state_dict()`` must hold only what ``torch.load(weights_only=True)`` reads back (ints,
+    strings, tensors, lists and dicts of them): it is saved in every checkpoint's train_state.
+    """
+
+    @property
+    def context(self) -> int:
+        """Sequence length of the validation windows ``fit`` scores (``val_tokens``)."""
+        ...
+
+    def next_batch(self) -> MicroBatch:
+        """The next micro-batch; never runs out (a new epoch starts where one ends)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor: after ``load_state_dict`` of it, ``next_batch`` continues identically."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TokenBatches:

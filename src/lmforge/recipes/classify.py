@@ -43,6 +43,7 @@ from lmforge.data.classification import (
     stratified_split,
     train_wordpiece,
 )
+from lmforge.data.loader import MicroBatch
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval.metrics import classification_metrics
 from lmforge.eval.report import classification_report
@@ -139,14 +140,25 @@ def classification_loss(model: SequenceClassifier, weights: torch.Tensor | None)
     return loss_fn
 
 
-def as_micro_batch(inputs: dict[str, torch.Tensor], y: torch.Tensor) -> tuple:
+def as_micro_batch(inputs: dict[str, torch.Tensor], y: torch.Tensor) -> MicroBatch:
     """(idx, y, keyword tensors): the micro-batch form ``fit`` passes to ``model(idx, **kw)``."""
     return inputs["idx"], y, {k: v for k, v in inputs.items() if k != "idx"}
 
 
-class _FitBatches(ClassificationBatches):
-    def next_batch(self) -> tuple:  # type: ignore[override]
-        return as_micro_batch(*super().next_batch())
+class _FitBatches:
+    """``ClassificationBatches`` as ``fit``'s ``BatchSource``: (idx, y, keyword tensors)."""
+
+    def __init__(self, batches: ClassificationBatches) -> None:
+        self.batches, self.context = batches, batches.context
+
+    def next_batch(self) -> MicroBatch:
+        return as_micro_batch(*self.batches.next_batch())
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -322,7 +334,8 @@ def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, A
     # every rank draws the global micro-batch and keeps its rows (distributed.RankRows)
     global_batch = cfg.train.batch_size * par.dp_size
     batches = distributed.shard_batches(
-        _FitBatches(rows_train, y_train, global_batch, cfg.train.seed, pad), par
+        _FitBatches(ClassificationBatches(rows_train, y_train, global_batch, cfg.train.seed, pad)),
+        par,
     )
     weights = class_weights(y_train, len(labels)) if cfg.class_weights else None
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size

@@ -34,7 +34,7 @@ from lmforge.config import Section, to_yaml
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.conversations import read_conversations
 from lmforge.data.instructions import FAMILIES, exact_match, make_suite
-from lmforge.data.loader import TokenBatches
+from lmforge.data.loader import BatchSource, TokenBatches
 from lmforge.data.sft import (
     MixedBatches,
     SFTBatches,
@@ -236,7 +236,7 @@ def _finetune(cfg: FinetuneConfig, run: runs.Run, t_start: float) -> dict[str, A
     # every rank draws the global micro-batch and keeps its rows (distributed.RankRows): n
     # ranks with micro-batch b train on exactly the rows one process does with n x b
     dp = par.dp_size
-    batches: Any = SFTBatches(
+    batches: BatchSource = SFTBatches(
         examples,
         context,
         cfg.train.batch_size * dp,

@@ -220,7 +220,7 @@ def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
     result = fit(
         model,
         build_optimizer(plain, cfg.optim),
-        batches,  # type: ignore[arg-type]  # the TokenBatches interface fit uses
+        batches,
         cfg.train,
         peak_lr=cfg.optim.lr,
         sched=cfg.sched,

@@ -42,6 +42,7 @@ from torch import nn
 from lmforge.checkpoint import store as ckpt_io
 from lmforge.checkpoint.manifest import describe, manifest_of
 from lmforge.config import Section
+from lmforge.data.loader import BatchSource, MicroBatch
 from lmforge.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class RankRows:
     rank assembles the whole global batch: cheap next to a forward and backward.
     """
 
-    def __init__(self, source: Any, par: Parallel) -> None:
+    def __init__(self, source: BatchSource, par: Parallel) -> None:
         self.source = source
         self.rank, self.size = par.dp_rank, par.dp_size
 
@@ -254,7 +255,7 @@ class RankRows:
     def context(self) -> int:
         return self.source.context
 
-    def next_batch(self) -> Any:
+    def next_batch(self) -> MicroBatch:
         return _rows(self.source.next_batch(), self.rank, self.size)
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,7 +279,7 @@ def _rows(batch: Any, rank: int, size: int) -> Any:
     return batch
 
 
-def shard_batches(source: Any, par: Parallel) -> Any:
+def shard_batches(source: BatchSource, par: Parallel) -> BatchSource:
     """``source`` itself in one process, else ``RankRows`` over it (built with the global batch)."""
     return RankRows(source, par) if par.dp_size > 1 else source
 

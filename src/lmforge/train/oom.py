@@ -1,8 +1,10 @@
 """Out-of-memory recovery that loses nothing: the same batch, split finer, redone.
 
 In one process (and under DDP, whose ranks agree on an all-reduced flag at fixed points of the
-step: ``loop.accumulate_gradients``), ``fit`` catches the OOM, leaves the ``except`` block, frees
-memory and redoes the step with every micro-batch cut in two (``split_micro_batches``).
+step: ``step.accumulate_gradients``), the step catches the OOM, leaves the ``except`` block, frees
+memory and redoes the step with every micro-batch cut in two (``split_micro_batches``); an OOM
+in evaluation halves the evaluation batch instead. Both go through ``retry_on_oom``, and
+``OomRecovery`` holds the rules (which OOM may be retried) and how far the run has shrunk.
 
 With FSDP or tensor parallelism that in-process retry is not safe, so it is not attempted:
 
@@ -34,12 +36,17 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from lmforge.atomic import atomic_write_text
+from lmforge.train.distributed import Parallel
+
+T = TypeVar("T")
 
 RECORDS = "oom"  # folder of the run holding one record per rank that ran out
 
@@ -141,3 +148,122 @@ def recorded(run_dir: Path, train: Any) -> dict[str, int]:
         if r.get("eval_batch_size"):
             out["eval_batch_size"] = min(out.get("eval_batch_size", 2**62), r["eval_batch_size"])
     return out
+
+
+def retry_on_oom(
+    attempt: Callable[[], T],
+    give_up: Callable[[torch.OutOfMemoryError], None],
+    shrink: Callable[[], None],
+    device: torch.device,
+) -> T:
+    """``attempt()`` until it fits in memory.
+
+    On an out-of-memory error ``give_up(error)`` raises when this one must not be retried; it
+    runs inside the ``except`` block, where the failed attempt's tensors are still alive, so it
+    must allocate no tensor. Otherwise, out of the ``except`` block (its traceback pinned the
+    activations), ``shrink()`` makes the next attempt smaller and the memory is freed.
+    """
+    while True:
+        try:
+            return attempt()
+        except torch.OutOfMemoryError as e:
+            give_up(e)
+        shrink()
+        free_memory(device)
+
+
+@dataclass
+class OomRecovery:
+    """One run's out-of-memory rules and how far they have shrunk its batches.
+
+    ``splits``: each configured micro-batch is cut into this many parts; ``eval_batch``:
+    sequences per evaluation batch. Both persist in every checkpoint (``state_dict``), valid
+    only for the same batch_size and grad_accum. ``train`` is the TrainConfig.
+    """
+
+    train: Any
+    run_dir: Path
+    parallel: Parallel
+    splits: int = 1
+    eval_batch: int = 1
+    from_records: bool = False  # OOM records of a stopped run asked for this
+
+    @classmethod
+    def resume(
+        cls, train: Any, run_dir: Path, parallel: Parallel, saved: dict[str, Any]
+    ) -> OomRecovery:
+        """As the checkpoint's ``train_state["oom"]`` (``saved``, {} when starting) left it, or
+        finer if an OOM record of a run that stopped asks so. A collective: every rank calls it."""
+        if (saved.get("batch_size"), saved.get("grad_accum")) != (
+            train.batch_size,
+            train.grad_accum,
+        ):
+            saved = {}  # resumed with another micro-batch or accumulation: start unsplit
+        asked = parallel.broadcast(recorded(run_dir, train) if parallel.is_main else None)
+        return cls(
+            train,
+            run_dir,
+            parallel,
+            splits=max(saved.get("splits", 1), asked.get("splits", 1)),
+            eval_batch=min(
+                train.eval_batch_size or train.batch_size,
+                saved.get("eval_batch_size", 2**62),
+                asked.get("eval_batch_size", 2**62),
+            ),
+            from_records=bool(asked),
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        state = {"splits": self.splits}
+        state |= {"batch_size": self.train.batch_size, "grad_accum": self.train.grad_accum}
+        if self.eval_batch < (self.train.eval_batch_size or self.train.batch_size):
+            state["eval_batch_size"] = self.eval_batch
+        return state
+
+    def resumed_event(self, step: int) -> dict[str, Any] | None:
+        """The metrics.jsonl event telling that the run starts with shrunk batches, if it does."""
+        if self.splits == 1 and not self.from_records:
+            return None
+        return {"step": step, "oom": "resume", "micro_batch": self.micro_batch,
+                "micro_batches": self.splits * self.train.grad_accum,
+                "eval_batch_size": self.eval_batch}  # fmt: skip
+
+    def halve_eval_batch(self) -> int:
+        self.eval_batch //= 2
+        return self.eval_batch
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows of the largest micro-batch piece."""
+        return -(-self.train.batch_size // self.splits)
+
+    @property
+    def agree(self) -> bool:
+        """DDP ranks agree on an OOM split (a flag all-reduced per micro-batch); FSDP/TP forwards
+        have collectives inside them, so a rank that stops midway would deadlock the others:
+        there the rank records the OOM and the run stops (``give_up_training``)."""
+        return self.train.oom_recovery and self.parallel.active and self.parallel.strategy == "ddp"
+
+    def give_up_training(self, error: torch.OutOfMemoryError, rows: int, step: int) -> None:
+        """Raise unless step ``step``, in micro-batches of ``rows``, may be split and redone."""
+        if not self.train.oom_recovery:
+            raise error
+        # several processes: only a split all ranks agreed on can be retried; otherwise record
+        # it and stop (the others may wait in a collective)
+        if self.parallel.active and not isinstance(error, AgreedOutOfMemory):
+            if rows < 2:
+                raise nothing_to_split(rows) from error
+            raise record_and_stop(
+                self.run_dir, self.parallel.rank, step, self.train, splits=self.splits * 2,
+                error=error,
+            ) from error  # fmt: skip
+
+    def give_up_eval(self, error: torch.OutOfMemoryError, step: int) -> None:
+        """Raise unless the evaluation at ``step`` may be redone with half the batch."""
+        if not self.train.oom_recovery or self.eval_batch == 1:
+            raise error
+        if self.parallel.sharded:  # collectives in the forward: as in training
+            raise record_and_stop(
+                self.run_dir, self.parallel.rank, step, self.train,
+                eval_batch=self.eval_batch // 2, error=error,
+            ) from error  # fmt: skip
