@@ -33,7 +33,7 @@ from safetensors.torch import save_model
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import find_checkpoint, load_for_inference, load_weights, new_run_dir
 from lmforge.config import Section, save_config, to_yaml
-from lmforge.data.instructions import FAMILIES, as_plain_text, exact_match, make_suite
+from lmforge.data.instructions import FAMILIES, as_plain_text, make_suite
 from lmforge.data.loader import TokenBatches
 from lmforge.data.sft import (
     ChatFormat,
@@ -44,7 +44,9 @@ from lmforge.data.sft import (
     read_conversations,
 )
 from lmforge.data.tokenizer import EOS, pad_id
-from lmforge.eval.metrics import final_number_match
+from lmforge.eval.generation import exact_match_eval, qa_pairs
+from lmforge.eval.metrics import final_number_match, stripped_match
+from lmforge.eval.retained import Retained, forgetting
 from lmforge.models.decoder import DecoderConfig
 from lmforge.models.lora import (
     LoraConfig,
@@ -56,21 +58,12 @@ from lmforge.models.lora import (
 )
 from lmforge.plan.estimate import Workload
 from lmforge.train.device import setup_device
-from lmforge.train.forgetting import (
-    Retained,
-    combine,
-    ewc_penalty,
-    exact_match_eval,
-    fisher_diagonal,
-    forgetting,
-    l2sp_penalty,
-    qa_pairs,
-)
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.metrics_log import write_plots
 from lmforge.train.optim import OptimConfig, build_optimizer
 from lmforge.train.precision import autocast, weight_dtype
+from lmforge.train.regularizers import combine, ewc_penalty, fisher_diagonal, l2sp_penalty
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +291,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         n_val = min(cfg.n_eval, max(1, int(len(convs) * cfg.data.val_fraction)))
         eval_pairs = qa_pairs(convs[:n_val], families[:n_val] if families else None)
         train_convs = convs[n_val:]
-    match = final_number_match if cfg.score == "final_number" else exact_match
+    match = final_number_match if cfg.score == "final_number" else stripped_match
     examples, stats = encode_examples(
         train_convs, fmt, context, cfg.data.train_on_prompt, cfg.data.truncation
     )
@@ -332,11 +325,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # cast every fp32 weight again (measured: SmolLM2, 32 tokens, 2.6x slower).
     in_precision = (lambda: autocast(cfg.train.precision, device)) if bf16_base else nullcontext
 
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size  # prompts generated together
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         with in_precision():
-            out, preds = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match)
+            out, preds = exact_match_eval(m, fmt, eval_pairs, cfg.max_new_tokens, match, eval_bs)
             if retained is not None:
-                out |= retained.metrics(m, fmt, device)
+                out |= retained.metrics(m, fmt, device, eval_bs)
         last_eval.update(out=out, preds=preds)
         return out
 
