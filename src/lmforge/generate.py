@@ -135,7 +135,7 @@ def generate_tokens(
         for _ in range(max_new_tokens):
             # Eval mode per step, not around the whole generator: a generator suspended at
             # ``yield`` inside inference mode would leave it on in the caller's thread.
-            with eval_mode(model):
+            with eval_mode(model, inference=True):
                 if use_cache and caches is not None and len(tokens) <= L:
                     last = torch.tensor([tokens[-1:]], device=device)  # (1, 1)
                     logits = model(last, pos, caches)[:, -1]  # (1, V)
@@ -221,7 +221,7 @@ def _greedy_padded(
     done = [False] * B
     x, start = ids, 0  # the tokens to feed; the positions the caches already hold
     for _ in range(max_new_tokens):
-        with eval_mode(model):
+        with eval_mode(model, inference=True):
             logits = model(x, start, caches, attention_mask=mask)[:, -1]  # (B, V)
             next_ids = sample_next(logits, greedy)  # (B,)
         for b, token in enumerate(next_ids.tolist()):

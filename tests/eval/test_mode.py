@@ -14,10 +14,17 @@ def test_eval_mode_restores_the_flag_even_on_error(was_training: bool) -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train(was_training)
     with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
         assert not model.training and not model[1].training
-        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
+        assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         raise RuntimeError("boom")
     assert model.training == was_training and model[1].training == was_training
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_eval_mode_for_generation_is_inference_mode() -> None:
+    model = nn.Linear(2, 2).train()
+    with eval_mode(model, inference=True):
+        assert torch.is_inference_mode_enabled() and not model.training
+    assert not torch.is_inference_mode_enabled() and model.training
 
 
 def test_eval_mode_with_grad_differentiates_without_dropout() -> None:

@@ -9,25 +9,31 @@ written once.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 
 @contextmanager
-def eval_mode(model: nn.Module, grad: bool = False) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module, grad: bool = False, inference: bool = False) -> Iterator[nn.Module]:
     """``model.eval()`` inside, ``model.train(was_training)`` on exit; autograd off unless ``grad``.
 
-    Without ``grad`` the block runs under ``torch.inference_mode`` (no version counters, no
-    graph: the fastest way to run a forward); tensors made inside cannot enter autograd later,
-    which no scorer needs. ``grad=True`` is for estimates that differentiate in eval mode
-    (EWC's Fisher: gradients without dropout noise).
+    ``torch.no_grad`` by default: scorers run inside the training loop, on compiled and
+    FSDP-wrapped models, where tensors made under inference mode (an all-gathered parameter,
+    a lazily built buffer) could later be refused by autograd. ``inference=True`` (generation:
+    nothing it makes outlives a step) uses ``torch.inference_mode``, which also skips version
+    counters. ``grad=True`` is for estimates that differentiate in eval mode (EWC's Fisher:
+    gradients without dropout noise).
     """
     was_training = model.training
     model.eval()
+    if inference:
+        context = torch.inference_mode()
+    else:
+        context = nullcontext() if grad else torch.no_grad()
     try:
-        with torch.inference_mode(not grad):
+        with context:
             yield model
     finally:
         model.train(was_training)
