@@ -220,9 +220,10 @@ def _greedy_padded(
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * B
     x, start = ids, 0  # the tokens to feed; the positions the caches already hold
+    padded = not bool(mask.all())  # rows of one length: the plain causal path, as generate_tokens
     for _ in range(max_new_tokens):
         with eval_mode(model, inference=True):
-            logits = model(x, start, caches, attention_mask=mask)[:, -1]  # (B, V)
+            logits = model(x, start, caches, attention_mask=mask if padded else None)[:, -1]
             next_ids = sample_next(logits, greedy)  # (B,)
         for b, token in enumerate(next_ids.tolist()):
             if not done[b]:
