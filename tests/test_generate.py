@@ -3,6 +3,7 @@ processors with transformers, and streaming detokenisation."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from lmforge.generate import (
     SampleConfig,
     StreamDecoder,
+    generate_batch,
     generate_text,
     generate_tokens,
     process_logits,
@@ -63,13 +65,13 @@ def tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
     return make_tokenizer(request.param)
 
 
-def make_model(arch: str, vocab_size: int = 64) -> Decoder:
+def make_model(arch: str, vocab_size: int = 64, context: int = CONTEXT) -> Decoder:
     torch.manual_seed(0)
     n_kv_head = 2 if arch == "llama" else None  # GQA: 2 kv heads for 4 query heads
     cfg = DecoderConfig(
         arch=arch,
         vocab_size=vocab_size,
-        context_length=CONTEXT,
+        context_length=context,
         n_layer=2,
         n_head=4,
         n_kv_head=n_kv_head,
@@ -96,6 +98,83 @@ def test_greedy_cache_equals_no_cache_past_context(model: Decoder, prompt_len: i
     uncached = run(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=False)
     assert cached == uncached
     assert len(cached) == n and len(set(cached)) > 1
+
+
+# ---- batched greedy generation (left padding + attention mask) ----------------------------------
+
+PROMPTS = [[5], [3, 1, 4], [9, 2, 6, 5, 3, 5, 8], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5], [1, 1]]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def wide_model(request: pytest.FixtureRequest) -> Decoder:
+    """Context 40: prompts of 1-12 tokens + 20 new ones fit, so no window slides."""
+    return make_model(request.param, context=40)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_batched_greedy_rows_equal_each_prompt_alone(
+    wide_model: Decoder, use_cache: bool, batch_size: int
+) -> None:
+    """Each row of a left-padded batch is generated as if alone: exact tokens, fp32, with and
+    without the KV cache (gpt2's learned positions would shift with the padding otherwise)."""
+    alone = [run(wide_model, p, max_new_tokens=20, temperature=0.0) for p in PROMPTS]
+    assert len({tuple(a) for a in alone}) == len(PROMPTS)  # the prompts lead somewhere different
+    got = generate_batch(
+        wide_model, PROMPTS, max_new_tokens=20, batch_size=batch_size, use_cache=use_cache
+    )
+    assert got == alone
+
+
+def test_batched_rows_stop_at_their_own_eos(wide_model: Decoder) -> None:
+    alone = [run(wide_model, p, max_new_tokens=20, temperature=0.0) for p in PROMPTS]
+    eos = {alone[2][3], alone[0][6]}  # stops some rows early, at different steps
+    expected = [run(wide_model, p, max_new_tokens=20, temperature=0.0, eos_id=eos) for p in PROMPTS]
+    assert sorted(map(len, expected)) != sorted(map(len, alone))
+    assert generate_batch(wide_model, PROMPTS, max_new_tokens=20, eos_id=eos) == expected
+
+
+def test_batched_prompt_past_the_context_runs_alone(model: Decoder) -> None:
+    """A prompt + max_new_tokens longer than the context slides its window as generate_tokens."""
+    prompts = [[(7 * i) % 64 for i in range(CONTEXT - 2)], [4, 9]]
+    alone = [run(model, p, max_new_tokens=CONTEXT, temperature=0.0) for p in prompts]
+    assert generate_batch(model, prompts, max_new_tokens=CONTEXT) == alone
+
+
+@torch.inference_mode()
+def test_left_padding_leaves_a_rows_logits_unchanged(wide_model: Decoder) -> None:
+    """The model-level invariant behind batching: padded prefill + cached steps give the logits
+    of the unpadded row (to fp32 rounding), and the padding row is finite (no NaN leaks)."""
+    wide_model.eval()
+    row, pad = [9, 2, 6, 5, 3], 4
+    ref = wide_model(torch.tensor([row + [7, 1]]))  # (1, 7, V)
+    ids = torch.tensor([[0] * pad + row])
+    mask = torch.tensor([[False] * pad + [True] * len(row)])
+    caches = wide_model.new_kv_caches(1, max_len=pad + len(row) + 2)
+    pre = wide_model(ids, 0, caches, attention_mask=mask)  # (1, 9, V)
+    assert torch.isfinite(pre).all()
+    torch.testing.assert_close(pre[:, pad:], ref[:, : len(row)], rtol=1e-5, atol=1e-5)
+    for k, t in enumerate([7, 1]):
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.bool)], dim=1)
+        step = wide_model(torch.tensor([[t]]), pad + len(row) + k, caches, attention_mask=mask)
+        torch.testing.assert_close(step[:, 0], ref[:, len(row) + k], rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_left_padding_stays_finite_in_bf16(wide_model: Decoder) -> None:
+    """bf16 on CPU takes attend's own softmax, where a query with no visible key is NaN: a
+    padding query sees itself, so nothing non-finite reaches the real tokens."""
+    model = copy.deepcopy(wide_model).to(torch.bfloat16).eval()
+    ids = torch.tensor([[0, 0, 0, 9, 2, 6], [1, 2, 3, 4, 5, 6]])
+    mask = torch.tensor([[False] * 3 + [True] * 3, [True] * 6])
+    assert torch.isfinite(model(ids, attention_mask=mask).float()).all()
+
+
+def test_generate_batch_checks_its_arguments(wide_model: Decoder) -> None:
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate_batch(wide_model, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_batch(wide_model, [[1]], max_new_tokens=2, batch_size=0)
 
 
 @torch.inference_mode()

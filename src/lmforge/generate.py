@@ -3,6 +3,7 @@
 process_logits   repetition penalty → temperature → top-k → top-p (transformers' order)
 sample_next      one draw (or argmax at temperature 0) from processed logits
 generate_tokens  a generator of new token ids: prefill once, then one token per step
+generate_batch   greedy continuations of many prompts, left-padded batches (eval scoring)
 StreamDecoder    token ids → printable text, never splitting a UTF-8 character
 generate_text    prompt string → generated string, streamed through a callback
 """
@@ -10,7 +11,6 @@ generate_text    prompt string → generated string, streamed through a callback
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
 from itertools import chain
 
 import torch
@@ -18,6 +18,7 @@ from pydantic import Field
 from tokenizers import Tokenizer
 
 from lmforge.config import Section
+from lmforge.eval.mode import eval_mode
 from lmforge.models.decoder import Decoder
 from lmforge.models.layers import KVCache
 
@@ -84,22 +85,6 @@ def sample_next(
     return torch.multinomial(x.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-@contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
-    """eval() + inference_mode for one step, restoring the training flag afterwards.
-
-    Entered per step, not around the whole generator: a generator suspended at ``yield`` inside
-    ``with torch.inference_mode()`` would leave inference mode on in the caller's thread.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def generate_tokens(
     model: Decoder,
     prompt_ids: Sequence[int] | torch.Tensor,
@@ -127,7 +112,7 @@ def generate_tokens(
             raise ValueError(f"prompt_ids: one sequence expected, got {tuple(prompt_ids.shape)}")
         prompt_ids = prompt_ids.reshape(-1).tolist()
     tokens = [int(t) for t in prompt_ids]
-    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    stop = _stop_set(eos_id)
     if not tokens:
         raise ValueError("prompt_ids is empty: pass at least one token (the BOS id for no prompt)")
     # Building the config checks the ranges exactly as a YAML file's are checked.
@@ -148,7 +133,9 @@ def generate_tokens(
         caches: list[KVCache] | None = None
         pos = 0  # positions the caches hold
         for _ in range(max_new_tokens):
-            with _inference(model):
+            # Eval mode per step, not around the whole generator: a generator suspended at
+            # ``yield`` inside inference mode would leave it on in the caller's thread.
+            with eval_mode(model, inference=True):
                 if use_cache and caches is not None and len(tokens) <= L:
                     last = torch.tensor([tokens[-1:]], device=device)  # (1, 1)
                     logits = model(last, pos, caches)[:, -1]  # (1, V)
@@ -171,6 +158,88 @@ def generate_tokens(
             yield token
 
     return steps()
+
+
+def _stop_set(eos_id: int | Collection[int] | None) -> set[int]:
+    return set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+
+
+def generate_batch(
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | Collection[int] | None = None,
+    batch_size: int = 8,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy new token ids for every prompt, ``batch_size`` prompts per forward.
+
+    Row i equals ``list(generate_tokens(model, prompts[i], temperature=0, ...))`` (the stop
+    token not included): prompts are left-padded and ``Decoder.forward``'s ``attention_mask``
+    gives every row its own positions and hides its padding (tests/test_generate.py checks
+    the tokens). Prompts are grouped by length so that a batch pads little; a batch decodes
+    until all its rows stopped. A prompt whose length + ``max_new_tokens`` exceeds the context
+    runs alone through ``generate_tokens``: its window slides, which a shared batch cannot do.
+    Greedy only (scoring): sampled rows would each need their own random stream.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) >= 1")
+    rows = [[int(t) for t in p] for p in prompts]
+    if any(not r for r in rows):
+        raise ValueError("an empty prompt: pass at least one token (the BOS id for no prompt)")
+    stop, L = _stop_set(eos_id), model.cfg.context_length
+    out: list[list[int]] = [[] for _ in rows]
+    fits = sorted((i for i, r in enumerate(rows) if len(r) + max_new_tokens <= L),
+                  key=lambda i: len(rows[i]))  # fmt: skip
+    for i in sorted(set(range(len(rows))) - set(fits)):
+        kw = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos_id)
+        out[i] = list(generate_tokens(model, rows[i], use_cache=use_cache, **kw))  # type: ignore[arg-type]
+    for k in range(0, len(fits), batch_size):
+        group = fits[k : k + batch_size]
+        for i, new in zip(group, _greedy_padded(model, [rows[i] for i in group], max_new_tokens,
+                                                stop, use_cache), strict=True):  # fmt: skip
+            out[i] = new
+    return out
+
+
+def _greedy_padded(
+    model: Decoder, rows: list[list[int]], max_new_tokens: int, stop: set[int], use_cache: bool
+) -> list[list[int]]:
+    """One left-padded batch: prefill all rows at once, then one token per row per step."""
+    device = next(model.parameters()).device
+    B, P = len(rows), max(len(r) for r in rows)
+    ids = torch.zeros(B, P, dtype=torch.long)  # the pad id is never seen by a real token
+    mask = torch.zeros(B, P, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r) :] = torch.tensor(r)
+        mask[b, P - len(r) :] = True
+    ids, mask = ids.to(device), mask.to(device)
+    greedy = SampleConfig(temperature=0.0, top_k=None)
+    caches = model.new_kv_caches(B, max_len=P + max_new_tokens) if use_cache else None
+    out: list[list[int]] = [[] for _ in rows]
+    done = [False] * B
+    x, start = ids, 0  # the tokens to feed; the positions the caches already hold
+    padded = not bool(mask.all())  # rows of one length: the plain causal path, as generate_tokens
+    for _ in range(max_new_tokens):
+        with eval_mode(model, inference=True):
+            logits = model(x, start, caches, attention_mask=mask if padded else None)[:, -1]
+            next_ids = sample_next(logits, greedy)  # (B,)
+        for b, token in enumerate(next_ids.tolist()):
+            if not done[b]:
+                done[b] = token in stop
+                if not done[b]:
+                    out[b].append(token)
+        if all(done):
+            break
+        # A stopped row keeps decoding (its tokens are dropped): the batch moves as one.
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        if caches is not None:
+            x, start = next_ids[:, None], start + x.size(1)
+        else:
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            x = ids
+    return out
 
 
 class StreamDecoder:

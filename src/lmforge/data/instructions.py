@@ -13,7 +13,8 @@ its own token with any byte-level BPE (the tasks test the algorithm, not the tok
     upper     "upper: c a t"              → "C A T"
 
 ``make_suite`` is deterministic in its seed; ``write_jsonl`` writes OpenAI ``messages``
-records (plus a ``family`` key) that ``data/sft.py`` reads.
+records (plus a ``family`` key) that ``data/sft.py`` reads. An answer is scored by
+``eval.metrics.stripped_match`` (equal after stripping whitespace).
 """
 
 from __future__ import annotations
@@ -113,8 +114,3 @@ def write_jsonl(examples: list[Example], path: str | Path) -> Path:
 def as_plain_text(examples: list[Example]) -> str:
     """The tasks as plain text lines (``prompt = answer``), e.g. to pretrain a demo base."""
     return "".join(f"{ex['prompt']} = {ex['answer']}\n" for ex in examples)
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """Equal after stripping surrounding whitespace: the only way a task is scored."""
-    return prediction.strip() == answer.strip()

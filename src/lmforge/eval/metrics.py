@@ -11,7 +11,8 @@ torchmetrics would add a second copy of the same maths behind torch tensors, so 
 Perplexity and bits-per-byte live in ``eval/lm.py`` (``lm_metrics``) and are re-exported here
 so that every metric has one import path and one implementation.
 
-Training-time evaluation (``recipes/classify.py``) and ``lmforge eval`` both call these.
+Training-time evaluation (``eval/classification.py``, ``eval/generation.py``) and
+``lmforge eval`` all call these.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = [
     "expected_calibration_error",
     "calibration_bins",
     "exact_match",
+    "stripped_match",
+    "final_number_match",
     "token_f1",
     "generation_metrics",
     "sentence_scores",
@@ -154,6 +157,12 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, reference: str) -> float:
     """1.0 when the normalised strings are equal, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def stripped_match(prediction: str, answer: str) -> bool:
+    """Equal after stripping surrounding whitespace: how the synthetic instruction suite
+    (``data/instructions.py``) scores an answer — case and punctuation count, unlike SQuAD's."""
+    return prediction.strip() == answer.strip()
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

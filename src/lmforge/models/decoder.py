@@ -32,6 +32,7 @@ from lmforge.models.layers import (
     make_mlp,
     make_norm,
     packed_attention,
+    padded_attention,
 )
 
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -242,11 +243,14 @@ class Decoder(nn.Module):
         start_pos: int = 0,
         caches: list[KVCache] | None = None,
         segments: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) int64 → logits (B, T, vocab). ``caches`` (one per block) enable generation.
 
         ``segments`` (B, T) int: the document index of each token when a row packs several
         documents (SFT packing); each attends only within its document, from position 0.
+        ``attention_mask`` (B, start_pos + T) bool, False at left padding, over the cached and
+        the new positions: batched generation of prompts of different lengths (each row as alone).
         """
         B, T = idx.shape
         if start_pos + T > self.cfg.context_length:
@@ -256,6 +260,8 @@ class Decoder(nn.Module):
         doc_mask = positions = None
         if segments is not None:
             doc_mask, positions = packed_attention(segments)  # (B, 1, T, T), (B, T)
+        elif attention_mask is not None:
+            doc_mask, positions = padded_attention(attention_mask, T)  # (B, 1, T, S), (B, T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             pos = torch.arange(start_pos, start_pos + T, device=idx.device)
@@ -263,7 +269,7 @@ class Decoder(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if caches is not None:
-                x = block(x, start_pos, caches[i])
+                x = block(x, start_pos, caches[i], doc_mask, positions)
             else:
                 mode = self.activation_checkpointing if self.training else "none"
                 drop = self.cfg.dropout > 0

@@ -161,8 +161,10 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, C) → (B, T, C). With ``cache``, x holds positions start_pos … start_pos+T-1.
 
         ``key_mask`` (B, T) bool, True for real tokens, hides padding keys (non-causal only).
-        ``doc_mask`` (B, 1, T, T) bool and ``positions`` (B, T) come from ``packed_attention``:
-        packed documents attend only to themselves and their positions restart at 0.
+        ``doc_mask`` (B, 1, T, S) bool and ``positions`` (B, T) come from ``packed_attention``
+        (S = T: packed documents attend only to themselves and their positions restart at 0) or
+        from ``padded_attention`` (S = start_pos + T, with or without the cache: left-padded
+        rows of a generation batch never attend to their padding).
         """
         B, T, C = x.shape
         hd = self.head_dim
@@ -183,14 +185,13 @@ class CausalSelfAttention(nn.Module):
             assert not self.causal and cache is None, "key_mask is for bidirectional attention"
             mask = key_mask[:, None, None, :]  # (B, 1, 1, S): every query sees the real keys
         if doc_mask is not None:
-            assert cache is None, "packed documents are for training and scoring, not the cache"
-            mask, is_causal = doc_mask, False  # (B, 1, T, T): causal within each document
+            mask, is_causal = doc_mask, False  # (B, 1, T, S): already causal
         if cache is not None:
             end = start_pos + T
             cache.k[:, :, start_pos:end] = k
             cache.v[:, :, start_pos:end] = v
             k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-            if start_pos > 0:
+            if start_pos > 0 and doc_mask is None:
                 # Query i (absolute position start_pos+i) may see keys 0 … start_pos+i.
                 is_causal = False
                 if T > 1:
@@ -301,10 +302,7 @@ class Block(nn.Module):
         doc_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if doc_mask is None:
-            x = x + self.attn(self.norm1(x), start_pos, cache)
-        else:
-            x = x + self.attn(self.norm1(x), doc_mask=doc_mask, positions=positions)
+        x = x + self.attn(self.norm1(x), start_pos, cache, doc_mask=doc_mask, positions=positions)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -326,3 +324,21 @@ def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a document starts here
     starts = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return (same & causal)[:, None], idx - starts
+
+
+def padded_attention(attention_mask: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and positions for the last ``T`` tokens of left-padded rows.
+
+    attention_mask: (B, S) bool, True for real tokens, over every position so far (the cached
+    ones and the ``T`` new ones). Returns ``doc_mask`` (B, 1, T, S) — query t (absolute slot
+    S - T + t) sees key s iff s <= its slot and s is a real token — and ``positions`` (B, T),
+    each token's count of real tokens before it, so a padded row is computed as it would be
+    alone. A padding query also sees itself: a query with no key at all would give NaN, and
+    NaN keys/values of the next layer would poison real rows (0 · NaN = NaN in ``att @ v``).
+    """
+    B, S = attention_mask.shape
+    slot = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    key = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    mask = ((key <= slot) & attention_mask[:, None, :]) | (key == slot)  # (B, T, S)
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)[:, S - T :]  # (B, T)
+    return mask[:, None], positions

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from tokenizers import Tokenizer
@@ -33,7 +32,6 @@ from lmforge.data.classification import (
     ClassifyDataConfig,
     Example,
     class_weights,
-    collate,
     default_paths,
     encode_labels,
     encode_texts,
@@ -45,7 +43,7 @@ from lmforge.data.classification import (
 )
 from lmforge.data.loader import MicroBatch
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.eval.metrics import classification_metrics
+from lmforge.eval.classification import evaluate_rows
 from lmforge.eval.report import classification_report
 from lmforge.interop.hf_bert import load_hf_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
@@ -159,50 +157,6 @@ class _FitBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batches.load_state_dict(state)
-
-
-@torch.no_grad()
-def predict_probs(
-    model: SequenceClassifier,
-    rows: list[tuple[list[int], list[int]]],
-    batch_size: int,
-    device: torch.device,
-    pad_id: int,
-) -> np.ndarray:
-    """Probabilities (N, K): softmax (single-label) or sigmoid (multi-label), in data order."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for i in range(0, len(rows), batch_size):
-            b = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-            logits = model(b["idx"], b["token_types"], b["attention_mask"]).float()
-            multi = model.head_cfg.task == "multilabel"
-            out.append((logits.sigmoid() if multi else logits.softmax(-1)).cpu().numpy())
-    finally:
-        model.train(was_training)
-    return np.concatenate(out)
-
-
-def evaluate_rows(
-    model: SequenceClassifier,
-    rows: list[tuple[list[int], list[int]]],
-    y: np.ndarray,
-    labels: list[str],
-    batch_size: int,
-    device: torch.device,
-    pad_id: int,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """(metrics incl. the mean ``loss`` in nats, probabilities) of ``model`` on encoded rows."""
-    probs = predict_probs(model, rows, batch_size, device, pad_id)
-    multi = model.head_cfg.task == "multilabel"
-    metrics = classification_metrics(y, probs, labels, multi_label=multi)
-    p = np.clip(probs, 1e-12, 1 - 1e-12)
-    if multi:
-        metrics["loss"] = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-    else:
-        metrics["loss"] = float(-np.log(p[np.arange(len(y)), y]).mean())
-    return metrics, probs
 
 
 def _scalars(m: dict[str, Any]) -> dict[str, float]:

@@ -19,7 +19,7 @@ from lmforge.config import Section
 from lmforge.data.prepare import load_meta
 from lmforge.data.shards import open_shard
 from lmforge.errors import ConfigError
-from lmforge.eval.lm import lm_metrics, stream_loss_sum
+from lmforge.eval.lm import check_shard_tokenizer, lm_metrics, stream_loss_sum
 from lmforge.train.device import resolve_device
 from lmforge.train.precision import precision_error
 
@@ -38,16 +38,18 @@ class EvalConfig(Section):
     out_dir: str | None = Field(None, description="write report.json here; null = print only")
 
 
-def _tokens_and_bytes(cfg: EvalConfig, tokenizer) -> tuple[np.ndarray, int]:
+def _tokens_and_bytes(cfg: EvalConfig, tokenizer, ckpt: str) -> tuple[np.ndarray, int]:
     path = Path(cfg.data)
     if path.is_dir():
         meta = load_meta(path)
+        check_shard_tokenizer(path, tokenizer, ckpt)
         return open_shard(path, cfg.split), meta[f"{cfg.split}_bytes"]
     if path.suffix == ".bin":
         split = path.stem
         meta = load_meta(path.parent)
         if f"{split}_bytes" not in meta:
             raise ConfigError(f"data: {path} is not a train.bin/val.bin of a prepared data folder")
+        check_shard_tokenizer(path.parent, tokenizer, ckpt)
         return open_shard(path.parent, split), meta[f"{split}_bytes"]
     if not path.is_file():
         raise ConfigError(f"data: {path}: no such file or folder")
@@ -79,8 +81,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         out = Path(cfg.out_dir) if cfg.out_dir else Path("eval")
         info = {"checkpoint": str(ckpt), "data": cfg.data}
         return {**info, "report": str(out / "report.md"),
-                **evaluate_generation(model, tokenizer, cfg.data, out, info=info)}  # fmt: skip
-    tokens, n_bytes = _tokens_and_bytes(cfg, tokenizer)
+                **evaluate_generation(model, tokenizer, cfg.data, out, info=info,
+                                     batch_size=cfg.batch_size)}  # fmt: skip
+    tokens, n_bytes = _tokens_and_bytes(cfg, tokenizer, str(ckpt))
     if len(tokens) < 2:
         raise ConfigError(f"data: {cfg.data} holds {len(tokens)} tokens; at least 2 are needed")
     loss_sum, n = stream_loss_sum(

@@ -32,6 +32,7 @@ from lmforge.data.prepare import DataConfig, is_prepared, prepare_data
 from lmforge.data.shards import open_shard
 from lmforge.data.tokenizer import load_tokenizer, special_token_ids
 from lmforge.errors import ConfigError
+from lmforge.eval.mlm import masked_lm_metrics
 from lmforge.models.decoder import token_loss_sum
 from lmforge.models.encoder import Encoder, EncoderConfig, MaskedLMHead
 from lmforge.train import distributed
@@ -127,29 +128,6 @@ class MaskedBatches:
         self.windows.load_state_dict(state)
 
 
-@torch.no_grad()
-def masked_lm_metrics(
-    model: MaskedLMHead,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    device: torch.device,
-) -> dict[str, float]:
-    """Mean cross-entropy (nats) and accuracy over the masked positions of fixed batches."""
-    was_training = model.training
-    model.eval()
-    loss, correct, count = 0.0, 0, 0
-    try:
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)  # (B, T, V)
-            loss_sum, n = token_loss_sum(logits, y)
-            loss += float(loss_sum)
-            count += n
-            correct += int(((logits.argmax(-1) == y) & (y != -100)).sum())
-    finally:
-        model.train(was_training)
-    return {"val_mlm_loss": loss / max(1, count), "val_mlm_accuracy": correct / max(1, count)}
-
-
 def mlm(cfg: MlmConfig) -> dict[str, Any]:
     """Run the pretraining; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
@@ -210,7 +188,8 @@ def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
         mask_tokens(val_ids[i : i + eval_bs], mask_id, special_ids, vocab, g, cfg.mask_prob)
         for i in range(0, n_win, eval_bs)
     ]
-    initial = masked_lm_metrics(model, val_batches, device)
+    prec = cfg.train.precision  # the autocast of training's forward, as eval/lm.py
+    initial = masked_lm_metrics(model, val_batches, device, prec)
     log.info("before training: %s", initial)
     plain = model
     model = distributed.parallelize(  # the MLM head never uses the [CLS] pooler
@@ -228,7 +207,9 @@ def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
         device=device,
         checkpoint_files={"config.yaml": to_yaml(cfg), "tokenizer.json": tokenizer_path},
         loss_fn=token_loss_sum,  # summed CE over labels != -100: the masked positions only
-        evaluate=distributed.evaluator(par, lambda m: masked_lm_metrics(m, val_batches, device)),
+        evaluate=distributed.evaluator(
+            par, lambda m: masked_lm_metrics(m, val_batches, device, prec)
+        ),
         monitor="val_mlm_loss",
         monitor_mode="min",
         parallel=par,

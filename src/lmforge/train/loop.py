@@ -224,7 +224,7 @@ def fit(
     ``train_batches`` is any ``BatchSource`` (``data/loader.py``); its ``context`` is the
     window length of the ``val_tokens`` evaluation (loss, ppl, and bpb given ``val_bytes``).
     ``regularizer()``, if given, is a scalar added to every step's loss before the optimizer
-    step (EWC, L2-SP: ``train/forgetting.py``); the logged ``loss`` stays the data loss and the
+    step (EWC, L2-SP: ``train/regularizers.py``); the logged ``loss`` stays the data loss and the
     penalty is logged as ``reg``. ``evaluate(model)``, if given, runs at every eval step and
     its metrics go into metrics.jsonl (e.g. retained-task metrics while fine-tuning).
     ``loss_fn`` replaces next-token cross-entropy (classification heads); ``monitor`` names a

@@ -1,21 +1,12 @@
 """Forgetting penalties: L2-SP and EWC are zero at the start, grow with the distance, pull the
-weights back inside fit(); the Fisher is normalised; exact match scores generated answers."""
+weights back inside fit(); the Fisher is normalised. (Scoring what was forgotten: tests/eval.)"""
 
 from __future__ import annotations
 
 import torch
 
-from lmforge.data.chat_template import ChatFormat
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.train.forgetting import (
-    QA,
-    combine,
-    ewc_penalty,
-    exact_match_eval,
-    fisher_diagonal,
-    forgetting,
-    l2sp_penalty,
-)
+from lmforge.train.regularizers import combine, ewc_penalty, fisher_diagonal, l2sp_penalty
 
 
 def tiny(vocab: int = 64) -> Decoder:
@@ -46,12 +37,13 @@ def test_l2sp_is_half_lambda_squared_distance() -> None:
 
 
 def test_ewc_uses_normalised_fisher() -> None:
-    model = tiny()
+    model = tiny().train()
     fisher = fisher_diagonal(model, batches(), torch.device("cpu"))
     assert set(fisher) == {n for n, p in model.named_parameters() if p.requires_grad}
     flat = torch.cat([f.flatten() for f in fisher.values()])
     assert abs(float(flat.mean()) - 1.0) < 1e-4 and bool((flat >= 0).all())
     assert all(p.grad is None for p in model.parameters())  # left clean for training
+    assert model.training  # eval mode only while estimating
     pen = ewc_penalty(model, fisher, lam=1.0)
     assert float(pen()) == 0.0
     with torch.no_grad():
@@ -96,16 +88,3 @@ def test_penalty_pulls_weights_back_in_fit(tmp_path) -> None:
             float((p - s).abs().sum()) for p, s in zip(model.parameters(), start, strict=True)
         )
     assert moved[1e4] < moved[0.0] / 100
-
-
-def test_exact_match_eval_and_forgetting_sign() -> None:
-    from lmforge.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(["x y z " * 50], vocab_size=270)
-    model = tiny(vocab=tok.get_vocab_size()).eval()
-    fmt = ChatFormat.chatml(tok)
-    pairs = [QA([{"role": "user", "content": "x"}], "y", "fam")] * 2
-    metrics, preds = exact_match_eval(model, fmt, pairs, max_new_tokens=3)
-    assert metrics["exact_match"] == metrics["em/fam"] == 0.0 and len(preds) == 2
-    assert forgetting({"retain_em": 0.9}, {"retain_em": 0.5})["forgetting_em"] == 0.4
-    assert forgetting({"retain_bpb": 2.0}, {"retain_bpb": 2.5})["forgetting_bpb"] == 0.5

@@ -1,0 +1,37 @@
+"""eval_mode: eval + no autograd inside, the training flag restored after, even on an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.eval.mode import eval_mode
+
+
+@pytest.mark.parametrize("was_training", [True, False])
+def test_eval_mode_restores_the_flag_even_on_error(was_training: bool) -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train(was_training)
+    with pytest.raises(RuntimeError, match="boom"), eval_mode(model):
+        assert not model.training and not model[1].training
+        assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        raise RuntimeError("boom")
+    assert model.training == was_training and model[1].training == was_training
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def test_eval_mode_for_generation_is_inference_mode() -> None:
+    model = nn.Linear(2, 2).train()
+    with eval_mode(model, inference=True):
+        assert torch.is_inference_mode_enabled() and not model.training
+    assert not torch.is_inference_mode_enabled() and model.training
+
+
+def test_eval_mode_with_grad_differentiates_without_dropout() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.9)).train()
+    x = torch.ones(1, 4)
+    with eval_mode(model, grad=True):
+        assert torch.is_grad_enabled()
+        a, b = model(x), model(x)
+        a.sum().backward()
+    assert torch.equal(a, b) and model[0].weight.grad is not None and model.training
