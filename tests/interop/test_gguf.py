@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference
+from lmforge.checkpoint.load import load
+from lmforge.checkpoint.store import find_checkpoint
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import CheckpointError
 from lmforge.generate import generate_tokens
@@ -145,7 +146,8 @@ def test_gguf_file_is_accepted_wherever_a_checkpoint_is(tmp_path: Path) -> None:
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, tied=True)
     assert find_checkpoint(path) == path
-    model, tokenizer, ckpt = load_for_inference(path, torch.device("cpu"))
+    model, tokenizer, ckpt = load(path, torch.device("cpu"), expect="decoder")
+    ckpt = ckpt.path
     assert ckpt == path and not model.training and tokenizer.token_to_id("<|eos|>") == 1
 
 

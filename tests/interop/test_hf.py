@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from lmforge.checkpoint.store import find_checkpoint, load_for_inference
+from lmforge.checkpoint.load import load
+from lmforge.checkpoint.store import find_checkpoint
 from lmforge.data.tokenizer import train_tokenizer
 from lmforge.errors import CheckpointError
 from lmforge.generate import generate_tokens
@@ -277,7 +278,8 @@ def test_hf_folder_is_accepted_wherever_a_checkpoint_is(tmp_path: Path) -> None:
     model = tiny_lmforge("llama", tok.get_vocab_size())
     out = export_hf(model, tok, tmp_path / "export")
     assert find_checkpoint(out) == out
-    loaded, loaded_tok, ckpt = load_for_inference(out, torch.device("cpu"))
+    loaded, loaded_tok, ckpt = load(out, torch.device("cpu"), expect="decoder")
+    ckpt = ckpt.path
     assert ckpt == out and not loaded.training and loaded_tok.to_str() == tok.to_str()
     ids = torch.randint(0, tok.get_vocab_size(), (1, 12))
     torch.testing.assert_close(logits_of(loaded, ids), logits_of(model, ids), rtol=0, atol=0)

@@ -1,6 +1,6 @@
 """Hugging Face folders as users have them: a trained tiny model saved with ``save_pretrained``
 plus a tokenizer and its declarations, loaded through lmforge's production path
-(``load_for_inference``, ``lmforge generate``) and compared with transformers on the same folder:
+(``lmforge.load``, ``lmforge generate``) and compared with transformers on the same folder:
 logits (atol 1e-4), prompt ids and greedy tokens.
 
 - a GPT-2 folder whose tokenizer declares BOS = EOS = ``<eos>`` (no name lmforge guesses as a
@@ -19,7 +19,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from lmforge.checkpoint.store import load_for_inference
+from lmforge.checkpoint.load import load
 from lmforge.cli import main
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.tokenizer import SpecialTokens, special_tokens
@@ -89,7 +89,8 @@ def save_folder(model: Any, tok: Tokenizer, folder: Path, declares: dict[str, st
 
 def compare(folder: Path, ref: Any, prompt: str, new: int = 12) -> list[int]:
     """lmforge (production loader) vs transformers on ``folder``: logits, prompt ids, greedy."""
-    ours, tok, ckpt = load_for_inference(folder, torch.device("cpu"))
+    ours, tok, ckpt = load(folder, torch.device("cpu"), expect="decoder")
+    ckpt = ckpt.path
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     ids = hf_tok(prompt)["input_ids"]
     assert tok.encode(prompt).ids == ids  # BOS added (or not) as transformers adds it
@@ -120,7 +121,7 @@ def test_gpt2_folder_declaring_eos_as_bos_generates_like_transformers(
     assert json.loads((tmp_path / "generation_config.json").read_text())["bos_token_id"] == eos
     mine = compare(tmp_path, ref, PROMPT)
 
-    _, ours_tok, _ = load_for_inference(tmp_path, torch.device("cpu"))
+    _, ours_tok, _ = load(tmp_path, torch.device("cpu"), expect="decoder")
     assert special_tokens(ours_tok) == SpecialTokens(bos=eos, eos=eos, pad=eos + 1)
     # the CLI: from a prompt (needs no BOS) and from nothing (starts at the declared BOS)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -167,7 +168,7 @@ def test_llama_attention_and_mlp_biases_are_independent(
     compare(tmp_path / "hf", ref, PROMPT)
 
     # export: transformers reloads the same combination with equal logits
-    ours, ours_tok, _ = load_for_inference(tmp_path / "hf", torch.device("cpu"))
+    ours, ours_tok, _ = load(tmp_path / "hf", torch.device("cpu"), expect="decoder")
     assert (ours.cfg.bias, ours.cfg.qkv_bias, ours.cfg.mlp_bias) == (
         attention_bias,
         attention_bias,

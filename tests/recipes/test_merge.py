@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from lmforge.checkpoint.store import load_for_inference
+from lmforge.checkpoint.load import load
 from lmforge.cli import main
 from lmforge.config import Section, to_yaml
 from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
@@ -49,7 +49,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path, torch.Tensor]:
     """(base, another base of the same shapes, adapter trained on base, its unmerged logits)."""
     root = tmp_path_factory.mktemp("merge")
     base, other = make_base(root / "base", 0), make_base(root / "other", 1)
-    model, _, _ = load_for_inference(base, torch.device("cpu"))
+    model, _, _ = load(base, torch.device("cpu"), expect="decoder")
     apply_lora(model, LoraConfig(rank=4, alpha=8))
     with torch.no_grad():  # B starts at zero: random values make the merge visible
         for name, p in model.named_parameters():
@@ -66,7 +66,7 @@ X = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
 def test_merge_onto_the_recorded_base_equals_the_unmerged_model(setup, tmp_path: Path) -> None:
     base, _, adapter, logits = setup
     out = merge(MergeConfig(base=str(base), adapter=str(adapter), out_dir=str(tmp_path / "m")))
-    merged, _, _ = load_for_inference(out, torch.device("cpu"))
+    merged, _, _ = load(out, torch.device("cpu"), expect="decoder")
     torch.testing.assert_close(merged(X), logits, atol=1e-5, rtol=0)
 
 

@@ -203,15 +203,15 @@ def test_rank0_lora_adapter_loads_in_peft(ddp: Path, tmp_path: Path) -> None:
     import peft
     import transformers
 
-    from lmforge.checkpoint.store import load_for_inference
+    from lmforge.checkpoint.load import load
     from lmforge.interop.hf import export_hf
 
     run = ddp / "lora" / "2"
-    base, _, _ = load_for_inference(ddp / "base", torch.device("cpu"))
+    base, _, _ = load(ddp / "base", torch.device("cpu"), expect="decoder")
     export_hf(base, None, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     theirs = peft.PeftModel.from_pretrained(hf, run / "adapter").eval()
-    merged, _, _ = load_for_inference(run / "model", torch.device("cpu"))
+    merged, _, _ = load(run / "model", torch.device("cpu"), expect="decoder")
     x = torch.arange(24).reshape(2, 12) % 200
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, merged(x), rtol=0, atol=1e-5)

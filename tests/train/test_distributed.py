@@ -201,7 +201,7 @@ def test_fsdp_checkpoint_loads_on_one_process(jobs) -> None:
     ckpt = jobs["fsdp"] / "run" / "checkpoints" / f"step-{STEPS:06d}"
     assert (ckpt / "optimizer" / ".metadata").is_file()  # sharded with torch.distributed.checkpoint
     model = Decoder(model_cfg())
-    load_weights(model, ckpt)  # what export / generate / eval do (load_for_inference)
+    load_weights(model, ckpt)  # what export / generate / eval do (checkpoint.load)
     with torch.no_grad():
         torch.testing.assert_close(
             model(PROBE), torch.load(jobs["fsdp"] / "logits.pt", weights_only=True)

@@ -92,17 +92,28 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     atomic_write_text(Path(folder) / MANIFEST, manifest.to_json())
 
 
+def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:
+    """A JSON object file that describes a checkpoint (``manifest.json``, Hugging Face
+    ``config.json``, ``adapter_config.json``, ...); a damaged one is a CheckpointError naming it
+    (``fix``: what to do about it)."""
+    fix = f"; {fix}" if fix else ""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}): the file is damaged{fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"{path}: expected a JSON object, got {type(value).__name__}: the file is damaged{fix}"
+        )
+    return value
+
+
 def read_manifest(folder: Path) -> Manifest | None:
     """``folder/manifest.json`` validated, or None if the folder has none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: damaged, not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: damaged, not a JSON object")
+    data = read_json_object(path)
     version = data.get("version")
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise CheckpointError(

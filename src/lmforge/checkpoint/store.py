@@ -12,7 +12,6 @@ import logging
 import pickle
 import re
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -133,18 +132,6 @@ def _read_pointer(path: Path) -> str | None:
         return path.read_text().strip() or None
     except FileNotFoundError:
         return None
-
-
-def new_run_dir(out_dir: str | None, command: str, resume: bool = False) -> Path:
-    """The run folder (default ``runs/<command>-<date>-<time>``), created; a folder that already
-    holds a run's checkpoints is refused unless the run is being resumed."""
-    from lmforge.errors import ConfigError
-
-    run_dir = Path(out_dir or f"runs/{command}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not resume and (run_dir / "checkpoints" / "latest").exists():
-        raise ConfigError(f"out_dir {run_dir} already holds a run; choose another --out_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -296,12 +283,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_for_inference(path: str | Path, device: torch.device):
-    """(model, tokenizer, checkpoint path) of a decoder: ``lmforge.checkpoint.load.load`` for
-    callers written before the manifest."""
-    from lmforge.checkpoint.load import load
-
-    model, tokenizer, manifest = load(path, device=device, expect="decoder")
-    return model, tokenizer, manifest.path

@@ -1,19 +1,31 @@
 """Classification evaluation: probabilities of a sequence classifier and every report metric.
 
 ``lmforge classify`` evaluates with these while training and on its test file; ``lmforge eval``
-of a classifier checkpoint goes through ``recipes.classify.evaluate_classifier`` to them.
+of a classifier checkpoint calls ``evaluate_classifier``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.data.classification import collate
+from lmforge.checkpoint.load import Loaded
+from lmforge.config import read_yaml, validate_config
+from lmforge.data.classification import (
+    ClassifyDataConfig,
+    Example,
+    collate,
+    encode_labels,
+    encode_texts,
+    read_examples,
+)
+from lmforge.errors import CheckpointError
 from lmforge.eval.metrics import classification_metrics
 from lmforge.eval.mode import eval_mode
+from lmforge.eval.report import classification_report
 from lmforge.models.encoder import SequenceClassifier
 
 
@@ -56,3 +68,48 @@ def evaluate_rows(
     else:
         metrics["loss"] = float(-np.log(p[np.arange(len(y)), y]).mean())
     return metrics, probs
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The single-number metrics (for summaries and metrics.jsonl)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and k != "n"}
+
+
+def shown_text(e: Example) -> str:
+    """An example as the report's worst-examples table shows it."""
+    return e.text if e.text_pair is None else f"{e.text} ||| {e.text_pair}"
+
+
+def evaluate_classifier(
+    loaded: Loaded, data: str, batch_size: int, device: torch.device, out_dir: str | None
+) -> dict[str, Any]:
+    """Metrics + report folder of a classifier checkpoint (``checkpoint.load``) on a labelled
+    file (same columns as its training data). The report goes to ``out_dir``, else
+    ``<run folder>/eval``."""
+    model, tokenizer, manifest = loaded
+    ckpt = manifest.path
+    if manifest.source != "lmforge":
+        raise CheckpointError(
+            f"{ckpt}: a {manifest.source} classifier has no lmforge classify config (data "
+            "columns, labels); fine-tune it with `lmforge classify --init` to evaluate it"
+        )
+    saved = read_yaml(ckpt / "config.yaml")  # the classify run's config: data columns, labels
+    data_cfg = validate_config(
+        ClassifyDataConfig, saved.get("data", {}), f"{ckpt / 'config.yaml'} (data)"
+    )
+    examples = read_examples(data, data_cfg)
+    labels = data_cfg.labels or []
+    y = encode_labels(examples, labels, data_cfg.multi_label)
+    rows = encode_texts(tokenizer, examples, data_cfg.max_length)
+    pad_id = model.encoder.cfg.pad_id
+    metrics, probs = evaluate_rows(model, rows, y, labels, batch_size, device, pad_id)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    out = Path(out_dir) if out_dir else run_dir / "eval"
+    info = {"checkpoint": str(ckpt), "data": data, "labels": ", ".join(labels)}
+    classification_report(out, metrics, y, probs, labels, [shown_text(e) for e in examples], info)
+    return {
+        "checkpoint": str(ckpt),
+        "data": data,
+        "report": str(out / "report.md"),
+        **scalars(metrics),
+    }

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.atomic import atomic_write_text, fsync_dir
+from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import declare_special_tokens, load_tokenizer, special_token_ids
 from lmforge.errors import CheckpointError
@@ -323,15 +324,7 @@ def hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
 
 def _json_object(path: Path) -> dict[str, Any]:
     """A JSON object file, {} if absent; CheckpointError names a broken one."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path) if path.is_file() else {}
 
 
 def declared_special_tokens(folder: Path, tok: Tokenizer) -> dict[str, int]:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import atomic_write_text
+from lmforge.checkpoint.manifest import read_json_object
 from lmforge.errors import CheckpointError
 from lmforge.interop.hf import GPT2_BLOCK, LLAMA_LINEARS, hf_model_type
 from lmforge.models.decoder import Decoder
@@ -36,12 +37,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         if not (adapter_dir / f).is_file():
             raise CheckpointError(f"{adapter_dir / f}: missing; not a PEFT adapter folder")
     path = adapter_dir / ADAPTER_CONFIG
-    try:
-        conf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); re-save the adapter") from None
-    if not isinstance(conf, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(conf).__name__}")
+    conf = read_json_object(path, fix="re-save the adapter")
     for key in ("r", "lora_alpha"):
         if not isinstance(conf.get(key), int | float) or isinstance(conf.get(key), bool):
             raise CheckpointError(f"{path}: {key} must be a number, got {conf.get(key)!r}")

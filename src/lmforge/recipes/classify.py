@@ -24,13 +24,11 @@ from torch import nn
 
 from lmforge import runs
 from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.load import Loaded
 from lmforge.checkpoint.store import load_weights, pointed
-from lmforge.config import Section, read_yaml, to_yaml, validate_config
+from lmforge.config import Section, to_yaml
 from lmforge.data.classification import (
     ClassificationBatches,
     ClassifyDataConfig,
-    Example,
     class_weights,
     default_paths,
     encode_labels,
@@ -43,7 +41,7 @@ from lmforge.data.classification import (
 )
 from lmforge.data.loader import MicroBatch
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.eval.classification import evaluate_rows
+from lmforge.eval.classification import evaluate_rows, scalars, shown_text
 from lmforge.eval.report import classification_report
 from lmforge.interop.hf_bert import load_hf_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
@@ -157,10 +155,6 @@ class _FitBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batches.load_state_dict(state)
-
-
-def _scalars(m: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and k != "n"}
 
 
 def build_model(
@@ -335,7 +329,7 @@ def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, A
     metrics, probs = evaluate_rows(model, rows_final, y_final, labels, eval_bs, device, pad)
     info = {"checkpoint": str(best), "data": str(final_path), "labels": ", ".join(labels)}
     classification_report(
-        run_dir / "eval", metrics, y_final, probs, labels, [_show(e) for e in final_ex], info
+        run_dir / "eval", metrics, y_final, probs, labels, [shown_text(e) for e in final_ex], info
     )
     summary = {
         "run_dir": str(run_dir),
@@ -350,49 +344,9 @@ def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, A
         "stop_reason": result.stop_reason,
         "best_checkpoint": str(best),
         "eval_data": str(final_path),
-        **{f"eval_{k}": v for k, v in _scalars(metrics).items()},
+        **{f"eval_{k}": v for k, v in scalars(metrics).items()},
         "train_seconds": result.train_seconds,
         "wall_seconds": time.perf_counter() - t_start,
         "report": str(run_dir / "eval" / "report.md"),
     }
     return runs.finish(run, summary)
-
-
-def _show(e: Example) -> str:
-    return e.text if e.text_pair is None else f"{e.text} ||| {e.text_pair}"
-
-
-# ---- evaluation of a saved classifier (``lmforge eval`` dispatches here) --------------------------
-
-
-def evaluate_classifier(
-    loaded: Loaded, data: str, batch_size: int, device: torch.device, out_dir: str | None
-) -> dict[str, Any]:
-    """Metrics + report folder of a classifier checkpoint (``checkpoint.load``) on a labelled
-    file (same columns as its training data). The report goes to ``out_dir``, else
-    ``<run folder>/eval``."""
-    model, tokenizer, manifest = loaded
-    ckpt = manifest.path
-    if manifest.source != "lmforge":
-        raise CheckpointError(
-            f"{ckpt}: a {manifest.source} classifier has no lmforge classify config (data "
-            "columns, labels); fine-tune it with `lmforge classify --init` to evaluate it"
-        )
-    cfg = validate_config(
-        ClassifyConfig, read_yaml(ckpt / "config.yaml"), str(ckpt / "config.yaml")
-    )
-    examples = read_examples(data, cfg.data)
-    labels = cfg.data.labels or []
-    y = encode_labels(examples, labels, cfg.data.multi_label)
-    rows = encode_texts(tokenizer, examples, cfg.data.max_length)
-    metrics, probs = evaluate_rows(model, rows, y, labels, batch_size, device, cfg.model.pad_id)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    out = Path(out_dir) if out_dir else run_dir / "eval"
-    info = {"checkpoint": str(ckpt), "data": data, "labels": ", ".join(labels)}
-    classification_report(out, metrics, y, probs, labels, [_show(e) for e in examples], info)
-    return {
-        "checkpoint": str(ckpt),
-        "data": data,
-        "report": str(out / "report.md"),
-        **_scalars(metrics),
-    }

@@ -69,8 +69,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(err)
     # Task dispatch: classifier checkpoints → classification metrics; a prompt/reference
     # .jsonl → generation metrics; otherwise (below) perplexity and bits-per-byte.
+    from lmforge.eval.classification import evaluate_classifier
     from lmforge.eval.generation import evaluate_generation, is_prompt_file
-    from lmforge.recipes.classify import evaluate_classifier
 
     loaded = load(cfg.checkpoint, device, expect=("decoder", "sequence-classifier"))
     if loaded.manifest.kind == "sequence-classifier":

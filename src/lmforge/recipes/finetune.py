@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 
 from lmforge import runs
 from lmforge.checkpoint.load import load
+from lmforge.checkpoint.model_folder import merged_model, write_model_folder
 from lmforge.checkpoint.store import load_weights
 from lmforge.config import Section, to_yaml
 from lmforge.data.chat_template import ChatFormat
@@ -56,7 +57,6 @@ from lmforge.models.lora import (
     trainable_report,
 )
 from lmforge.recipes.demo_base import DemoBaseConfig, demo_base
-from lmforge.recipes.merge import merged_model, write_model_folder
 from lmforge.train import distributed
 from lmforge.train.device import setup_device
 from lmforge.train.distributed import DistConfig

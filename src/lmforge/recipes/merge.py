@@ -9,25 +9,15 @@ or be empty, as for ``lmforge export``: a merge never overwrites files.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-import torch
 from pydantic import Field
-from safetensors.torch import save_model
-from tokenizers import Tokenizer
 
-from lmforge.atomic import atomic_write_text
-from lmforge.checkpoint.load import load
-from lmforge.checkpoint.manifest import describe, write_manifest
+from lmforge.checkpoint.model_folder import merged_model, write_model_folder
 from lmforge.checkpoint.store import find_checkpoint
-from lmforge.config import Section, to_yaml
-from lmforge.data.chat_template import ChatFormat
+from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.interop.peft import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from lmforge.models.decoder import Decoder
-from lmforge.models.lora import merge_lora
+from lmforge.interop.peft import ADAPTER_CONFIG, read_adapter_config
 
 
 class MergeConfig(Section):
@@ -40,25 +30,6 @@ class MergeConfig(Section):
         False,
         description="merge even if --base is not the adapter's base_model_name_or_path",
     )
-
-
-class _ModelOnly(Section):
-    model: Any
-
-
-def write_model_folder(model: Decoder, tokenizer: Tokenizer, fmt: ChatFormat, out: Path) -> Path:
-    """A self-describing inference checkpoint: weights, model config, tokenizer, chat template."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))
-    atomic_write_text(out / "config.yaml", to_yaml(_ModelOnly(model=model.cfg)))
-    atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
-    atomic_write_text(out / "chat_template.jinja", fmt.template)
-    write_manifest(out, describe(model, tokenizer=True))
-    eos = tokenizer.id_to_token(fmt.end_of_turn)
-    atomic_write_text(
-        out / "tokenizer_config.json", json.dumps({"eos_token": eos}, indent=2) + "\n"
-    )
-    return out
 
 
 def _same_base(recorded: str, base: Path) -> bool:
@@ -85,16 +56,6 @@ def check_adapter_base(adapter_dir: str | Path, base: Path) -> None:
             f"{str(base)!r}; merge onto that base, or pass --allow_base_mismatch=true if "
             "they hold the same weights"
         )
-
-
-def merged_model(base: str | Path, adapter: str | Path) -> tuple[Decoder, Tokenizer, ChatFormat]:
-    """The full-precision base on the CPU with the adapter folded in, its tokenizer and chat
-    format. No check of the adapter's recorded base (``merge`` does it)."""
-    model, tokenizer, manifest = load(base, torch.device("cpu"), expect="decoder")
-    ckpt = manifest.path
-    fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
-    merge_lora(load_adapter(model, adapter))
-    return model, tokenizer, fmt
 
 
 def merge(cfg: MergeConfig) -> Path:

@@ -20,7 +20,12 @@ fsdp+tp  a 2-D mesh (dp, tp): tensor parallel inside each tp group, FSDP across 
 Checkpoints: ``none``/``ddp`` write the single-process checkpoint from rank 0. Sharded
 layouts gather ``model.safetensors`` on rank 0 (so export, generate and eval read it as
 usual, on any number of processes) and save the optimizer state sharded with
-``torch.distributed.checkpoint`` under ``optimizer/``, which loads on any number of ranks.
+``torch.distributed.checkpoint`` under ``optimizer/``, which loads on any number of ranks
+(read back through ``checkpoint/sharded.py``'s allow-listed reader).
+
+Why one file of ~600 lines: it is the whole seam (launch, wrap, share the data, sync, clip,
+collective save/load); a reader checking what runs differently under N ranks finds all of it
+here, and nothing outside it imports ``torch.distributed`` for training.
 """
 
 from __future__ import annotations
