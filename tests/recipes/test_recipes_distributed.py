@@ -31,6 +31,11 @@ from lmforge.train import distributed
 pytest.importorskip("peft", reason="LoRA adapters come from peft (the finetune extra)")
 
 RTOL, ATOL = 1e-4, 1e-5
+# Weights after Adam steps: Adam divides each gradient by its own running scale, so a gradient
+# near zero (an embedding row the batch barely touches) turns float-order noise between a gloo
+# all-reduce and one process's sum into a visible relative difference (seen: 1.08e-5 on a
+# position embedding worth 6.5e-4, 1 of 2,048 values, in one run of several). Losses keep 1e-5.
+WEIGHT_ATOL = 5e-5
 B = 2  # micro-batch per rank; the single process runs 2 * B
 
 
@@ -146,7 +151,7 @@ def assert_same_run(two: Path, one: Path, step: int, rtol=RTOL, atol=ATOL) -> No
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(
-            wa[k], wb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
+            wa[k], wb[k], rtol=rtol, atol=max(atol, WEIGHT_ATOL), msg=lambda m, k=k: f"{k}: {m}"
         )
 
 
