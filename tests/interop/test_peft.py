@@ -8,42 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.models.test_lora import ATOL, X, randomise_adapters, tiny
 
 from lmforge.errors import CheckpointError
 from lmforge.interop.hf import export_hf
 from lmforge.interop.peft import load_adapter, read_adapter_config, save_adapter
-from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.lora import LoraConfig, apply_lora
 
 peft = pytest.importorskip("peft", reason="adapters are peft's LoRA layers (the finetune extra)")
 transformers = pytest.importorskip("transformers", reason="parity with peft on the HF export")
-
-ATOL = 1e-5
-
-
-def tiny(arch: str = "llama", seed: int = 0) -> Decoder:
-    torch.manual_seed(seed)
-    cfg = DecoderConfig(
-        arch=arch,
-        vocab_size=64,
-        context_length=32,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2 if arch == "llama" else None,
-        d_model=32,
-    )
-    return Decoder(cfg).eval()
-
-
-def randomise_adapters(model: Decoder) -> None:
-    """LoRA's B starts at zero (a no-op); random values make the parity tests bite."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.2) if "magnitude" not in name else p.mul_(1.3)
-
-
-X = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("arch,dora", [("llama", False), ("llama", True), ("gpt2", False)])

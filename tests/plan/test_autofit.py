@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_model
+from tests.tiny_checkpoint import write_tiny_decoder
 
 from lmforge.cli import main
-from lmforge.config import Section, to_yaml
 from lmforge.errors import ConfigError
 from lmforge.interop.hf import config_from_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -122,29 +121,15 @@ def test_lora_terms_map_lmforge_module_names() -> None:
 # ---- finetune --train.memory_budget ------------------------------------------------------------
 
 
-class _Model(Section):
-    model: DecoderConfig
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny random lmforge checkpoint folder (weights, config.yaml, tokenizer.json)."""
     pytest.importorskip("peft", reason="LoRA adapters come from peft (the finetune extra)")
     from lmforge.data.instructions import make_suite
-    from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
 
-    out = tmp_path_factory.mktemp("base")
     text = "".join(f"{e['prompt']} = {e['answer']}\n" for e in make_suite(["reverse", "sort"], 50))
-    tok = train_tokenizer([text + "<|im_start|>user assistant\n"], vocab_size=300)
-    torch.manual_seed(0)
-    cfg = DecoderConfig(
-        arch="llama", vocab_size=tok.get_vocab_size(), context_length=96, n_layer=2, n_head=2,
-        d_model=32,
-    )  # fmt: skip
-    save_model(Decoder(cfg), str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(to_yaml(_Model(model=cfg)))
-    save_tokenizer(tok, out / "tokenizer.json")
-    return out
+    out = tmp_path_factory.mktemp("base")
+    return write_tiny_decoder(out, text + "<|im_start|>user assistant\n", 300, 96)
 
 
 FAST = [

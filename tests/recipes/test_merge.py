@@ -10,38 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_model
+from tests.tiny_checkpoint import write_tiny_decoder
 
 from lmforge.checkpoint.load import load
 from lmforge.cli import main
-from lmforge.config import Section, to_yaml
-from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
 from lmforge.errors import CheckpointError
 from lmforge.interop.peft import read_adapter_config, save_adapter
-from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.lora import LoraConfig, apply_lora
 from lmforge.recipes.merge import MergeConfig, merge
 
 pytest.importorskip("peft", reason="LoRA adapters come from peft (the finetune extra)")
 
 
-class _Model(Section):
-    model: DecoderConfig
-
-
 def make_base(out: Path, seed: int) -> Path:
     """A tiny lmforge checkpoint folder; bases of different seeds have the same shapes."""
-    out.mkdir(parents=True)
-    tok = train_tokenizer(["hello world, merge me\n" * 20], vocab_size=280)
-    torch.manual_seed(seed)
-    cfg = DecoderConfig(
-        arch="llama", vocab_size=tok.get_vocab_size(), context_length=32, n_layer=2, n_head=2,
-        d_model=32,
-    )  # fmt: skip
-    save_model(Decoder(cfg), str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(to_yaml(_Model(model=cfg)))
-    save_tokenizer(tok, out / "tokenizer.json")
-    return out
+    return write_tiny_decoder(out, "hello world, merge me\n" * 20, 280, 32, seed)
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file
+from tests.tiny_checkpoint import write_tiny_decoder
 
 from lmforge.cli import main
-from lmforge.config import Section, to_yaml
 from lmforge.data.classification import default_paths
 from lmforge.data.instructions import make_suite
-from lmforge.data.tokenizer import save_tokenizer, train_tokenizer
-from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train import distributed
 
 pytest.importorskip("peft", reason="LoRA adapters come from peft (the finetune extra)")
@@ -39,24 +37,10 @@ WEIGHT_ATOL = 5e-5
 B = 2  # micro-batch per rank; the single process runs 2 * B
 
 
-class _Model(Section):
-    model: DecoderConfig
-
-
 def make_base(out: Path) -> Path:
     """A tiny random lmforge decoder checkpoint (weights, config.yaml, tokenizer.json)."""
-    out.mkdir(parents=True)
     text = "".join(f"{e['prompt']} = {e['answer']}\n" for e in make_suite(["reverse", "sort"], 50))
-    tok = train_tokenizer([text + "<|im_start|>user assistant\n"], vocab_size=300)
-    torch.manual_seed(0)
-    cfg = DecoderConfig(
-        arch="llama", vocab_size=tok.get_vocab_size(), context_length=96, n_layer=2, n_head=2,
-        d_model=32,
-    )  # fmt: skip
-    save_model(Decoder(cfg), str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(to_yaml(_Model(model=cfg)))
-    save_tokenizer(tok, out / "tokenizer.json")
-    return out
+    return write_tiny_decoder(out, text + "<|im_start|>user assistant\n", 300, 96)
 
 
 def finetune_args(base: Path, method: str, batch: int, steps: int = 3) -> list[str]:
