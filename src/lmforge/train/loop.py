@@ -36,12 +36,14 @@ from lmforge.train.oom import OomRecovery, retry_on_oom, split_micro_batches
 from lmforge.train.precision import grad_scaler
 from lmforge.train.step import (
     LossFn,
+    StepOutcome,
     StepParts,
     accumulate_gradients,
     nonfinite_error,
     normalized_loss,
     train_step,
 )
+from lmforge.train.threads import thread_governor
 
 # the step's parts were defined here before train/step.py; importers of these names keep working
 __all__ = [
@@ -77,6 +79,11 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads for torch; null = torch's default"
+    )
+    adapt_threads: bool = Field(
+        True,
+        description="CPU: run on fewer threads while other processes keep cores busy, and "
+        "take them back when they stop (train/threads.py); false = keep num_threads fixed",
     )
     compile: bool = Field(
         False, description="torch.compile the model (slow first steps, faster after)"
@@ -235,18 +242,13 @@ def fit(
     shows progress, checkpoints are written collectively.
     """
     scaler = grad_scaler(cfg.precision, device)
-    step, state = 0, {}
     stopper = EarlyStopping(cfg.early_stop_patience, monitor_mode if monitor else "min")
+    state: dict[str, Any] = {}
     if resume_from is not None:
-        state = load_train_state(resume_from)
-        distributed.load_optimizer(parallel, model, optimizer, resume_from, state)
-        train_batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        stopper.load_state_dict(state)
+        state = _restore(resume_from, parallel, model, optimizer, train_batches, scaler, stopper)
+    step = state.get("step", 0)
     oom = OomRecovery.resume(cfg, run_dir, parallel, state.get("oom", {}))
+    threads = thread_governor(cfg.adapt_threads, device)
 
     forward = torch.compile(model) if cfg.compile else model
     distributed.unwrap(model).activation_checkpointing = cfg.activation_checkpointing
@@ -316,14 +318,15 @@ def fit(
                         raise nonfinite_error(nonfinite_run, step, peak_lr)
                 tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    event = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm}
-                    event["tokens_per_s"] = tokens_per_s
-                    if out.reg is not None:
-                        event["reg"] = out.reg
-                    if flops_per_token and peak_flops:
-                        event["mfu"] = tokens_per_s * flops_per_token / peak_flops
-                    log.log(event)
+                    mfu = (
+                        tokens_per_s * flops_per_token / peak_flops
+                        if flops_per_token and peak_flops
+                        else None
+                    )
+                    log.log(_train_event(step, out, lr, tokens_per_s, mfu))
                     window_tokens, window_time = 0, 0.0
+                if threads is not None and (n := threads.update()) is not None:
+                    note({"step": step, "threads": n}, f"other processes' load: {n} threads")
                 progress.update(step, f"loss {out.loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
 
                 stop_reason, is_best = "", False
@@ -359,6 +362,40 @@ def fit(
     result.train_seconds = train_time
     result.tokens_per_s = train_tokens / train_time if train_time > 0 else 0.0
     return result
+
+
+def _restore(
+    resume_from: Path,
+    parallel: distributed.Parallel,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: BatchSource,
+    scaler: torch.amp.GradScaler | None,
+    stopper: EarlyStopping,
+) -> dict[str, Any]:
+    """Load a checkpoint's training state into the optimizer, data cursor, RNGs, loss scaler
+    and early-stopping record (the weights are already loaded); returns the state."""
+    state = load_train_state(resume_from)
+    distributed.load_optimizer(parallel, model, optimizer, resume_from, state)
+    train_batches.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    stopper.load_state_dict(state)
+    return state
+
+
+def _train_event(
+    step: int, out: StepOutcome, lr: float, tokens_per_s: float, mfu: float | None
+) -> dict[str, Any]:
+    """The metrics.jsonl line of a logged training step."""
+    event = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm}
+    event["tokens_per_s"] = tokens_per_s
+    if out.reg is not None:
+        event["reg"] = out.reg
+    if mfu is not None:
+        event["mfu"] = mfu
+    return event
 
 
 def _evaluate(
