@@ -42,6 +42,7 @@ class Command:
     # itself (with the same load_config); its run gets (config file, typed overrides)
     raw: bool = False
     also_types: Callable[[], tuple[type[BaseModel], ...]] = tuple
+    positional: str | None = None  # the field a leading bare argument fills (`doctor RUN_DIR`)
 
 
 def _config_of(module: str, name: str) -> Callable[[], type[BaseModel]]:
@@ -124,6 +125,13 @@ def _merge(cfg: Any) -> int:
     from lmforge.recipes.merge import merge
 
     print(merge(cfg))
+    return 0
+
+
+def _doctor(cfg: Any) -> int:
+    from lmforge.recipes.doctor import doctor
+
+    doctor(cfg)
     return 0
 
 
@@ -231,6 +239,14 @@ COMMANDS: dict[str, Command] = {
         recipe="estimate",
         raw=True,
         also_types=_estimate_types,
+    ),
+    "doctor": Command(
+        "diagnose a training run (overfitting, divergence, spikes, gradients, learning rate, "
+        "data wait) with evidence and remedies; writes RUN_DIR/doctor.md",
+        _config_of("lmforge.recipes.doctor", "DoctorConfig"),
+        _doctor,
+        recipe="doctor",
+        positional="run_dir",
     ),
     "mlm": Command(
         "pretrain a BERT-style encoder by masked-token prediction (no arguments: the CPU demo "
@@ -399,6 +415,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"lmforge: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
         return 2
     args = argv[len(name.split()) :]
+    if command.positional and args and not args[0].startswith("-"):
+        args = [f"--{command.positional}", args[0], *args[1:]]
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     if "-h" in args or "--help" in args:

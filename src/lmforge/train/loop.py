@@ -30,6 +30,7 @@ from lmforge.errors import TrainingInterrupted
 from lmforge.eval.lm import lm_metrics, stream_loss_sum
 from lmforge.models.decoder import token_loss_sum
 from lmforge.train import distributed
+from lmforge.train.layer_stats import LayerStats
 from lmforge.train.lr_schedule import SchedConfig, lr_at
 from lmforge.train.metrics_log import MetricsLog, ProgressLine
 from lmforge.train.oom import OomRecovery, retry_on_oom, split_micro_batches
@@ -79,6 +80,11 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     num_threads: int | None = Field(
         None, gt=0, description="CPU threads for torch; null = torch's default"
+    )
+    log_layer_stats: bool = Field(
+        False,
+        description="at logged steps, record per-layer gradient norms, update/weight ratios and "
+        "dead MLP units in metrics.jsonl for `lmforge doctor` (not with FSDP/TP)",
     )
     adapt_threads: bool = Field(
         True,
@@ -254,9 +260,10 @@ def fit(
     distributed.unwrap(model).activation_checkpointing = cfg.activation_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    stats = LayerStats(distributed.unwrap(model)) if cfg.log_layer_stats else None
     parts = StepParts(
         forward, optimizer, params, cfg.precision, device, scaler, parallel, loss_fn,
-        cfg.grad_clip, regularizer,
+        cfg.grad_clip, regularizer, stats.on_gradients if stats else None,
     )  # fmt: skip
     log = MetricsLog(run_dir, resume_step=step) if parallel.is_main else _Silent()
     progress = ProgressLine(cfg.max_steps, start=step) if parallel.is_main else _Silent()
@@ -293,6 +300,7 @@ def fit(
 
     result = FitResult(step=step, stop_reason="max_steps", best_val_loss=stopper.best)
     window_tokens, window_time, train_time, train_tokens, nonfinite_run = 0, 0.0, 0.0, 0, 0
+    window_data_time = 0.0  # of window_time, waiting for batches (the doctor's bottleneck check)
     last_ckpt: Path | None = None
     try:
         with _stop_on_signals() as signals:
@@ -302,6 +310,10 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
+                window_data_time += time.perf_counter() - t0
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                if stats is not None and logged:
+                    stats.begin()
                 out = train_step(parts, micro, oom, step + 1, note)
                 step += 1
                 dt = time.perf_counter() - t0
@@ -317,14 +329,16 @@ def fit(
                     if nonfinite_run >= cfg.max_nonfinite:
                         raise nonfinite_error(nonfinite_run, step, peak_lr)
                 tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    mfu = (
-                        tokens_per_s * flops_per_token / peak_flops
-                        if flops_per_token and peak_flops
-                        else None
+                if logged:
+                    event = _train_event(
+                        step, out, lr, tokens_per_s, window_data_time / window_time
                     )
-                    log.log(_train_event(step, out, lr, tokens_per_s, mfu))
-                    window_tokens, window_time = 0, 0.0
+                    if flops_per_token and peak_flops:
+                        event["mfu"] = tokens_per_s * flops_per_token / peak_flops
+                    if stats is not None:
+                        event["layers"] = stats.end()
+                    log.log(event)
+                    window_tokens, window_time, window_data_time = 0, 0.0, 0.0
                 if threads is not None and (n := threads.update()) is not None:
                     note({"step": step, "threads": n}, f"other processes' load: {n} threads")
                 progress.update(step, f"loss {out.loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
@@ -386,15 +400,14 @@ def _restore(
 
 
 def _train_event(
-    step: int, out: StepOutcome, lr: float, tokens_per_s: float, mfu: float | None
+    step: int, out: StepOutcome, lr: float, tokens_per_s: float, data_frac: float
 ) -> dict[str, Any]:
-    """The metrics.jsonl line of a logged training step."""
+    """The metrics.jsonl line of a logged training step (``data_frac``: of the time since the
+    last logged step, the part spent waiting for batches)."""
     event = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm}
-    event["tokens_per_s"] = tokens_per_s
+    event.update(tokens_per_s=tokens_per_s, data_frac=round(data_frac, 4))
     if out.reg is not None:
         event["reg"] = out.reg
-    if mfu is not None:
-        event["mfu"] = mfu
     return event
 
 

@@ -128,6 +128,8 @@ class StepParts:
     loss_fn: LossFn
     grad_clip: float  # max global gradient norm; 0 = no clipping
     regularizer: Callable[[], torch.Tensor] | None  # a penalty added to the loss (EWC, L2-SP)
+    # called after clipping, before the update (per-layer statistics: train/layer_stats.py)
+    inspect_gradients: Callable[[], None] | None = None
 
 
 @dataclass
@@ -198,6 +200,8 @@ def apply_gradients(parts: StepParts, loss: torch.Tensor) -> tuple[float, float,
     max_norm = parts.grad_clip if parts.grad_clip > 0 else math.inf
     clip = distributed.clip_grad_norm_ if parts.parallel.sharded else torch.nn.utils.clip_grad_norm_
     grad_norm = clip(parts.params, max_norm)
+    if parts.inspect_gradients is not None:
+        parts.inspect_gradients()
     loss_value, norm_value = loss.item(), grad_norm.item()
     # With a scaler, inf gradients are routine (the scale was too high): it skips them.
     finite = math.isfinite(loss_value) and (scaler is not None or math.isfinite(norm_value))

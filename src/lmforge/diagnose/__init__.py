@@ -1,0 +1,1 @@
+"""Looking into runs and models: the training doctor (``doctor.py``)."""
