@@ -82,7 +82,7 @@ def demo_base(run_dir: Path, cfg: FinetuneConfig) -> Path:
                 batch_size=16,
                 eval_every=cfg.demo_base.steps,
                 save_every=cfg.demo_base.steps,
-                precision="bf16-mixed",
+                precision="auto",
                 num_threads=cfg.train.num_threads,
                 log_every=50,
             ),

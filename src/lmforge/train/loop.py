@@ -34,7 +34,7 @@ from lmforge.train.layer_stats import LayerStats
 from lmforge.train.lr_schedule import SchedConfig, lr_at
 from lmforge.train.metrics_log import MetricsLog, ProgressLine
 from lmforge.train.oom import OomRecovery, retry_on_oom, split_micro_batches
-from lmforge.train.precision import grad_scaler
+from lmforge.train.precision import auto_precision, grad_scaler
 from lmforge.train.step import (
     LossFn,
     StepOutcome,
@@ -66,8 +66,10 @@ class TrainConfig(Section):
     save_every: int = Field(500, gt=0, description="steps between checkpoints")
     keep_last: int = Field(2, gt=0, description="step checkpoints kept (plus the best)")
     seed: int = Field(1337, description="seed of weights init, data order and dropout")
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = Field(
-        "fp32", description="numeric precision"
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16", "auto"] = Field(
+        "fp32",
+        description="numeric precision; auto = bf16-mixed where the device has fast bfloat16, "
+        "else fp16-mixed (CUDA) or fp32 (CPU), resolved when the config is read",
     )
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = no clipping")
     early_stop_patience: int = Field(
@@ -125,6 +127,16 @@ class TrainConfig(Section):
     @classmethod
     def _checkpointing_from_bool(cls, v: Any) -> Any:
         return ("full" if v else "none") if isinstance(v, bool) else v  # older configs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_auto_precision(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("precision") == "auto":
+            from lmforge.train.device import resolve_device  # device imports this module
+
+            device = resolve_device(str(data.get("device", "auto")))
+            data = {**data, "precision": auto_precision(device)}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
