@@ -160,6 +160,27 @@ def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     return 0
 
 
+def _tune(raw: tuple[str | None, dict[str, Any]]) -> int:
+    from lmforge.recipes.tune import split_options, tune
+
+    config_file, overrides = raw
+    cfg, rest = split_options(overrides)
+    s = tune(cfg, config_file, rest)
+    print(f"best: trial {s['best_trial']} {s['best_params']} → {cfg.metric} {s['best_value']:.6g} "
+          f"({s['complete']} complete of {s['trials']} trials)\n"
+          f"run it: lmforge {cfg.recipe} --config {s['out_dir']}/best_config.yaml")  # fmt: skip
+    return 0
+
+
+def _tune_types() -> tuple[type[BaseModel], ...]:
+    """tune's options, then the keys of the configs it tunes."""
+    from lmforge.recipes.classify import ClassifyConfig
+    from lmforge.recipes.finetune import FinetuneConfig
+    from lmforge.recipes.pretrain import PretrainConfig
+
+    return PretrainConfig, FinetuneConfig, ClassifyConfig
+
+
 def _estimate_types() -> tuple[type[BaseModel], ...]:
     """estimate's options, then the keys of the pretrain or fine-tune config it reads."""
     from lmforge.recipes.finetune import FinetuneConfig
@@ -239,6 +260,15 @@ COMMANDS: dict[str, Command] = {
         recipe="estimate",
         raw=True,
         also_types=_estimate_types,
+    ),
+    "tune": Command(
+        "hyper-parameter search (Optuna) over any config keys of pretrain, finetune or classify; "
+        "writes best_config.yaml and trials.csv",
+        _config_of("lmforge.recipes.tune", "TuneConfig"),
+        _tune,
+        recipe="tune",
+        raw=True,
+        also_types=_tune_types,
     ),
     "doctor": Command(
         "diagnose a training run (overfitting, divergence, spikes, gradients, learning rate, "
