@@ -135,6 +135,13 @@ def _doctor(cfg: Any) -> int:
     return 0
 
 
+def _explain(cfg: Any) -> int:
+    from lmforge.recipes.explain import explain
+
+    print(f"wrote {explain(cfg)}")
+    return 0
+
+
 def _chat(cfg: Any) -> int:
     from lmforge.recipes.chat import chat
 
@@ -277,6 +284,13 @@ COMMANDS: dict[str, Command] = {
         _doctor,
         recipe="doctor",
         positional="run_dir",
+    ),
+    "explain": Command(
+        "attention maps, token attributions (integrated gradients) and the logit lens for one "
+        "input; writes DIR/index.html",
+        _config_of("lmforge.recipes.explain", "ExplainConfig"),
+        _explain,
+        recipe="explain",
     ),
     "mlm": Command(
         "pretrain a BERT-style encoder by masked-token prediction (no arguments: the CPU demo "
