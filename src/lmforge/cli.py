@@ -143,6 +143,12 @@ def _mlm(cfg: Any) -> int:
     return 0
 
 
+def _dashboard(cfg: Any) -> int:
+    from lmforge.recipes.dashboard import dashboard
+
+    return dashboard(cfg)
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -240,6 +246,13 @@ COMMANDS: dict[str, Command] = {
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
+    ),
+    "dashboard": Command(
+        "the run dashboard in a browser: loss / val / lr curves (live), config, summary, "
+        "compare runs",
+        _config_of("lmforge.recipes.dashboard", "DashboardConfig"),
+        _dashboard,
+        recipe="dashboard",
     ),
 }
 

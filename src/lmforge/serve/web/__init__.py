@@ -1,0 +1,88 @@
+"""The web page: a chat playground and a live run dashboard, served at ``/``.
+
+``mount(app, runs_dir, chat)`` adds the page to a FastAPI app: ``lmforge serve`` mounts it with
+the chat (which talks to the app's own ``/v1/chat/completions`` and ``/v1/models``),
+``lmforge dashboard`` without. The page is plain HTML + one script + the vendored uPlot chart
+library (``static/``): no CDN at run time and no front-end build step. Its JSON lives under
+``/web/`` so it cannot collide with the OpenAI routes or ``/metrics``:
+
+    GET /                          the page
+    GET /web/info                  {"chat": bool, "runs_dir": str | null}
+    GET /web/runs                  the run folders, newest first
+    GET /web/run?name=RUN          status, config.yaml, summary.json, samples, FAILED.txt
+    GET /web/metrics?name=RUN&offset=N&file_id=ID    metrics.jsonl events appended since N
+    GET /web/static/...            index.js, style.css, vendor/uplot/
+
+The handlers are plain ``def``: FastAPI runs them in its thread pool, so reading a large log
+never stalls the event loop that streams chat tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from lmforge.serve.web.run_folders import (
+    RunNotFound,
+    list_runs,
+    read_metrics_chunk,
+    run_details,
+)
+
+STATIC = Path(__file__).parent / "static"
+_NO_CACHE = {"Cache-Control": "no-cache"}  # a new lmforge version's page shows at once
+
+
+def mount(app: FastAPI, runs_dir: Path | None, chat: bool) -> None:
+    """Serve the page at ``/`` and its data under ``/web/``: the run dashboard for the run
+    folders under ``runs_dir`` (none when ``None``) and, when ``chat``, the chat playground."""
+    root = Path(runs_dir) if runs_dir is not None else None
+    router = APIRouter()
+
+    def runs_root() -> Path:
+        if root is None:
+            raise HTTPException(404, "no runs folder: start the server with --runs_dir DIR")
+        if not root.is_dir():
+            raise HTTPException(404, f"the runs folder {root} no longer exists")
+        return root
+
+    @router.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=_NO_CACHE)
+
+    @router.get("/web/info")
+    def info() -> dict[str, Any]:
+        return {"chat": chat, "runs_dir": str(root) if root is not None else None}
+
+    @router.get("/web/runs")
+    def runs() -> dict[str, Any]:
+        return {"runs": [asdict(r) for r in list_runs(runs_root())]}
+
+    @router.get("/web/run")
+    def run(name: str = Query(max_length=1024)) -> dict[str, Any]:
+        try:
+            return run_details(runs_root(), name)
+        except RunNotFound:
+            raise HTTPException(404, f"no run {name!r} under the runs folder") from None
+
+    @router.get("/web/metrics")
+    def metrics(
+        name: str = Query(max_length=1024),
+        offset: int = Query(0, ge=0),
+        file_id: str = Query("", max_length=64),
+    ) -> dict[str, Any]:
+        try:
+            return asdict(read_metrics_chunk(runs_root(), name, offset, file_id))
+        except RunNotFound:
+            raise HTTPException(404, f"no run {name!r} under the runs folder") from None
+
+    app.include_router(router)
+    app.mount("/web/static", StaticFiles(directory=STATIC), name="lmforge-web-static")
+
+
+__all__ = ["mount"]
