@@ -121,8 +121,12 @@ def wait_points(page: Any, chart: str, n: int, timeout_ms: int = 20_000) -> None
 # For each of a series' points, whether a pixel of the series' colour lies within 3 canvas pixels
 # of where uPlot puts the point: proves the line was drawn through the data, not just that a
 # canvas exists (an empty or wrongly scaled chart fails it).
-_DRAWN_JS = """([c, s]) => {
+_DRAWN_JS = """async ([c, s]) => {
   const u = window.lmforge.charts[c];
+  // the other series are hidden while looking (one may be drawn over this one where they meet)
+  const others = u.series.map((_, j) => j).filter((j) => j > 0 && j !== s && u.series[j].show);
+  for (const j of others) u.setSeries(j, { show: false });
+  await new Promise((r) => setTimeout(r, 50)); // uPlot redraws in a microtask
   const canvas = u.ctx.canvas;
   const img = u.ctx.getImageData(0, 0, canvas.width, canvas.height).data;
   const hex = u.series[s].stroke();
@@ -142,6 +146,7 @@ _DRAWN_JS = """([c, s]) => {
     if (y === null || y === undefined) continue;
     out.push(near(u.valToPos(u.data[0][i], "x", true), u.valToPos(y, "y", true)));
   }
+  for (const j of others) u.setSeries(j, { show: true });
   return out;
 }"""
 

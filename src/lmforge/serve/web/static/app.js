@@ -79,13 +79,15 @@ function numericKeys(events) {
 
 // ---- charts ----
 
+const chartHeight = (elId) => (elId === "chart-compare" ? 400 : 240);
+
 function makeChart(elId, title, seriesDefs, yLabel) {
   const el = $(elId);
   el.textContent = "";
   const opts = {
     title,
     width: Math.max(300, el.clientWidth || 600),
-    height: 240,
+    height: chartHeight(elId),
     scales: { x: { time: false } },
     series: [{ label: "step" }, ...seriesDefs.map((s, i) => ({
       label: s.label,
@@ -105,7 +107,7 @@ function makeChart(elId, title, seriesDefs, yLabel) {
 function resizeCharts() {
   for (const [key, chart] of Object.entries(state.charts)) {
     const el = $(`chart-${key}`);
-    if (chart && el && el.clientWidth) chart.setSize({ width: el.clientWidth, height: 240 });
+    if (chart && el && el.clientWidth) chart.setSize({ width: el.clientWidth, height: chartHeight(el.id) });
   }
 }
 
@@ -209,12 +211,11 @@ async function showRun(name) {
   $("run-detail").hidden = !name;
   if (!name) return;
   $("run-title").textContent = name;
-  await Promise.all([pullMetrics(name), showDetails(name)]);
-  if (state.current !== name) return; // another run was chosen meanwhile
   if (state.charts.lr) state.charts.lr.destroy();
   state.charts.lr = makeChart("chart-lr", "learning rate", [{ label: "lr" }]);
-  state.lossKey = state.otherKey = undefined; // drawRunCharts makes the loss and other charts
-  drawRunCharts();
+  state.lossKey = state.otherKey = state.detailStatus = undefined; // drawRunCharts makes the others
+  await Promise.all([pullMetrics(name), showDetails(name)]);
+  if (state.current === name) drawRunCharts(); // unless another run was chosen meanwhile
 }
 
 async function showDetails(name) {
