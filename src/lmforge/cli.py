@@ -143,6 +143,13 @@ def _mlm(cfg: Any) -> int:
     return 0
 
 
+def _serve(cfg: Any) -> int:
+    from lmforge.recipes.serve import serve
+
+    serve(cfg)
+    return 0
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -240,6 +247,12 @@ COMMANDS: dict[str, Command] = {
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
+    ),
+    "serve": Command(
+        "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching, streaming)",
+        _config_of("lmforge.recipes.serve", "ServeConfig"),
+        _serve,
+        recipe="serve",
     ),
 }
 
