@@ -11,6 +11,7 @@ makes every /v1 route ask for it. See docs/serving.md.
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 from pydantic import Field
@@ -93,4 +94,18 @@ def serve(cfg: ServeConfig) -> None:
     app = build_app(cfg)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         log.warning("serving on %s without --api_key: anyone who can reach it can use it", cfg.host)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    # Bound here, not by uvicorn: a busy port is then a usage error that says what to do
+    # (uvicorn logs it and exits 3 after loading the model).
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): another program may use "
+            "the port; pick another with --port (0 = any free one) or check --host"
+        ) from None
+    host, port = sock.getsockname()[:2]
+    log.info("lmforge serve: http://%s:%d/v1 serving model %r", host, port, app.state.model_id)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

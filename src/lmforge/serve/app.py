@@ -254,7 +254,13 @@ def _embedding_inputs(tokenizer: Tokenizer, given: Any, context: int) -> list[li
     items = [given] if isinstance(given, str) else given
     if items and isinstance(items[0], int):
         items = [items]
-    rows = [tokenizer.encode(x).ids if isinstance(x, str) else list(x) for x in items]
+    rows = []
+    for x in items:
+        if isinstance(x, str):  # a tokenizer.json may pad: keep the real tokens only
+            e = tokenizer.encode(x)
+            rows.append([t for t, m in zip(e.ids, e.attention_mask, strict=True) if m])
+        else:
+            rows.append(list(x))
     for i, r in enumerate(rows):
         if not r or len(r) > context:
             raise ApiError(400, f"input[{i}] has {len(r)} tokens; this model takes 1 to "
