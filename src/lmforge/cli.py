@@ -149,6 +149,13 @@ def _dashboard(cfg: Any) -> int:
     return dashboard(cfg)
 
 
+def _serve(cfg: Any) -> int:
+    from lmforge.recipes.serve import serve
+
+    serve(cfg)
+    return 0
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -246,6 +253,12 @@ COMMANDS: dict[str, Command] = {
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
+    ),
+    "serve": Command(
+        "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching, streaming)",
+        _config_of("lmforge.recipes.serve", "ServeConfig"),
+        _serve,
+        recipe="serve",
     ),
     "dashboard": Command(
         "the run dashboard in a browser: loss / val / lr curves (live), config, summary, "
