@@ -180,6 +180,7 @@ def test_api_details_summary_samples_and_errors(tmp_path: Path, client: TestClie
     assert client.get("/web/info").json() == {"chat": False, "runs_dir": str(root)}
     page = client.get("/")
     assert page.status_code == 200 and "app.js" in page.text
+    assert client.head("/").status_code == 200
     assert "uPlot" in client.get("/web/static/vendor/uplot/uPlot.iife.min.js").text
 
 
@@ -292,3 +293,24 @@ def test_dashboard_cli_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "no such folder; pass --runs_dir=DIR" in capsys.readouterr().err
     assert main(["dashboard", f"--runs_dir={tmp_path}", "--port=http"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_unreadable_file_is_a_500_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root reads every file, so the permission error is raised by hand, where the reader
+    would meet it."""
+    import lmforge.serve.web as web
+
+    root = tmp_path / "runs"
+    write_run(root / "r", train_events(range(1, 3)))
+
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(root / "r" / "metrics.jsonl"))
+
+    monkeypatch.setattr(web, "read_metrics_chunk", denied)
+    r = TestClient(create_dashboard_app(root)).get("/web/metrics", params={"name": "r"})
+    assert r.status_code == 500
+    assert r.json()["detail"] == (
+        "run 'r': cannot read metrics.jsonl (Permission denied); check its permissions"
+    )

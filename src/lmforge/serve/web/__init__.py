@@ -19,6 +19,8 @@ never stalls the event loop that streams chat tokens.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ def mount(app: FastAPI, runs_dir: Path | None, chat: bool) -> None:
             raise HTTPException(404, f"the runs folder {root} no longer exists")
         return root
 
-    @router.get("/", include_in_schema=False)
+    @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=_NO_CACHE)
 
@@ -65,10 +67,8 @@ def mount(app: FastAPI, runs_dir: Path | None, chat: bool) -> None:
 
     @router.get("/web/run")
     def run(name: str = Query(max_length=1024)) -> dict[str, Any]:
-        try:
+        with _run_errors(name):
             return run_details(runs_root(), name)
-        except RunNotFound:
-            raise HTTPException(404, f"no run {name!r} under the runs folder") from None
 
     @router.get("/web/metrics")
     def metrics(
@@ -76,13 +76,26 @@ def mount(app: FastAPI, runs_dir: Path | None, chat: bool) -> None:
         offset: int = Query(0, ge=0),
         file_id: str = Query("", max_length=64),
     ) -> dict[str, Any]:
-        try:
+        with _run_errors(name):
             return asdict(read_metrics_chunk(runs_root(), name, offset, file_id))
-        except RunNotFound:
-            raise HTTPException(404, f"no run {name!r} under the runs folder") from None
 
     app.include_router(router)
     app.mount("/web/static", StaticFiles(directory=STATIC), name="lmforge-web-static")
+
+
+@contextlib.contextmanager
+def _run_errors(name: str) -> Iterator[None]:
+    """A run that is not there is a 404; a file that cannot be read (permissions, I/O) a 500
+    naming it, instead of a bare "Internal Server Error"."""
+    try:
+        yield
+    except RunNotFound:
+        raise HTTPException(404, f"no run {name!r} under the runs folder") from None
+    except OSError as e:
+        where = Path(e.filename).name if e.filename else "a file"
+        raise HTTPException(
+            500, f"run {name!r}: cannot read {where} ({e.strerror or e}); check its permissions"
+        ) from None
 
 
 __all__ = ["mount"]

@@ -182,9 +182,13 @@ def read_metrics_chunk(
     last line with no newline yet is not returned (nor counted as bad): the trainer is writing
     it, and the next read returns it whole."""
     path = _file(root, run_folder(root, name), "metrics.jsonl")
-    if path is None:
+    try:
+        f = open(path, "rb") if path is not None else None
+    except FileNotFoundError:  # removed since it was looked at
+        f = None
+    if f is None:
         return MetricsChunk([], 0, "", reset=offset > 0)
-    with open(path, "rb") as f:
+    with f:
         st = os.fstat(f.fileno())
         this_id = f"{st.st_dev}-{st.st_ino}"
         reset = offset > 0 and (this_id != file_id or offset > st.st_size)
@@ -212,8 +216,11 @@ def read_metrics_chunk(
 def _read_text(path: Path | None) -> str | None:
     if path is None:
         return None
-    with open(path, "rb") as f:
-        data = f.read(MAX_TEXT_BYTES + 1)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except FileNotFoundError:  # removed since it was looked at
+        return None
     text = data[:MAX_TEXT_BYTES].decode("utf-8", errors="replace")
     return text + ("\n… (cut at 256 kB)" if len(data) > MAX_TEXT_BYTES else "")
 
@@ -228,7 +235,7 @@ def run_details(root: Path, name: str) -> dict[str, Any]:
     summary_path = _file(root, folder, "summary.json")
     if summary_path is not None:
         try:
-            summary = json.loads(summary_path.read_text(encoding="utf-8"), parse_constant=_finite)
+            summary = json.loads(summary_path.read_bytes().decode("utf-8"), parse_constant=_finite)
             if not isinstance(summary, dict):
                 summary, summary_error = None, "summary.json does not hold a JSON object"
         except (UnicodeDecodeError, ValueError) as e:

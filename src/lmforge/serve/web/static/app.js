@@ -251,7 +251,8 @@ async function showDetails(name) {
 // ---- navigation and polling ----
 
 function route() {
-  const hash = decodeURIComponent(location.hash.slice(1));
+  let hash = "";
+  try { hash = decodeURIComponent(location.hash.slice(1)); } catch (e) { /* a mangled address: the landing view */ }
   const hasRuns = state.info.runs_dir !== null;
   let view = hash.split("=")[0] || (hasRuns ? "runs" : "chat");
   if (view === "run") view = "runs";
