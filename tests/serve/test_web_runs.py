@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 
 from lmforge.atomic import atomic_write_text
 from lmforge.errors import ConfigError
-from lmforge.recipes.dashboard import bind, check_runs_dir, create_dashboard_app
-from lmforge.serve.web import mount
+from lmforge.recipes.dashboard import bind, create_dashboard_app
+from lmforge.serve.web import check_runs_dir, mount
 from lmforge.serve.web.run_folders import list_runs, read_metrics_chunk, run_folder
 from lmforge.train.metrics_log import MetricsLog, read_metrics
 
@@ -59,6 +59,7 @@ def write_run(
 
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
+    (tmp_path / "runs").mkdir()
     return TestClient(create_dashboard_app(tmp_path / "runs"))
 
 
@@ -245,6 +246,8 @@ def test_dashboard_options_fail_clearly(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         check_runs_dir(str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="no such folder"):  # serve mounts the page this way
+        mount(FastAPI(), runs_dir=tmp_path / "nope", chat=True)
     taken = bind("127.0.0.1", 0)
     try:
         with pytest.raises(ConfigError, match=r"cannot listen on 127\.0\.0\.1:\d+.*--port"):

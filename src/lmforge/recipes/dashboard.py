@@ -48,21 +48,6 @@ def create_dashboard_app(runs_dir: Path) -> FastAPI:
     return app
 
 
-def check_runs_dir(runs_dir: str) -> Path:
-    path = Path(runs_dir).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"runs_dir {runs_dir}: no such folder; pass --runs_dir=DIR, the folder holding your "
-            "run folders (training commands write to runs/ unless given --out_dir)"
-        )
-    if not path.is_dir():
-        raise ConfigError(
-            f"runs_dir {runs_dir} is a file, not a folder; pass the folder that holds the run "
-            "folders (e.g. runs/)"
-        )
-    return path
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket, so a taken port is an error naming it (uvicorn would log and exit)."""
     try:
@@ -100,8 +85,8 @@ def dashboard(cfg: DashboardConfig) -> int:
         raise ConfigError(
             f"lmforge dashboard needs {e.name}, which is not installed: pip install 'lmforge[web]'"
         ) from None
-    runs_dir = check_runs_dir(cfg.runs_dir)
-    app = create_dashboard_app(runs_dir)
+    runs_dir = Path(cfg.runs_dir).expanduser()
+    app = create_dashboard_app(runs_dir)  # a runs_dir that is no folder is a ConfigError here
     sock = bind(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host

@@ -29,6 +29,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from lmforge.errors import ConfigError
 from lmforge.serve.web.run_folders import (
     RunNotFound,
     list_runs,
@@ -42,8 +43,10 @@ _NO_CACHE = {"Cache-Control": "no-cache"}  # a new lmforge version's page shows 
 
 def mount(app: FastAPI, runs_dir: Path | None, chat: bool) -> None:
     """Serve the page at ``/`` and its data under ``/web/``: the run dashboard for the run
-    folders under ``runs_dir`` (none when ``None``) and, when ``chat``, the chat playground."""
-    root = Path(runs_dir) if runs_dir is not None else None
+    folders under ``runs_dir`` (none when ``None``) and, when ``chat``, the chat playground.
+    A ``runs_dir`` that is not a folder is a ``ConfigError`` (the server would start and show
+    only an error)."""
+    root = check_runs_dir(runs_dir) if runs_dir is not None else None
     router = APIRouter()
 
     def runs_root() -> Path:
@@ -83,6 +86,22 @@ def mount(app: FastAPI, runs_dir: Path | None, chat: bool) -> None:
     app.mount("/web/static", StaticFiles(directory=STATIC), name="lmforge-web-static")
 
 
+def check_runs_dir(runs_dir: str | Path) -> Path:
+    """``--runs_dir`` as a folder that exists, or a ``ConfigError`` saying what to pass."""
+    path = Path(runs_dir).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"runs_dir {runs_dir}: no such folder; pass --runs_dir=DIR, the folder holding your "
+            "run folders (training commands write to runs/ unless given --out_dir), or create it"
+        )
+    if not path.is_dir():
+        raise ConfigError(
+            f"runs_dir {runs_dir} is a file, not a folder; pass the folder that holds the run "
+            "folders (e.g. runs/)"
+        )
+    return path
+
+
 @contextlib.contextmanager
 def _run_errors(name: str) -> Iterator[None]:
     """A run that is not there is a 404; a file that cannot be read (permissions, I/O) a 500
@@ -98,4 +117,4 @@ def _run_errors(name: str) -> Iterator[None]:
         ) from None
 
 
-__all__ = ["mount"]
+__all__ = ["check_runs_dir", "mount"]

@@ -441,6 +441,7 @@ function setupChat() {
     $("chat-log").textContent = "";
   });
   $("chat-api-key").addEventListener("change", loadModels);
+  $("chat-settings").addEventListener("submit", (ev) => ev.preventDefault()); // Enter in a field
 }
 
 // ---- start ----
