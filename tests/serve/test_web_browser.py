@@ -31,10 +31,11 @@ CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "/usr/bin/chromium")
 
 
 def find_chromium() -> str | None:
-    """The system browser: $LMFORGE_CHROMIUM, else Debian's chromium on PATH (``playwright
-    install`` is never run: the tests use what the machine has)."""
-    for candidate in (os.environ.get("LMFORGE_CHROMIUM"), *CHROMIUM_CANDIDATES):
-        path = shutil.which(candidate) if candidate else None
+    """The system browser: $LMFORGE_CHROMIUM when set (and only it), else Debian's chromium on
+    PATH. ``playwright install`` is never run: the tests use what the machine has."""
+    chosen = os.environ.get("LMFORGE_CHROMIUM")
+    for candidate in (chosen,) if chosen else CHROMIUM_CANDIDATES:
+        path = shutil.which(candidate)
         if path and Path(path).is_file():
             return path
     return None
@@ -52,7 +53,8 @@ def launch_browser() -> Iterator[Any]:
     exe = find_chromium()
     if exe is None:
         pytest.skip(
-            "browser tests: no chromium found (apt-get install chromium; `make setup` tries it)"
+            f"browser tests: no chromium found ({os.environ.get('LMFORGE_CHROMIUM') or 'on PATH'}); "
+            "apt-get install chromium (`make setup` tries it)"
         )
     pw = sync_playwright().start()
     try:
