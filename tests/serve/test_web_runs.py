@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -258,27 +258,21 @@ def test_dashboard_options_fail_clearly(tmp_path: Path) -> None:
         bind("no-such-host.invalid", 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_lmforge_dashboard_command_serves_the_page(tmp_path: Path) -> None:
     """The README's one command: ``lmforge dashboard --runs_dir DIR --port N``."""
     import httpx
 
     root = tmp_path / "runs"
     write_run(root / "pretrain-1", train_events(range(1, 11)), {"steps": 10})
-    port = _free_port()
-    cmd = [sys.executable, "-m", "lmforge", "dashboard", f"--runs_dir={root}", f"--port={port}"]
+    cmd = [sys.executable, "-m", "lmforge", "dashboard", f"--runs_dir={root}", "--port=0"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(REPO / "src")})  # fmt: skip
     try:
         seen = ""
         while "http://" not in seen and proc.poll() is None:  # printed once the socket listens
             seen += proc.stderr.readline()
-        assert f"http://127.0.0.1:{port}/" in seen, seen
-        base = f"http://127.0.0.1:{port}"
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", seen)
+        assert found, seen
+        base = f"http://127.0.0.1:{found.group(1)}"
         assert "app.js" in httpx.get(base + "/", timeout=30).text
         runs = httpx.get(base + "/web/runs", timeout=30).json()["runs"]
         assert [r["name"] for r in runs] == ["pretrain-1"]
