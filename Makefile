@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	@# The web page's browser tests drive Debian's chromium; try to install it, never fail on it
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "make setup: no chromium (apt-get install chromium); the browser tests will be skipped"
 
 demo: setup
 	$(BIN)/lmforge pretrain

@@ -158,6 +158,19 @@ def _mlm(cfg: Any) -> int:
     return 0
 
 
+def _dashboard(cfg: Any) -> int:
+    from lmforge.recipes.dashboard import dashboard
+
+    return dashboard(cfg)
+
+
+def _serve(cfg: Any) -> int:
+    from lmforge.recipes.serve import serve
+
+    serve(cfg)
+    return 0
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -300,6 +313,19 @@ COMMANDS: dict[str, Command] = {
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
+    ),
+    "serve": Command(
+        "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching, streaming)",
+        _config_of("lmforge.recipes.serve", "ServeConfig"),
+        _serve,
+        recipe="serve",
+    ),
+    "dashboard": Command(
+        "the run dashboard in a browser: loss / val / lr curves (live), config, summary, "
+        "compare runs",
+        _config_of("lmforge.recipes.dashboard", "DashboardConfig"),
+        _dashboard,
+        recipe="dashboard",
     ),
 }
 

@@ -3,7 +3,7 @@
 process_logits   repetition penalty → temperature → top-k → top-p (transformers' order)
 sample_next      one draw (or argmax at temperature 0) from processed logits
 generate_tokens  a generator of new token ids: prefill once, then one token per step
-generate_batch   greedy continuations of many prompts, left-padded batches (eval scoring)
+generate_batch   greedy continuations of many prompts through the batched engine (eval scoring)
 StreamDecoder    token ids → printable text, never splitting a UTF-8 character
 generate_text    prompt string → generated string, streamed through a callback
 """
@@ -173,72 +173,42 @@ def generate_batch(
     batch_size: int = 8,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Greedy new token ids for every prompt, ``batch_size`` prompts per forward.
+    """Greedy new token ids for every prompt, up to ``batch_size`` rows decoding together.
 
     Row i equals ``list(generate_tokens(model, prompts[i], temperature=0, ...))`` (the stop
-    token not included): prompts are left-padded and ``Decoder.forward``'s ``attention_mask``
-    gives every row its own positions and hides its padding (tests/test_generate.py checks
-    the tokens). Prompts are grouped by length so that a batch pads little; a batch decodes
-    until all its rows stopped. A prompt whose length + ``max_new_tokens`` exceeds the context
-    runs alone through ``generate_tokens``: its window slides, which a shared batch cannot do.
-    Greedy only (scoring): sampled rows would each need their own random stream.
+    token not included): the prompts run through ``inference.engine.Engine``, whose rows are
+    left-padded in a shared cache with their own positions (continuous batching: a row that
+    stops makes room for the next prompt at once; tests/test_generate.py and
+    tests/inference/test_engine.py check the tokens). A prompt whose length +
+    ``max_new_tokens`` exceeds the context runs alone through ``generate_tokens``: its window
+    slides, which a shared batch cannot do; so does every prompt with ``use_cache=False``
+    (the reference path). Greedy only (scoring): sampled requests go to the engine directly.
     """
+    from lmforge.inference.engine import Engine, Request  # the engine builds on this module
+
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) >= 1")
     rows = [[int(t) for t in p] for p in prompts]
     if any(not r for r in rows):
         raise ValueError("an empty prompt: pass at least one token (the BOS id for no prompt)")
-    stop, L = _stop_set(eos_id), model.cfg.context_length
+    L = model.cfg.context_length
     out: list[list[int]] = [[] for _ in rows]
-    fits = sorted((i for i, r in enumerate(rows) if len(r) + max_new_tokens <= L),
-                  key=lambda i: len(rows[i]))  # fmt: skip
+    fits = sorted(
+        (i for i, r in enumerate(rows) if use_cache and len(r) + max_new_tokens <= L),
+        key=lambda i: len(rows[i]),
+    )  # neighbours of similar length: little padding
     for i in sorted(set(range(len(rows))) - set(fits)):
         kw = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_id=eos_id)
         out[i] = list(generate_tokens(model, rows[i], use_cache=use_cache, **kw))  # type: ignore[arg-type]
-    for k in range(0, len(fits), batch_size):
-        group = fits[k : k + batch_size]
-        for i, new in zip(group, _greedy_padded(model, [rows[i] for i in group], max_new_tokens,
-                                                stop, use_cache), strict=True):  # fmt: skip
-            out[i] = new
-    return out
-
-
-def _greedy_padded(
-    model: Decoder, rows: list[list[int]], max_new_tokens: int, stop: set[int], use_cache: bool
-) -> list[list[int]]:
-    """One left-padded batch: prefill all rows at once, then one token per row per step."""
-    device = next(model.parameters()).device
-    B, P = len(rows), max(len(r) for r in rows)
-    ids = torch.zeros(B, P, dtype=torch.long)  # the pad id is never seen by a real token
-    mask = torch.zeros(B, P, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        ids[b, P - len(r) :] = torch.tensor(r)
-        mask[b, P - len(r) :] = True
-    ids, mask = ids.to(device), mask.to(device)
-    greedy = SampleConfig(temperature=0.0, top_k=None)
-    caches = model.new_kv_caches(B, max_len=P + max_new_tokens) if use_cache else None
-    out: list[list[int]] = [[] for _ in rows]
-    done = [False] * B
-    x, start = ids, 0  # the tokens to feed; the positions the caches already hold
-    padded = not bool(mask.all())  # rows of one length: the plain causal path, as generate_tokens
-    for _ in range(max_new_tokens):
-        with eval_mode(model, inference=True):
-            logits = model(x, start, caches, attention_mask=mask if padded else None)[:, -1]
-            next_ids = sample_next(logits, greedy)  # (B,)
-        for b, token in enumerate(next_ids.tolist()):
-            if not done[b]:
-                done[b] = token in stop
-                if not done[b]:
-                    out[b].append(token)
-        if all(done):
-            break
-        # A stopped row keeps decoding (its tokens are dropped): the batch moves as one.
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        if caches is not None:
-            x, start = next_ids[:, None], start + x.size(1)
-        else:
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            x = ids
+    if fits:
+        greedy = SampleConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None)
+        stop = frozenset(_stop_set(eos_id))
+        # Cache columns for the longest prompt + the budget, not the whole context.
+        width = max(len(rows[i]) for i in fits) + max_new_tokens
+        engine = Engine(model, max_batch=batch_size, max_len=width)
+        done = engine.run([Request(rows[i], greedy, stop_ids=stop) for i in fits])
+        for i, c in zip(fits, done, strict=True):
+            out[i] = c.token_ids
     return out
 
 
@@ -310,7 +280,28 @@ def stream_text(
     eos_id: int | Collection[int] | None,
     on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """Continue ``prompt_ids``; return the new text, passing each printable piece to ``on_text``."""
+    """Continue ``prompt_ids``; return the new text, passing each printable piece to ``on_text``.
+
+    Runs through ``inference.engine.Engine`` (one request) when prompt + ``max_new_tokens``
+    fit the context; past it, or without the cache, through ``generate_tokens`` (whose window
+    slides). Both give the same tokens (tests/inference/test_engine.py)."""
+    stop = _stop_set(eos_id if cfg.stop_at_eos else None)
+    pieces: list[str] = []
+
+    def take(text: str) -> None:
+        if text:
+            pieces.append(text)
+            if on_text is not None:
+                on_text(text)
+
+    if cfg.use_cache and len(prompt_ids) + cfg.max_new_tokens <= model.cfg.context_length:
+        from lmforge.inference.engine import Engine, Request  # the engine builds on this module
+
+        engine = Engine(model, tokenizer, max_batch=1,
+                        max_len=len(prompt_ids) + cfg.max_new_tokens)  # fmt: skip
+        engine.submit(Request(prompt_ids, cfg, stop_ids=frozenset(stop)), lambda d: take(d.text))
+        engine.drain()
+        return "".join(pieces)
     tokens = generate_tokens(
         model,
         prompt_ids,
@@ -321,12 +312,9 @@ def stream_text(
         repetition_penalty=cfg.repetition_penalty,
         seed=cfg.seed,
         use_cache=cfg.use_cache,
-        eos_id=eos_id if cfg.stop_at_eos else None,
+        eos_id=stop,
     )
     stream = StreamDecoder(tokenizer, context_ids=prompt_ids)
-    pieces: list[str] = []
     for token in chain(tokens, [None]):  # None marks the end: flush the held-back text
-        pieces.append(stream.flush() if token is None else stream.push(token))
-        if pieces[-1] and on_text is not None:
-            on_text(pieces[-1])
+        take(stream.flush() if token is None else stream.push(token))
     return "".join(pieces)

