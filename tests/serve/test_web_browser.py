@@ -196,6 +196,7 @@ def test_landing_lists_runs_and_draws_the_newest_without_a_click(
         assert lr[1] == pytest.approx(losses(new, "lr")[1]) and all(drawn(page, "lr", 1))
         assert "val_loss" in page.inner_text("#run-summary")
         assert "ROMEO: What light" in page.inner_text("#run-samples")
+        assert page.inner_text("#run-doctor") == "No problems found."
         assert page.locator("#view-chat").is_hidden() and page.locator("#tab-chat").is_hidden()
 
         # a click shows the other run; the URL names it (a reload shows it again)
@@ -208,6 +209,20 @@ def test_landing_lists_runs_and_draws_the_newest_without_a_click(
         assert page.inner_text("#run-title") == "pretrain-old"
         page.goto(url + "#chat")  # no chat on the dashboard: the runs view stays
         assert page.locator("#view-runs").is_visible() and page.locator("#view-chat").is_hidden()
+        assert errors == []
+
+
+def test_the_doctors_findings_are_shown_beside_a_run(browser: Any, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    events = train_events(range(1, 31))
+    events.insert(20, {"step": 20, "skipped": "non-finite loss or gradient", "loss": None})
+    write_run(root / "pretrain-nan", events, {"steps": 30})
+    with serve_in_thread(create_dashboard_app(root)) as url:
+        page, errors = open_page(browser, url)
+        wait_points(page, "loss", 30)
+        page.wait_for_selector("#run-doctor .finding.error")
+        text = page.inner_text("#run-doctor")
+        assert "error: nonfinite" in text and "steps 20" in text and "optim.lr" in text
         assert errors == []
 
 

@@ -173,8 +173,10 @@ def test_api_details_summary_samples_and_errors(tmp_path: Path, client: TestClie
     assert d["config"].startswith("model:")
     d = client.get("/web/run", params={"name": "ft"}).json()
     assert d["samples"] == [{"prompt": "2+2?", "output": "4", "expected": "4"}]
+    assert d["doctor"] == []  # a falling loss: nothing to report
     d = client.get("/web/run", params={"name": "bad"}).json()
     assert d["status"] == "failed" and "shard.bin is damaged" in d["failure"]
+    assert d["doctor"] == []  # too short to diagnose
     assert d["summary"] is None and "not valid JSON" in d["summary_error"]
     runs = client.get("/web/runs").json()["runs"]
     assert {r["name"] for r in runs} == {"pre", "ft", "bad"}
@@ -211,6 +213,7 @@ def test_nothing_outside_runs_dir_is_served(tmp_path: Path) -> None:
     assert m["events"] == []
     d = client.get("/web/run", params={"name": "sneaky"}).json()
     assert d["config"] is None and "s3cret" not in json.dumps(d)
+    assert d["doctor"] is None  # the doctor does not read the outside log either
     # the static files: the router's own traversal guard, raw paths sent as typed
     for raw in ("/web/static/../__init__.py", "/web/static/%2e%2e/__init__.py",
                 "/web/static/..%2f..%2f..%2fsecret.txt", "/web/static/%2e%2e%2frun_folders.py"):  # fmt: skip

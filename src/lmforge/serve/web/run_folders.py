@@ -250,7 +250,24 @@ def run_details(root: Path, name: str) -> dict[str, Any]:
         "summary_error": summary_error,
         "samples": samples_of(summary or {}),
         "failure": _read_text(_file(root, folder, "FAILED.txt")),
+        "doctor": _doctor(root, folder),
     }
+
+
+def _doctor(root: Path, folder: Path) -> list[dict[str, Any]] | None:
+    """The training doctor's findings (``lmforge doctor``), or None when it cannot read the run
+    (no metrics yet, a damaged line, or files that lead outside the runs folder)."""
+    from lmforge.diagnose.doctor import diagnose
+    from lmforge.errors import LmforgeError
+
+    if _file(root, folder, "metrics.jsonl") is None:
+        return None
+    if (folder / "config.yaml").exists() and _file(root, folder, "config.yaml") is None:
+        return None
+    try:
+        return [f.to_dict() for f in diagnose(folder)]
+    except (LmforgeError, OSError, ValueError):  # no metrics yet, or a damaged line
+        return None
 
 
 def samples_of(summary: dict[str, Any]) -> list[dict[str, str]]:

@@ -244,8 +244,33 @@ async function showDetails(name) {
     if (s.expected !== undefined) pre.append(`\n(expected: ${s.expected})`);
     samples.append(pre);
   }
+  showDoctor(d.doctor);
   $("run-config").textContent = d.config ?? "(no config.yaml)";
   state.detailStatus = d.status;
+}
+
+// The training doctor's findings (lmforge doctor), most severe first.
+function showDoctor(findings) {
+  const box = $("run-doctor");
+  box.textContent = "";
+  if (findings === null || findings === undefined) {
+    box.textContent = "(not enough metrics to diagnose yet)";
+    return;
+  }
+  if (!findings.length) {
+    box.textContent = "No problems found.";
+    return;
+  }
+  for (const f of findings) {
+    const p = document.createElement("p");
+    p.className = `finding ${f.severity}`;
+    const head = document.createElement("b");
+    head.textContent = `${f.severity}: ${f.kind}. `;
+    const remedy = document.createElement("i");
+    remedy.textContent = ` → ${f.remedy}`;
+    p.append(head, f.evidence, remedy);
+    box.append(p);
+  }
 }
 
 // ---- navigation and polling ----
