@@ -164,3 +164,17 @@ def test_unknown_test_label_is_found_before_training(tmp_path: Path, capsys) -> 
         capsys.readouterr().err
     )
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_augmented_copies_join_the_training_set(tmp_path: Path) -> None:
+    rows = default_paths()["train"].read_text().splitlines()
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join(rows[:101]) + "\n")
+    counts = []
+    for copies in (0, 2):
+        out = tmp_path / f"run{copies}"
+        args = ["classify", f"--out_dir={out}", f"--data.train={train}", *TINY,
+                "--train.max_steps=1", f"--augment.copies={copies}"]  # fmt: skip
+        assert main(args) == 0
+        counts.append(json.loads((out / "summary.json").read_text())["train_examples"])
+    assert counts[1] == 3 * counts[0]

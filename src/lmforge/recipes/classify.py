@@ -26,6 +26,7 @@ from lmforge import runs
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.store import load_weights, pointed
 from lmforge.config import Section, to_yaml
+from lmforge.data.augment import AugmentConfig, augment_examples, embedding_synonyms
 from lmforge.data.classification import (
     ClassificationBatches,
     ClassifyDataConfig,
@@ -83,6 +84,10 @@ class ClassifyConfig(Section):
         2000, gt=10, description="WordPiece vocabulary of a random encoder"
     )
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency")
+    augment: AugmentConfig = Field(
+        AugmentConfig(),
+        description="EDA text augmentation of the training examples (data/augment.py)",
+    )
     freeze_embeddings: bool = Field(
         False, description="keep the token embedding fixed (half of MiniLM's weights: faster steps)"
     )
@@ -248,6 +253,15 @@ def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, A
     # Model, tokenizer, resolved config (the checkpoint's config.yaml rebuilds all of it).
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, enc_cfg, source = build_model(cfg, [e.text for e in train_ex])
+    if cfg.augment.copies:  # EDA copies, synonyms from the encoder's own embeddings
+        words = {w.strip(".,!?;:\"'()") for e in train_ex for w in e.text.split()}
+        a = cfg.augment
+        synonyms = embedding_synonyms(words, tokenizer, model.encoder.tok_emb.weight,
+                                      a.neighbours, a.min_similarity)  # fmt: skip
+        train_ex = train_ex + augment_examples(train_ex, synonyms, a, cfg.train.seed)
+        y_train = encode_labels(train_ex, labels, dcfg.multi_label)
+        log.info("augment: %d train examples (x%d copies); synonyms for %d words",
+                 len(train_ex), a.copies + 1, len(synonyms))  # fmt: skip
     if par.active:  # one tokenizer for all ranks: rank 0's (a WordPiece trained on each may differ)
         tokenizer = Tokenizer.from_str(par.broadcast(tokenizer.to_str()))
     head = cfg.head.model_copy(update={"num_labels": len(labels)})

@@ -32,6 +32,7 @@ from lmforge.checkpoint.load import load
 from lmforge.checkpoint.model_folder import merged_model, write_model_folder
 from lmforge.checkpoint.store import load_weights
 from lmforge.config import Section, to_yaml
+from lmforge.data.augment import add_neftune
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.conversations import read_conversations
 from lmforge.data.instructions import FAMILIES, make_suite
@@ -123,6 +124,10 @@ class FinetuneConfig(Section):
         "(the number after #### or the last number, as GSM8K)",
     )
     n_samples: int = Field(4, ge=0, description="sample answers printed at the end")
+    neftune_alpha: float = Field(
+        0.0, ge=0, description="NEFTune: uniform noise α/√(L·d) on the token embeddings while "
+        "training (the paper uses 5); 0 = off",
+    )  # fmt: skip
     train: TrainConfig = TrainConfig(
         max_steps=1000, batch_size=16, eval_every=500, save_every=500, log_every=10, num_threads=2
     )
@@ -305,6 +310,8 @@ def _finetune(cfg: FinetuneConfig, run: runs.Run, t_start: float) -> dict[str, A
     if resume_ckpt is not None:
         load_weights(model, resume_ckpt)
     plain = model
+    if cfg.neftune_alpha > 0:
+        add_neftune(plain.tok_emb, cfg.neftune_alpha)  # training mode only: scoring is clean
     model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
     optimizer = build_optimizer(plain, cfg.optim)  # after sharding: on the sharded parameters
 
