@@ -119,7 +119,7 @@ def nonfinite_steps(run: Run) -> list[Finding]:
 
 
 def loss_trend(run: Run) -> list[Finding]:
-    """Divergence (the loss ends above where it started, or loses most of its progress) and
+    """Divergence (the loss ends above where it started, or loses a quarter of its progress) and
     no learning (the loss hardly moved)."""
     losses = [(e["step"], e["loss"]) for e in run.train]
     if len(losses) < 8:
@@ -145,7 +145,7 @@ def loss_trend(run: Run) -> list[Finding]:
             "lower optim.lr (÷3 to ÷10), lengthen sched.warmup_steps; " + _clip_advice(run),
             [best_step],
         )]  # fmt: skip
-    if end > best * 1.5 and best < start * 0.9:
+    if end > best * 1.5 and best < start * 0.9 and end - best > 0.25 * (start - best):
         return [Finding(
             "divergence", "error",
             f"the loss fell to {best:.3f} (step {best_step}) and rose back to {end:.3f}: "
