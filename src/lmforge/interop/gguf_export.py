@@ -188,6 +188,9 @@ def write_gguf(
     tok = tokenizer_metadata(tokenizer, cfg.vocab_size)
     file_types = dict(f32=gguf.LlamaFileType.ALL_F32, f16=gguf.LlamaFileType.MOSTLY_F16,
                       q8_0=gguf.LlamaFileType.MOSTLY_Q8_0, q4_0=gguf.LlamaFileType.MOSTLY_Q4_0)  # fmt: skip
+    quiet = logging.getLogger("gguf")  # "for Little Endian only", "Writing the following files"
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_name(name)
     w.add_file_type(file_types[gguf_type])
@@ -217,8 +220,11 @@ def write_gguf(
     for gname, array in gguf_tensors(model, arch):
         data, raw = _quantized(gname, array, gguf_type)
         w.add_tensor(gname, data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    finally:
+        quiet.setLevel(level)
     return path

@@ -120,9 +120,11 @@ def _export(module: nn.Module, args: tuple[Any, ...], path: Path, inputs: list[s
     """torch.export → ONNX (onnxscript), weights inside the file unless they pass 1 GiB
     (protobuf's 2 GiB limit; larger models get a ``.data`` file next to the graph)."""
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" and progress lines
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # "torchvision is not installed", progress lines, the optimizer's "Replaced initializer"
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # deprecations inside the exporter, not ours
@@ -131,7 +133,8 @@ def _export(module: nn.Module, args: tuple[Any, ...], path: Path, inputs: list[s
                 output_names=outputs, external_data=n_bytes > 2**30,
             )  # fmt: skip
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels, strict=True):
+            q.setLevel(level)
 
 
 def export_decoder_onnx(model: Decoder, out: Path) -> list[Path]:
