@@ -37,7 +37,7 @@ from lmforge.checkpoint.store import find_checkpoint
 from lmforge.config import Section
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.tokenizer import special_token_ids
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.interop import export_checks as checks
 from lmforge.interop.export_checks import Check
 from lmforge.models.decoder import Decoder
@@ -93,9 +93,11 @@ def _stop(found: list[Check], force: bool, what: str) -> None:
     )
 
 
-def _load(cfg: ExportConfig) -> tuple[nn.Module, Tokenizer, Path, list[Check]]:
-    """The model to export (adapter merged), its tokenizer, the resolved checkpoint, and the
-    checks that need only the source."""
+def _load(
+    cfg: ExportConfig,
+) -> tuple[nn.Module, Tokenizer, ChatFormat | None, Path, list[Check]]:
+    """The model to export (adapter merged), its tokenizer, its chat format (decoders; None when
+    it cannot be built), the resolved checkpoint, and the checks that need only the source."""
     ckpt = find_checkpoint(cfg.checkpoint)
     kind = manifest_of(ckpt).kind
     if kind == "adapter":
@@ -111,8 +113,10 @@ def _load(cfg: ExportConfig) -> tuple[nn.Module, Tokenizer, Path, list[Check]]:
         )
     if kind != "decoder" and cfg.adapter:
         raise ConfigError(f"--adapter: {ckpt} is a {kind}; adapters merge into decoders only")
-    model, tokenizer, manifest = load(ckpt, torch.device("cpu"))
+    model, tokenizer, manifest = load(cfg.checkpoint, torch.device("cpu"))
+    ckpt = manifest.path or ckpt  # a classifier's run folder gives its best checkpoint
     found: list[Check] = []
+    fmt = None
     if isinstance(model, Decoder):
         if cfg.adapter:
             from lmforge.interop.peft import load_adapter
@@ -123,9 +127,12 @@ def _load(cfg: ExportConfig) -> tuple[nn.Module, Tokenizer, Path, list[Check]]:
             model.eval()
             found.append(checks.adapter_check(before, model))
         found += checks.special_token_checks(tokenizer, model.cfg.vocab_size or 0)
-        fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
-        found.append(checks.chat_template_check(fmt))
-    return model, tokenizer, ckpt, found
+        try:
+            fmt = ChatFormat.for_checkpoint(ckpt, tokenizer)
+            found.append(checks.chat_template_check(fmt))
+        except DataError as e:  # no template and no EOS to end ChatML turns with
+            found.append(Check("chat_template", False, f"none can be built: {e}"))
+    return model, tokenizer, fmt, ckpt, found
 
 
 def _greedy_and_tied(source: Decoder, tokenizer: Tokenizer, back: Decoder, lossless: bool,
@@ -144,6 +151,12 @@ def _greedy_and_tied(source: Decoder, tokenizer: Tokenizer, back: Decoder, lossl
     return [logit, greedy, checks.tied_check(source, back)]
 
 
+def _stop_ids(ids: dict[str, int], fmt: ChatFormat | None) -> list[int]:
+    """Ids a runtime stops at, the EOS first (transformers reads the first as the EOS)."""
+    stops = fmt.stop_ids() if fmt else set()
+    return [ids["eos"], *sorted(stops - {ids["eos"]})] if "eos" in ids else sorted(stops)
+
+
 def _gguf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging: Path,
           cfg: ExportConfig) -> list[Check]:  # fmt: skip
     """``model-<type>.gguf``, read back by lmforge's GGUF reader (the same dequantization as
@@ -153,10 +166,11 @@ def _gguf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
     from lmforge.interop.gguf import load_gguf
     from lmforge.interop.gguf_export import write_gguf
 
-    assert isinstance(model, Decoder) and fmt is not None
+    assert isinstance(model, Decoder)
     staging.mkdir(parents=True)
     path = staging / f"model-{cfg.gguf_type}.gguf"
-    write_gguf(model, tokenizer, fmt.template, path, cfg.gguf_type, name=Path(cfg.checkpoint).name)
+    template = fmt.template if fmt else None
+    write_gguf(model, tokenizer, template, path, cfg.gguf_type, name=Path(cfg.checkpoint).name)
     back, back_tok = load_gguf(path)
     fields = {k: f.contents() for k, f in GGUFReader(str(path)).fields.items()}
     declared = {r: fields.get(f"tokenizer.ggml.{k}_token_id")
@@ -164,7 +178,7 @@ def _gguf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
     found = [
         checks.metadata_check("special_ids", special_token_ids(tokenizer),
                               {r: i for r, i in declared.items() if i is not None}, path.name),
-        checks.metadata_check("chat_template_written", fmt.template,
+        checks.metadata_check("chat_template_written", template,
                               fields.get("tokenizer.chat_template"), path.name),
         checks.metadata_check("tokenizer_round_trip", tokenizer.encode(checks.PROMPT).ids,
                               back_tok.encode(checks.PROMPT).ids if back_tok else None, path.name),
@@ -196,16 +210,16 @@ def _hf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging:
         return [_encoder_parity(model, lambda *a: back(*a).detach().numpy(), "transformers folder")]
     from lmforge.interop.hf import declared_special_tokens, export_hf, load_hf
 
-    assert fmt is not None
     try:
         export_hf(model, tokenizer, staging)
     except ValueError as e:  # what Hugging Face cannot express
         raise CheckpointError(f"{cfg.checkpoint}: {e}") from None
     tok_config = json.loads((staging / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tok_config["chat_template"] = fmt.template
+    if fmt is not None:
+        tok_config["chat_template"] = fmt.template
     atomic_write_text(staging / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
     ids = special_token_ids(tokenizer)
-    stops = [ids["eos"], *sorted(fmt.stop_ids() - {ids["eos"]})] if "eos" in ids else []
+    stops = _stop_ids(ids, fmt)
     generation = dict(
         eos_token_id=stops, **{f"{k}_token_id": i for k, i in ids.items() if k != "eos"}
     )
@@ -213,12 +227,17 @@ def _hf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging:
     back, back_tok = load_hf(staging)
     assert back_tok is not None
     found = [
-        checks.metadata_check("special_ids", ids, declared_special_tokens(staging, back_tok),
-                              "tokenizer_config.json / generation_config.json"),
-        checks.metadata_check("chat_template_written", fmt.template,
-                              ChatFormat.for_checkpoint(staging, back_tok).template,
-                              "tokenizer_config.json"),
-    ]  # fmt: skip
+        checks.metadata_check(
+            "special_ids",
+            ids,
+            declared_special_tokens(staging, back_tok),
+            "tokenizer_config.json / generation_config.json",
+        ),
+    ]
+    if fmt is not None:
+        back_fmt = ChatFormat.for_checkpoint(staging, back_tok)
+        found.append(checks.metadata_check("chat_template_written", fmt.template,
+                                           back_fmt.template, "tokenizer_config.json"))  # fmt: skip
     return found + _greedy_and_tied(model, tokenizer, back.eval(), True, "lmforge's HF reader")
 
 
@@ -254,16 +273,17 @@ def _onnx(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
 
         ox.write_onnx_config(staging, dict(kind=type(model).__name__, graphs=[ox.ENCODER]))
         return [_encoder_parity(model, run, "onnxruntime " + ox.ENCODER)]
-    assert fmt is not None
     c = model.cfg
     ids = special_token_ids(tokenizer)
     tok_config = {f"{k}_token": tokenizer.id_to_token(i) for k, i in ids.items()}
-    tok_config |= dict(chat_template=fmt.template, model_max_length=c.context_length)
+    tok_config |= dict(
+        chat_template=fmt.template if fmt else None, model_max_length=c.context_length
+    )
     atomic_write_text(staging / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
     ox.export_decoder_onnx(model, staging)
     info = dict(kind="decoder", graphs=[ox.FULL, ox.WITH_PAST], n_layer=c.n_layer,
                 n_kv_head=c.kv_heads, head_dim=c.d_model // c.n_head, vocab_size=c.vocab_size,
-                context_length=c.context_length, stop_ids=sorted(fmt.stop_ids()),
+                context_length=c.context_length, stop_ids=_stop_ids(ids, fmt),
                 **{f"{k}_token_id": i for k, i in ids.items()})  # fmt: skip
     ox.write_onnx_config(staging, info)
     # random ids, two rows: the full graph against eager
@@ -285,13 +305,12 @@ def _onnx(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
 def export(cfg: ExportConfig) -> Path:
     """Check, write to a temporary folder, check what was written, rename to ``cfg.out_dir``."""
     out = _out_dir(cfg.out_dir)
-    model, tokenizer, ckpt, found = _load(cfg)
+    model, tokenizer, fmt, ckpt, found = _load(cfg)
     _stop(found, cfg.force, "on the source")
     staging = out.parent / f".tmp-export-{out.name}"
     shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-export
     try:
         write = {"gguf": _gguf, "onnx": _onnx, "hf": _hf}[cfg.format]
-        fmt = ChatFormat.for_checkpoint(ckpt, tokenizer) if isinstance(model, Decoder) else None
         found += write(model, tokenizer, fmt, staging, cfg)
         report = dict(source=str(ckpt), format=cfg.format, adapter=cfg.adapter,
                       gguf_type=cfg.gguf_type if cfg.format == "gguf" else None,
