@@ -151,6 +151,16 @@ def _greedy_and_tied(source: Decoder, tokenizer: Tokenizer, back: Decoder, lossl
     return [logit, greedy, checks.tied_check(source, back)]
 
 
+def _require(modules: tuple[str, ...], extra: str) -> None:
+    """ConfigError naming the pip extra when a format's packages are missing."""
+    import importlib.util
+
+    if missing := [m for m in modules if importlib.util.find_spec(m) is None]:
+        raise ConfigError(
+            f"--format {extra} needs {', '.join(missing)}: pip install 'lmforge[{extra}]'"
+        )
+
+
 def _stop_ids(ids: dict[str, int], fmt: ChatFormat | None) -> list[int]:
     """Ids a runtime stops at, the EOS first (transformers reads the first as the EOS)."""
     stops = fmt.stop_ids() if fmt else set()
@@ -161,6 +171,7 @@ def _gguf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
           cfg: ExportConfig) -> list[Check]:  # fmt: skip
     """``model-<type>.gguf``, read back by lmforge's GGUF reader (the same dequantization as
     transformers' loader, tests/interop/test_gguf_export.py)."""
+    _require(("gguf",), "gguf")
     from gguf import GGUFReader
 
     from lmforge.interop.gguf import load_gguf
@@ -207,7 +218,7 @@ def _hf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging:
         except ValueError as e:  # what BERT cannot express (mean pooling, a token head)
             raise CheckpointError(f"{cfg.checkpoint}: {e}; export it with --format onnx") from None
         back = load(staging)[0]
-        return [_encoder_parity(model, lambda *a: back(*a).detach().numpy(), "transformers folder")]
+        return [_encoder_parity(model, lambda *a: back(*a).detach().numpy(), "lmforge's HF reader")]
     from lmforge.interop.hf import declared_special_tokens, export_hf, load_hf
 
     try:
@@ -258,6 +269,7 @@ def _encoder_parity(model: nn.Module, run: Any, what: str) -> Check:
 def _onnx(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging: Path,
           cfg: ExportConfig) -> list[Check]:  # fmt: skip
     """The graphs, the tokenizer and what a consumer needs to feed them, run by onnxruntime."""
+    _require(("onnx", "onnxscript", "onnxruntime"), "onnx")
     from lmforge.interop import onnx as ox
 
     staging.mkdir(parents=True)
