@@ -5,6 +5,7 @@ vocabulary; the real SmolLM2 GGUF round-trips."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,33 @@ def test_real_smollm2_round_trips_through_an_f32_export(tmp_path: Path) -> None:
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.chat_template"] == template
     text = "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n"
     assert back_tok.encode(text).ids == tok.encode(text).ids
+
+
+@pytest.mark.slow  # needs llama.cpp binaries built from source (minutes), see docs/export.md
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_llama_cpp_tokenizes_and_generates_as_the_source(
+    arch: str, tok: Any, tmp_path: Path
+) -> None:
+    """llama.cpp itself loads the file (pre-tokenizer recognised, vocabulary accepted), encodes
+    text to the source tokenizer's ids and continues a prompt greedily with the same tokens."""
+    import os
+    import subprocess
+
+    bin_dir = Path(os.environ.get("LLAMA_CPP_BIN", "/nonexistent"))
+    if not (bin_dir / "llama-simple").is_file() or not (bin_dir / "llama-tokenize").is_file():
+        pytest.skip("set LLAMA_CPP_BIN to a folder with llama.cpp's llama-simple and "
+                    "llama-tokenize (cmake --build build --target llama-simple llama-tokenize)")  # fmt: skip
+    model = tiny(arch, False, tok.get_vocab_size())
+    path = write_gguf(model, tok, TEMPLATE, tmp_path / "m.gguf", "f32")
+    text = "The lazy dog 1234. Zwölf 🙂"
+    ran = subprocess.run(
+        [str(bin_dir / "llama-tokenize"), "-m", str(path), "-p", text, "--ids", "--log-disable"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert json.loads(ran.stdout.strip().splitlines()[-1]) == tok.encode(text).ids
+    prompt = "The quick brown fox"
+    ids = tok.encode(prompt).ids
+    want = list(generate_tokens(model, ids, max_new_tokens=12, temperature=0, eos_id=1))
+    ran = subprocess.run([str(bin_dir / "llama-simple"), "-m", str(path), "-n", "12", prompt],
+                         capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+    assert ran.stdout == tok.decode(ids + want, skip_special_tokens=False) + "\n"
