@@ -43,7 +43,7 @@ from lmforge.interop.export_checks import Check
 from lmforge.models.decoder import Decoder
 
 log = logging.getLogger(__name__)
-ONNX_ATOL = 1e-4  # fp32 graph vs eager, max |logit diff| (the bound)
+LOGIT_ATOL = 1e-4  # fp32 export read back vs the source, max |logit diff|
 REPORT = "export_report.json"
 
 
@@ -142,7 +142,7 @@ def _greedy_and_tied(source: Decoder, tokenizer: Tokenizer, back: Decoder, lossl
     ids = checks.prompt_ids(tokenizer)
     with torch.no_grad():
         diff = (source(torch.tensor([ids])) - back(torch.tensor([ids]))).abs().max().item()
-    logit = checks.logit_check(diff, ONNX_ATOL, what)
+    logit = checks.logit_check(diff, LOGIT_ATOL, what)
     if not lossless:  # rounding is the point of f16/q8_0/q4_0: report the cost
         logit = Check(logit.name, True, logit.detail + " (lossy type: reported, not required)")
     greedy = checks.greedy_check(
@@ -263,7 +263,7 @@ def _encoder_parity(model: nn.Module, run: Any, what: str) -> Check:
     with torch.no_grad():
         ref = model(ids, types, mask).numpy()
     diff = float(np.abs(run(ids, types, mask) - ref).max())
-    return checks.logit_check(diff, ONNX_ATOL, what)
+    return checks.logit_check(diff, LOGIT_ATOL, what)
 
 
 def _onnx(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging: Path,
@@ -305,7 +305,7 @@ def _onnx(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
         ref = model(rand).numpy()
     full = ox.session(staging / ox.FULL).run(None, {"input_ids": rand.numpy()})[0]
     found = [
-        checks.logit_check(float(np.abs(full - ref).max()), ONNX_ATOL, "onnxruntime " + ox.FULL)
+        checks.logit_check(float(np.abs(full - ref).max()), LOGIT_ATOL, "onnxruntime " + ox.FULL)
     ]
     prompt = checks.prompt_ids(tokenizer)
     mine = ox.onnx_greedy(ox.session(staging / ox.WITH_PAST), prompt, checks.N_TOKENS, c.n_layer,
