@@ -6,8 +6,10 @@ token ids, each round keeps the median of its repetitions, the ratio is taken ro
 reported as median (min–max); 2 threads for both (torch.set_num_threads, ORT intra-op threads);
 /proc/stat tells whether other work shared the CPU.
 
-    python bench/export.py            # SmolLM2-135M (≈ 10 min on 2 cores, most of it exporting)
-    python bench/export.py --quick    # a tiny random model: checks that it runs, not a figure
+    python bench/export.py                # SmolLM2-135M (exporting its 30-layer with-past graph
+                                          # took > 30 min on 2 shared cores)
+    python bench/export.py --model demo   # the cpu_demo architecture (4 × 256 Llama, vocab 1,024)
+    python bench/export.py --quick        # a tiny random model: checks that it runs, not a figure
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def ort_decode(sess: object, cfg: DecoderConfig, prompt: list[int], n: int) -> f
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", choices=["smollm", "demo"], default="smollm")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -99,6 +102,17 @@ def main() -> None:
         cfg = DecoderConfig(arch="llama", vocab_size=tok.get_vocab_size(), context_length=128,
                             n_layer=2, n_head=4, n_kv_head=2, d_model=64)  # fmt: skip
         model, name, seq, n_dec = Decoder(cfg).eval(), "tiny random llama", 32, 8
+        template = None
+    elif args.model == "demo":  # the architecture of configs/pretrain/cpu_demo.yaml, random weights
+        from lmforge.data.tokenizer import train_tokenizer
+
+        corpus = (
+            Path(__file__).resolve().parents[1] / "src/lmforge/data/corpora/tinyshakespeare.txt"
+        )
+        tok = train_tokenizer([corpus.read_text(encoding="utf-8")], vocab_size=1024)
+        cfg = DecoderConfig(arch="llama", vocab_size=tok.get_vocab_size(), context_length=128,
+                            n_layer=4, n_head=4, d_model=256, tie_embeddings=True)  # fmt: skip
+        model, name, seq, n_dec = Decoder(cfg).eval(), "cpu_demo architecture (3.5M)", 96, 24
         template = None
     else:
         model, tok, manifest = load(SMOLLM)
@@ -197,7 +211,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.quick:
-        out = Path(__file__).parent / "results" / f"export-{datetime.now():%Y-%m-%d}"
+        out = Path(__file__).parent / "results" / f"export-{args.model}-{datetime.now():%Y-%m-%d}"
         out.with_suffix(".txt").write_text(text + "\n")
         out.with_suffix(".json").write_text(
             json.dumps(dict(rows=rows, speed=speed), indent=2) + "\n"
