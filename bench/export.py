@@ -89,9 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", choices=["smollm", "demo"], default="smollm")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch and onnxruntime threads")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    torch.set_num_threads(THREADS)
+    threads = args.threads
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     if args.quick:
         from tokenizers import Tokenizer
@@ -128,7 +130,7 @@ def main() -> None:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     full = ort.InferenceSession(str(tmp / ox.FULL), opts, providers=["CPUExecutionProvider"])
     past = ort.InferenceSession(str(tmp / ox.WITH_PAST), opts, providers=["CPUExecutionProvider"])
 
@@ -188,8 +190,8 @@ def main() -> None:
 
     lines = [
         f"# bench/export.py — {datetime.now():%Y-%m-%d %H:%M} — {name}",
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {THREADS} threads; "
-        f"CPU busy {busy_s:.0f} s of {THREADS * wall_s:.0f} s available, this process {ours_s:.0f} s",
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} threads; "
+        f"CPU busy {busy_s:.0f} s of {os.cpu_count() * wall_s:.0f} s available, this process {ours_s:.0f} s",
         f"ONNX export (both graphs): {export_s:.0f} s",
         "",
         "| export | max abs logit diff vs eager fp32 | greedy 16 tokens | size |",
@@ -211,7 +213,11 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.quick:
-        out = Path(__file__).parent / "results" / f"export-{args.model}-{datetime.now():%Y-%m-%d}"
+        out = (
+            Path(__file__).parent
+            / "results"
+            / f"export-{args.model}-{threads}t-{datetime.now():%Y-%m-%d}"
+        )
         out.with_suffix(".txt").write_text(text + "\n")
         out.with_suffix(".json").write_text(
             json.dumps(dict(rows=rows, speed=speed), indent=2) + "\n"
