@@ -247,7 +247,7 @@ COMMANDS: dict[str, Command] = {
         nproc=True,
     ),
     "export": Command(
-        "write a checkpoint as a Hugging Face transformers folder (--format hf)",
+        "write a checkpoint for its runtime: --format hf|onnx|gguf, checked by that runtime",
         _config_of("lmforge.recipes.export", "ExportConfig"),
         _export,
         recipe="export",

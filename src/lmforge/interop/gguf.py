@@ -1,11 +1,13 @@
-"""GGUF files (llama.cpp) in: the Llama family, dequantized to a plain Decoder.
+"""GGUF files (llama.cpp) in: the Llama family and GPT-2, dequantized to a plain Decoder.
 
-GGUF tensors are renamed to Hugging Face Llama names with one explicit dict and then loaded with
-``interop/hf.py``'s Llama key map, so both paths share one mapping. llama.cpp's converter
-permutes the query/key rows of every head (its RoPE pairs adjacent dimensions, Hugging Face's
-rotate-half pairs dimension i with i + hd/2); ``unpermute_rows`` undoes that exactly as
-transformers' GGUF loader does. Quantized tensors are dequantized with ``gguf.quants``, one
-tensor at a time, so peak memory is about one copy of the dequantized model.
+GGUF tensors are renamed to Hugging Face names with one explicit dict per family (``NAMES``) and
+then loaded with ``interop/hf.py``'s key map of that family, so both paths share one mapping;
+the writer (``gguf_export.py``) reads the same dicts backwards, so the two cannot drift.
+llama.cpp's converter permutes the query/key rows of every Llama head (its RoPE pairs adjacent
+dimensions, Hugging Face's rotate-half pairs dimension i with i + hd/2); ``unpermute_rows``
+undoes that exactly as transformers' GGUF loader does. GPT-2's Conv1D weights are stored
+transposed to (out, in) (convert_hf_to_gguf's GPT2Model). Quantized tensors are dequantized
+with ``gguf.quants``, one tensor at a time, so peak memory is about one copy of the model.
 
 The tokenizer is rebuilt from the GGUF metadata for byte-level BPE vocabularies
 (``tokenizer.ggml.model = gpt2``) whose pre-tokenizer is known (``PRE_TOKENIZERS``); for any
@@ -26,12 +28,12 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import declare_special_tokens
 from lmforge.errors import CheckpointError
-from lmforge.interop.hf import empty_decoder, fill_decoder, llama_key_map
+from lmforge.interop.hf import empty_decoder, fill_decoder, gpt2_key_map, llama_key_map
 from lmforge.models.decoder import Decoder, DecoderConfig
 
 log = logging.getLogger(__name__)
 
-# GGUF name → Hugging Face Llama name (llama.cpp's gguf-py/gguf/tensor_mapping.py, reversed)
+# GGUF name → Hugging Face name, per family (llama.cpp's gguf-py/gguf/tensor_mapping.py, reversed)
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -48,12 +50,38 @@ BLOCK_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+GPT2_GLOBAL_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+GPT2_BLOCK_MODULES = {  # GGUF module → (GPT-2 module, a Conv1D: stored transposed in GGUF)
+    "attn_norm": ("ln_1", False),
+    "attn_qkv": ("attn.c_attn", True),
+    "attn_output": ("attn.c_proj", True),
+    "ffn_norm": ("ln_2", False),
+    "ffn_up": ("mlp.c_fc", True),
+    "ffn_down": ("mlp.c_proj", True),
+}
+GPT2_BLOCK_NAMES = {
+    f"{g}.{leaf}": f"{h}.{leaf}"
+    for g, (h, _) in GPT2_BLOCK_MODULES.items()
+    for leaf in ("weight", "bias")
+}
+# general.architecture → (global names, block names, Hugging Face block prefix)
+NAMES = {
+    "llama": (GLOBAL_NAMES, BLOCK_NAMES, "model.layers"),
+    "gpt2": (GPT2_GLOBAL_NAMES, GPT2_BLOCK_NAMES, "transformer.h"),
+}
 BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 # tokenizer.ggml.pre → pre-tokenizer, as llama.cpp's llama-vocab.cpp splits text for that type
 _GPT2_SPLIT = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 PRE_TOKENIZERS: dict[str, pre_tokenizers.PreTokenizer] = {
-    "gpt2": _GPT2_SPLIT,
+    "gpt-2": _GPT2_SPLIT,  # the name llama.cpp knows (LLAMA_VOCAB_PRE_TYPE_GPT2)
+    "gpt2": _GPT2_SPLIT,  # what older lmforge tests wrote; llama.cpp rejects it
     # SmolLM: every digit alone, then GPT-2's regex
     "smollm": pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), _GPT2_SPLIT]
@@ -76,20 +104,35 @@ def _fields(reader: Any) -> dict[str, Any]:
 
 
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) -> DecoderConfig:
-    """GGUF metadata (``llama.*`` keys) → DecoderConfig; errors name the key and value."""
+    """GGUF metadata (``llama.*`` or ``gpt2.*`` keys) → DecoderConfig; errors name the key."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch not in NAMES:
         raise CheckpointError(
-            f"{source}: general.architecture={arch!r} is not supported (supported: llama)"
+            f"{source}: general.architecture={arch!r} is not supported (supported: "
+            f"{', '.join(NAMES)})"
         )
 
     def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"llama.{key}", default)
+        value = meta.get(f"{arch}.{key}", default)
         if value is None:
-            raise CheckpointError(f"{source}: metadata key llama.{key} is missing")
+            raise CheckpointError(f"{source}: metadata key {arch}.{key} is missing")
         return value
 
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
     d, nh = get("embedding_length"), get("attention.head_count")
+    fields = dict(
+        vocab_size=vocab or get("vocab_size"),
+        context_length=get("context_length"),
+        n_layer=get("block_count"),
+        n_head=nh,
+        d_model=d,
+        d_ff=get("feed_forward_length"),
+        dropout=0.0,
+        tie_embeddings="output.weight" not in tensor_names,  # llama.cpp drops a tied head
+    )
+    if arch == "gpt2":
+        fields |= dict(arch="gpt2", bias=True, norm_eps=get("attention.layer_norm_epsilon"))
+        return validate_config(DecoderConfig, fields, source)
     if get("rope.dimension_count", d // nh) != d // nh:
         raise CheckpointError(
             f"{source}: llama.rope.dimension_count={meta['llama.rope.dimension_count']} is not "
@@ -101,48 +144,50 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], source: str) 
             f"{source}: RoPE scaling (llama.rope.scaling.type={scaling!r} or a rope_freqs "
             "tensor) is not supported for GGUF yet; load the Hugging Face checkpoint instead"
         )
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
-    fields = dict(
+    fields |= dict(
         arch="llama",
-        vocab_size=vocab or get("vocab_size"),
-        context_length=get("context_length"),
-        n_layer=get("block_count"),
-        n_head=nh,
         n_kv_head=get("attention.head_count_kv", nh),
-        d_model=d,
-        d_ff=get("feed_forward_length"),
-        dropout=0.0,
         bias=False,
         qkv_bias=False,
-        tie_embeddings="output.weight" not in tensor_names,  # llama.cpp drops a tied head
         norm_eps=get("attention.layer_norm_rms_epsilon"),
         rope_theta=get("rope.freq_base", 10000.0),
     )
     return validate_config(DecoderConfig, fields, source)
 
 
-def _hf_name(name: str) -> str:
-    """GGUF tensor name → Hugging Face Llama name (unknown names pass through, to be reported)."""
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
+def hf_name(arch: str, name: str) -> str:
+    """GGUF tensor name → Hugging Face name (unknown names pass through, to be reported)."""
+    global_names, block_names, prefix = NAMES[arch]
+    if name in global_names:
+        return global_names[name]
     m = BLOCK.match(name)
-    if m and m.group(2) in BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}"
+    if m and m.group(2) in block_names:
+        return f"{prefix}.{m.group(1)}.{block_names[m.group(2)]}"
     return name
 
 
-def _read_tensors(reader: Any, cfg: DecoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor (out, in)) per GGUF tensor, dequantized one at a time."""
+def is_conv1d(arch: str, gguf_name: str) -> bool:
+    """Is this a GPT-2 Conv1D weight, stored (out, in) in GGUF and (in, out) by Hugging Face?"""
+    m = BLOCK.match(gguf_name)
+    module, _, leaf = m.group(2).rpartition(".") if m else ("", "", "")
+    return arch == "gpt2" and leaf == "weight" and GPT2_BLOCK_MODULES.get(module, ("", False))[1]
+
+
+def _read_tensors(reader: Any, arch: str, cfg: DecoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor in its layout) per GGUF tensor, dequantized one at a
+    time."""
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         w = dequantize(t.data, t.tensor_type)  # numpy, torch order (rows, cols)
         w = torch.from_numpy(w if w.flags.writeable else w.copy()).float()
-        if t.name.endswith("attn_q.weight"):
+        if arch == "llama" and t.name.endswith("attn_q.weight"):
             w = unpermute_rows(w, cfg.n_head)
-        elif t.name.endswith("attn_k.weight"):
+        elif arch == "llama" and t.name.endswith("attn_k.weight"):
             w = unpermute_rows(w, cfg.kv_heads)
-        yield _hf_name(t.name), w
+        elif is_conv1d(arch, t.name):
+            w = w.T
+        yield hf_name(arch, t.name), w
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer | None:
@@ -210,12 +255,14 @@ def gguf_config(path: str | Path) -> DecoderConfig:
 def load_gguf(
     path: str | Path, dtype: torch.dtype = torch.float32
 ) -> tuple[Decoder, Tokenizer | None]:
-    """A Llama-family ``.gguf`` file → (Decoder on the CPU, tokenizer or None), dequantized."""
+    """A Llama-family or GPT-2 ``.gguf`` file → (Decoder on the CPU, tokenizer or None),
+    dequantized."""
     path = Path(path)
     reader = _reader(path)
     meta = _fields(reader)
     cfg = config_from_gguf(meta, {t.name for t in reader.tensors}, str(path))
-    model = fill_decoder(
-        empty_decoder(cfg), llama_key_map(cfg), _read_tensors(reader, cfg), str(path), "cpu", dtype
-    )
+    arch = meta["general.architecture"]
+    key_map = (llama_key_map if arch == "llama" else gpt2_key_map)(cfg)
+    tensors = _read_tensors(reader, arch, cfg)
+    model = fill_decoder(empty_decoder(cfg), key_map, tensors, str(path), "cpu", dtype)
     return model, tokenizer_from_gguf(meta)

@@ -140,8 +140,10 @@ class Encoder(nn.Module):
         x = self.tok_emb(idx) + self.pos_emb(pos) + self.type_emb(token_types)  # (B, T, C)
         x = self.drop(self.emb_norm(x))
         key_mask = attention_mask.bool() if attention_mask is not None else None
-        if key_mask is not None and bool(key_mask.all()):
-            key_mask = None  # no padding: the unmasked SDPA path is faster
+        # No padding: the unmasked SDPA path is faster. An exported graph (ONNX) keeps the
+        # mask: the test is data-dependent, and the masked path is exact for every mask.
+        if key_mask is not None and not torch.compiler.is_exporting() and bool(key_mask.all()):
+            key_mask = None
         for block in self.blocks:
             x = block(x, key_mask)
         return x
