@@ -94,7 +94,13 @@ def ours(model, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]
     return len(prompts) * n / dt, [c.token_ids for c in out]
 
 
-def theirs(model, prompts: list[list[int]], n: int) -> tuple[float, list[list[int]]]:
+def theirs(
+    model, prompts: list[list[int]], n: int, min_new: bool = False
+) -> tuple[float, list[list[int]]]:
+    """transformers' greedy ``generate``. Its end-of-text id is unset (``no_eos``), so it
+    neither stops nor masks the end-of-text token: the same work and tokens as lmforge's engine
+    without stop ids. ``min_new`` instead forces n tokens with ``min_new_tokens`` (which masks
+    the end-of-text token: the token-29 difference of the issue)."""
     P = max(map(len, prompts))
     ids = torch.zeros(len(prompts), P, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -102,8 +108,11 @@ def theirs(model, prompts: list[list[int]], n: int) -> tuple[float, list[list[in
         ids[b, P - len(p) :], mask[b, P - len(p) :] = torch.tensor(p), 1
     t = time.perf_counter()
     with torch.inference_mode():
+        kw = dict(min_new_tokens=n) if min_new else dict(eos_token_id=None)
+        if not min_new:
+            model.generation_config.eos_token_id = None
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+                             do_sample=False, pad_token_id=0, **kw)  # fmt: skip
     dt = time.perf_counter() - t
     return len(prompts) * n / dt, out[:, P:].tolist()
 
@@ -145,9 +154,14 @@ def divergence(folder: Path, tok, n: int) -> dict:
                                                              dtype=torch.float32).eval()  # fmt: skip
     prompt = tok.encode(SHORT).ids
     _, (a,) = ours(ours_m, [prompt], n)
-    _, (b,) = theirs(ref, [prompt], n)
-    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-    out: dict = {"prompt_tokens": len(prompt), "first_difference": first}
+    _, (b,) = theirs(ref, [prompt], n, min_new=True)
+    _, (c,) = theirs(ref, [prompt], n)
+    differ = lambda x, y: next(
+        (i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q), None
+    )  # noqa: E731
+    first = differ(a, b)
+    out: dict = {"prompt_tokens": len(prompt), "first_difference_vs_min_new_tokens": first,
+                 "first_difference_vs_no_eos": differ(a, c)}  # fmt: skip
     if first is None:
         return out
     seq = torch.tensor([prompt + a[:first]])  # the common prefix
@@ -162,7 +176,7 @@ def divergence(folder: Path, tok, n: int) -> dict:
         cached_ref = ref(seq[:, -1:], past_key_values=past, use_cache=True).logits[0, -1].double()
     top2 = full_ours.topk(2)
     out |= {
-        "tokens": {"lmforge": a[first], "transformers": b[first]},
+        "tokens": {"lmforge": tok.id_to_token(a[first]), "transformers": tok.id_to_token(b[first])},
         "margin_top1_top2_no_cache": float(top2.values[0] - top2.values[1]),
         "max_abs_diff": {
             "lmforge_vs_transformers_no_cache": float((full_ours - full_ref).abs().max()),

@@ -305,7 +305,9 @@ class Engine:
                 self._waiting.popleft()
             if compact:
                 self._compact()
-            self._reserve(need)
+            # Columns are allocated as rows grow (``_decode``), not for the whole budget: a
+            # chat request's default budget is the rest of the context, rarely used.
+            self._reserve(max(self.ptr, P))
             if P > self.ptr:  # right-align the rows at the new prompt's end
                 self._shift(P - self.ptr)
             self._prefill(handle)
@@ -341,6 +343,7 @@ class Engine:
             cols = torch.arange(self.ptr + 1, device=self.device)
             starts = torch.tensor([r.start for r in rows], device=self.device)
             mask = cols[None, :] >= starts[:, None]  # (n, ptr + 1): False at the left padding
+        self._reserve(self.ptr + 1)
         views = [KVCache(c.k[:n], c.v[:n]) for c in self._caches]
         logits = self.model(x, self.ptr, views, attention_mask=mask)[:, -1]  # (n, V)
         self.ptr += 1
@@ -437,7 +440,8 @@ class Engine:
     # ---- cache layout -------------------------------------------------------------------------
 
     def _reserve(self, columns: int) -> None:
-        """Grow every layer's cache to at least ``columns`` (doubling, up to ``max_len``)."""
+        """Grow every layer's cache to at least ``columns`` (doubling, up to ``max_len``): a
+        copy now and then instead of every row's whole budget allocated up front."""
         if self._caches and columns <= self._width:
             return
         width = min(self.max_len, max(columns, 2 * self._width, 64))
