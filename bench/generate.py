@@ -15,7 +15,7 @@ libraries part and why (logits of the cached and uncached paths compared at that
 
     python bench/generate.py                  # fp32 + bf16, batch 1, 8, 32; 3 rounds
     python bench/generate.py --quick          # smoke test (16 tokens, 1 round): not a figure
-    python bench/generate.py --divergence     # only the token-29 analysis
+    python bench/generate.py --divergence     # instead: where greedy tokens part, and why
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 round: not a figure")
-    p.add_argument("--divergence", action="store_true", help="only the divergence analysis")
+    p.add_argument("--divergence", action="store_true", help="the divergence analysis instead")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.quick:
@@ -213,9 +213,10 @@ def main() -> None:
     print(f"{datetime.now():%Y-%m-%d %H:%M}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {args.threads} threads")  # fmt: skip
     result: dict = {"argv": sys.argv[1:], "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
-    result["divergence"] = divergence(folder, tok, args.tokens)
-    print("divergence:", json.dumps(result["divergence"], indent=1))
-    if not args.divergence:
+    if args.divergence:
+        result["divergence"] = divergence(folder, tok, args.tokens)
+        print("divergence:", json.dumps(result["divergence"], indent=1))
+    else:
         busy0, total0 = cpu_busy()
         cpu0 = time.process_time()
         result["rows"] = speed(args, folder, tok)

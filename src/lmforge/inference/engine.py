@@ -39,6 +39,10 @@ from lmforge.models.layers import KVCache
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens per prefill forward. The model computes logits at every position it is given:
+# a 4k-token prompt at once would make (4096, 49152) fp32 logits (800 MB) for SmolLM2.
+PREFILL_CHUNK = 512
+
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the engine's ``max_queue`` allows (HTTP 429)."""
@@ -324,7 +328,8 @@ class Engine:
             for c in self._caches
         ]
         ids = torch.tensor([list(r.prompt_ids)], device=self.device)  # (1, P)
-        logits = self.model(ids, 0, views)[:, -1]  # (1, V)
+        for s in range(0, P, PREFILL_CHUNK):  # chunks: (chunk, vocab) logits, not (P, vocab)
+            logits = self.model(ids[:, s : s + PREFILL_CHUNK], s, views)[:, -1]  # (1, V)
         stream = None
         if self.tokenizer is not None:
             stream = StreamDecoder(self.tokenizer, context_ids=r.prompt_ids)
