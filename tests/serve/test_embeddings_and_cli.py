@@ -94,3 +94,39 @@ def test_serve_command_errors_name_the_problem(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "nope" in missing.stderr
     bad_port = run("--checkpoint", str(tmp_path), "--port", "http")
     assert bad_port.returncode == 2 and "port:" in bad_port.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_chat_over_http_equals_generate_tokens() -> None:
+    """The real SmolLM2-135M-Instruct GGUF: its own chat template (from the GGUF metadata),
+    stopping at <|im_end|>, the reply streamed equals the reference decoded alone."""
+    from tests.interop.test_gguf import SMOLLM, smollm_dir
+
+    from lmforge.checkpoint.load import load
+    from lmforge.data.chat_template import ChatFormat
+    from lmforge.generate import generate_tokens
+
+    path = smollm_dir() / SMOLLM
+    server, thread, url, _ = start(ServeConfig(checkpoint=str(path)))
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        assert c.models.list().data[0].id == path.stem
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        chunks = c.chat.completions.create(model="default", messages=messages, max_tokens=40,
+                                           temperature=0, stream=True)  # fmt: skip
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    model, tok, manifest = load(path)
+    fmt = ChatFormat.for_checkpoint(path, tok)
+    ids = fmt.prompt_ids(messages)
+    new = list(generate_tokens(model, ids, max_new_tokens=40, temperature=0,
+                               eos_id=fmt.stop_ids()))  # fmt: skip
+    assert (
+        streamed
+        == tok.decode(ids + new, skip_special_tokens=True)[
+            len(tok.decode(ids, skip_special_tokens=True)) :
+        ]
+    )
+    assert "Paris" in streamed
