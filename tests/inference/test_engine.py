@@ -11,6 +11,7 @@ import torch
 from tests.test_generate import MIXED, make_model, make_tokenizer
 
 from lmforge.generate import SampleConfig, generate_tokens, stream_text
+from lmforge.inference import engine as engine_module
 from lmforge.inference.engine import Delta, Engine, PromptTooLong, QueueFull, Request
 from lmforge.models.decoder import Decoder
 
@@ -204,3 +205,10 @@ def test_stream_text_through_the_engine_equals_the_reference_path(texty, tempera
     text = stream_text(model, tok, prompt, cfg, eos_id=0, on_text=pieces.append)
     ref = stream_text(model, tok, prompt, cfg.model_copy(update={"use_cache": False}), eos_id=0)
     assert text == ref == "".join(pieces) and len(pieces) > 1
+
+
+def test_long_prompts_prefill_in_chunks_as_alone(model: Decoder, monkeypatch) -> None:
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 5)  # prompts of 1-22 tokens: 1-5 chunks
+    requests = [req(p, n) for p, n in zip(PROMPTS, BUDGETS, strict=True)]
+    expected = [alone(model, r) for r in requests]
+    assert [c.token_ids for c in Engine(model, max_batch=3).run(requests)] == expected

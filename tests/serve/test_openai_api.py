@@ -227,6 +227,23 @@ def test_a_client_that_leaves_cancels_its_generation(live: Live) -> None:
         engine.submit = submit
 
 
+def test_a_plain_request_whose_client_leaves_is_cancelled(live: Live) -> None:
+    """Not streamed: the route polls for the disconnect while it waits."""
+    engine = live.engine
+    handles = []
+    submit = engine.submit
+    engine.submit = lambda *a, **kw: handles.append(submit(*a, **kw)) or handles[-1]
+    engine.on_step = lambda active, waiting: time.sleep(0.01)  # 900 tokens: ≥ 9 s
+    try:
+        body = {"model": "default", "prompt": "The", "max_tokens": 900, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(live.url + "/v1/completions", json=body, timeout=1.0)
+        assert handles[0].done.wait(10), "the engine kept decoding a request nobody waits for"
+        assert handles[0].cancelled.is_set() and handles[0].steps < 900
+    finally:
+        engine.submit, engine.on_step = submit, None
+
+
 def test_health_and_metrics(live: Live) -> None:
     client(live).completions.create(model="default", prompt="The", max_tokens=3)
     assert httpx.get(live.url + "/health").json() == {"status": "ok"}

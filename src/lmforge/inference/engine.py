@@ -39,6 +39,10 @@ from lmforge.models.layers import KVCache
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens per prefill forward. The model computes logits at every position it is given:
+# a 4k-token prompt at once would make (4096, 49152) fp32 logits (800 MB) for SmolLM2.
+PREFILL_CHUNK = 512
+
 
 class QueueFull(RuntimeError):
     """More requests are waiting than the engine's ``max_queue`` allows (HTTP 429)."""
@@ -305,7 +309,9 @@ class Engine:
                 self._waiting.popleft()
             if compact:
                 self._compact()
-            self._reserve(need)
+            # Columns are allocated as rows grow (``_decode``), not for the whole budget: a
+            # chat request's default budget is the rest of the context, rarely used.
+            self._reserve(max(self.ptr, P))
             if P > self.ptr:  # right-align the rows at the new prompt's end
                 self._shift(P - self.ptr)
             self._prefill(handle)
@@ -322,7 +328,8 @@ class Engine:
             for c in self._caches
         ]
         ids = torch.tensor([list(r.prompt_ids)], device=self.device)  # (1, P)
-        logits = self.model(ids, 0, views)[:, -1]  # (1, V)
+        for s in range(0, P, PREFILL_CHUNK):  # chunks: (chunk, vocab) logits, not (P, vocab)
+            logits = self.model(ids[:, s : s + PREFILL_CHUNK], s, views)[:, -1]  # (1, V)
         stream = None
         if self.tokenizer is not None:
             stream = StreamDecoder(self.tokenizer, context_ids=r.prompt_ids)
@@ -341,6 +348,7 @@ class Engine:
             cols = torch.arange(self.ptr + 1, device=self.device)
             starts = torch.tensor([r.start for r in rows], device=self.device)
             mask = cols[None, :] >= starts[:, None]  # (n, ptr + 1): False at the left padding
+        self._reserve(self.ptr + 1)
         views = [KVCache(c.k[:n], c.v[:n]) for c in self._caches]
         logits = self.model(x, self.ptr, views, attention_mask=mask)[:, -1]  # (n, V)
         self.ptr += 1
@@ -437,7 +445,8 @@ class Engine:
     # ---- cache layout -------------------------------------------------------------------------
 
     def _reserve(self, columns: int) -> None:
-        """Grow every layer's cache to at least ``columns`` (doubling, up to ``max_len``)."""
+        """Grow every layer's cache to at least ``columns`` (doubling, up to ``max_len``): a
+        copy now and then instead of every row's whole budget allocated up front."""
         if self._caches and columns <= self._width:
             return
         width = min(self.max_len, max(columns, 2 * self._width, 64))

@@ -208,12 +208,16 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic names the union member it tried last ("content.str"): not a field
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_name(p)]
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
-            message, param = f"the request body is not valid JSON: {first.get('msg')}", None
+            message, param = f"the request body is not valid JSON: {msg}", None
         else:
             param = ".".join(loc) or None
-            message = f"{param or 'body'}: {first.get('msg', 'invalid')}"
+            if param is None and ":" in msg:  # our validators start with the field's name
+                param = msg.split(":", 1)[0]
+            message = msg if param and msg.startswith(param) else f"{param or 'body'}: {msg}"
             if first.get("type") == "extra_forbidden":
                 message = f"{param}: unknown field (check its spelling against OpenAI's API)"
         return JSONResponse(oa.error_body(message, "invalid_request_error", param), 400)
@@ -248,6 +252,10 @@ class _CountRequests:
             await self.app(scope, receive, sent)
         finally:
             self.metrics.requests.labels(path if known else "other", str(status)).inc()
+
+
+def _is_type_name(part: object) -> bool:
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def _embedding_inputs(tokenizer: Tokenizer, given: Any, context: int) -> list[list[int]]:

@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,11 +66,19 @@ class EngineStream:
         self.handles: list[eng.Handle] = []
         try:
             for i, r in enumerate(requests):
-                put = lambda d, i=i: loop.call_soon_threadsafe(self.queue.put_nowait, (i, d))  # noqa: E731
-                self.handles.append(engine.submit(r, put))
+                self.handles.append(engine.submit(r, self._sender(loop, i)))
         except eng.QueueFull as e:
             self.cancel()
             raise ApiError(429, f"the server is busy ({e}); retry later") from None
+
+    def _sender(self, loop: asyncio.AbstractEventLoop, i: int) -> Callable[[eng.Delta], None]:
+        def put(delta: eng.Delta) -> None:  # called in the engine's thread
+            try:
+                loop.call_soon_threadsafe(self.queue.put_nowait, (i, delta))
+            except RuntimeError:  # the event loop has closed (server shutting down)
+                self.cancel()
+
+        return put
 
     def cancel(self) -> None:
         for h in self.handles:
