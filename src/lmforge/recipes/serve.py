@@ -107,5 +107,6 @@ def serve(cfg: ServeConfig) -> None:
             "the port; pick another with --port (0 = any free one) or check --host"
         ) from None
     host, port = sock.getsockname()[:2]
-    log.info("lmforge serve: http://%s:%d/v1 serving model %r", host, port, app.state.model_id)
+    log.info("lmforge serve: http://%s:%d/v1 serving model %r; the page: http://%s:%d/",
+             host, port, app.state.model_id, host, port)  # fmt: skip
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -42,6 +42,7 @@ from lmforge.serve import completions as routes
 from lmforge.serve import openai_schema as oa
 from lmforge.serve.completions import ApiError, Generator
 from lmforge.serve.metrics import Metrics, new_metrics
+from lmforge.serve.web import mount
 
 
 def create_app(
@@ -155,14 +156,8 @@ def create_app(
         return oa.EmbeddingList(data=data, model=model_id,
                                 usage=oa.Usage(prompt_tokens=n, total_tokens=n))  # fmt: skip
 
-    # The web page (chat playground + run dashboard) is the web helper's package; the lead
-    # removes this guard at merge, when lmforge.serve.web is on the same branch.
-    try:
-        from lmforge.serve.web import mount  # the web page (chat playground + run dashboard)
-    except ModuleNotFoundError:
-        mount = None
-    if mount is not None:
-        mount(app, runs_dir=runs_dir, chat=gen is not None)
+    # the page at /: chat playground (a decoder is served) + run dashboard (--runs_dir)
+    mount(app, runs_dir=runs_dir, chat=gen is not None)
     return app
 
 
