@@ -14,7 +14,6 @@ from lmforge.models.seq2seq import (
     bart_tiny,
     generate,
     relative_position_bucket,
-    shift_right,
 )
 
 V = 50
@@ -96,11 +95,6 @@ def test_attend_additive_mask_and_scale_match_sdpa_in_bf16() -> None:
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
     got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), False, bias.bfloat16(), scale=1.0)
     torch.testing.assert_close(got.float(), ref, atol=3e-2, rtol=3e-2)
-
-
-def test_shift_right_starts_with_the_start_token() -> None:
-    labels = torch.tensor([[5, 6, 7, -100], [8, -100, -100, -100]])
-    assert shift_right(labels, start_id=0, pad_id=1).tolist() == [[0, 5, 6, 7], [0, 8, 1, 1]]
 
 
 def test_config_errors_name_the_field() -> None:

@@ -356,14 +356,6 @@ def _cross_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask[:, None, None, :]
 
 
-def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
-    """Teacher forcing: decoder inputs = [start] + labels[:-1]; -100 labels become padding."""
-    out = torch.full_like(labels, pad_id)
-    out[:, 0] = start_id
-    out[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, pad_id)
-    return out
-
-
 @dataclass
 class DecodeState:
     """What generation keeps between steps: per decoder layer, the self-attention KV cache
