@@ -211,3 +211,40 @@ class PairBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+MONTHS = (
+    "January February March April May June July August September October November December"
+).split()
+DATE_FORMATS = (
+    "{d} {month} {y}",
+    "{month} {d}, {y}",
+    "{dd}/{mm}/{y}",
+    "{mon} {d} {y}",
+    "{y}.{mm}.{dd}",
+    "the {nth} of {month}, {y}",
+)
+
+
+def _ordinal(d: int) -> str:
+    suffix = "th" if 10 <= d % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(d % 10, "th")
+    return f"{d}{suffix}"
+
+
+def date_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """The demo task, generated (no data file to ship or license): a date written one of six
+    ways → ISO 8601, e.g. ("the 3rd of March, 1987", "1987-03-03"). A model must reorder,
+    map month names to numbers and zero-pad: copying alone scores little."""
+    rng = np.random.default_rng(seed)
+    days = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+    pairs = []
+    for _ in range(n):
+        y, m = int(rng.integers(1950, 2050)), int(rng.integers(1, 13))
+        d = int(rng.integers(1, days[m - 1] + 1))
+        fmt = DATE_FORMATS[int(rng.integers(len(DATE_FORMATS)))]
+        month = MONTHS[m - 1]
+        source = fmt.format(
+            d=d, dd=f"{d:02d}", mm=f"{m:02d}", y=y, month=month, mon=month[:3], nth=_ordinal(d)
+        )
+        pairs.append((source, f"{y}-{m:02d}-{d:02d}"))
+    return pairs
