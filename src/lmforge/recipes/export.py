@@ -32,5 +32,10 @@ class ExportConfig(Section):
 
 def export(cfg: ExportConfig) -> Path:
     """Load ``cfg.checkpoint`` on the CPU and write it to ``cfg.out_dir``; returns that folder."""
-    model, tokenizer, _ = load(cfg.checkpoint, torch.device("cpu"), expect="decoder")
+    kinds = ("decoder", "encoder-decoder")
+    model, tokenizer, manifest = load(cfg.checkpoint, torch.device("cpu"), expect=kinds)
+    if manifest.kind == "encoder-decoder":  # T5/BART: AutoModelForSeq2SeqLM reads it
+        from lmforge.interop.hf_seq2seq import export_hf_seq2seq
+
+        return export_hf_seq2seq(model, tokenizer, cfg.out_dir)
     return export_hf(model, tokenizer, cfg.out_dir)
