@@ -121,3 +121,27 @@ def test_demo_with_no_arguments_learns_the_date_task(tmp_path: Path, monkeypatch
     summary = json.loads((run / "summary.json").read_text())
     assert summary["before"]["val_exact_match"] < 0.05
     assert summary["after"]["val_exact_match"] > 0.6
+
+
+@pytest.mark.parametrize("objective", ["span_corruption", "text_infilling"])
+def test_pretraining_objectives_learn_to_restore(objective: str, tmp_path: Path) -> None:
+    texts = tmp_path / "texts.txt"
+    g = torch.Generator().manual_seed(0)
+    lines = [
+        " ".join(WORDS[int(i)] for i in torch.randint(8, (6,), generator=g)) for _ in range(300)
+    ]
+    texts.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    args = ["seq2seq", f"--out_dir={run}", f"--train_file={texts}", f"--objective={objective}"]
+    args += ["--vocab_size=300", "--model.d_model=32", "--model.n_head=2", "--model.d_ff=64"]
+    assert main(args + MICRO) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    marker = "<extra_id_0>" if objective == "span_corruption" else "<mask>"
+    assert all(marker in ex["source"] for ex in summary["examples"])
+    if objective == "span_corruption":
+        assert all(ex["target"].startswith("<extra_id_0>") for ex in summary["examples"])
+    else:  # the target is the whole original text
+        assert all(ex["target"] in lines for ex in summary["examples"])
+    losses = [e["loss"] for e in _events(run) if "loss" in e and "val_chrf" not in e]
+    assert losses[-1] < losses[0] * 0.8  # 60 steps: the copy is still being learnt
+    assert summary["after"]["val_chrf"] > summary["before"]["val_chrf"]

@@ -17,6 +17,7 @@ noised tokens is exact and spans never touch (two touching spans would read as o
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +175,17 @@ def pad_batch(
     return x, y, kw
 
 
+Noise = Callable[[list[int], np.random.Generator], tuple[list[int], list[int]]]
+"""A pretraining objective: token ids → (inputs, targets), e.g. ``span_corruption`` bound to
+its sentinels."""
+
+
 class PairBatches:
-    """Tokenised pairs → shuffled, padded micro-batches, epoch after epoch (a ``BatchSource``)."""
+    """Tokenised pairs → shuffled, padded micro-batches, epoch after epoch (a ``BatchSource``).
+
+    With ``noise`` (pretraining) each example's source is corrupted afresh every time it is
+    drawn, by a generator seeded from (seed, epoch, position): exact resume needs no RNG state.
+    """
 
     def __init__(
         self,
@@ -184,10 +194,11 @@ class PairBatches:
         pad_id: int,
         start_id: int,
         seed: int,
+        noise: Noise | None = None,
     ) -> None:
         if not examples:
             raise DataError("no training pairs")
-        self.examples, self.batch_size = examples, batch_size
+        self.examples, self.batch_size, self.noise = examples, batch_size, noise
         self.pad_id, self.start_id, self.seed = pad_id, start_id, seed
         self.epoch, self.cursor = 0, 0
         self.context = max(len(s) for s, _ in examples)
@@ -200,7 +211,11 @@ class PairBatches:
         while len(rows) < self.batch_size:
             order = self._order()
             take = order[self.cursor : self.cursor + self.batch_size - len(rows)]
-            rows += [self.examples[i] for i in take]
+            if self.noise is None:
+                rows += [self.examples[i] for i in take]
+            else:
+                rng = np.random.default_rng([self.seed, self.epoch, self.cursor])
+                rows += [self.noise(self.examples[i][0], rng) for i in take]
             self.cursor += len(take)
             if self.cursor >= len(order):
                 self.epoch, self.cursor = self.epoch + 1, 0

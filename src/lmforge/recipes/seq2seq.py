@@ -8,6 +8,11 @@ pairs (BLEU, chrF, ROUGE-L, exact match: ``eval/metrics.generation_metrics``), t
 shared ``fit`` (summed cross-entropy on the target tokens), score again, keep the best
 checkpoint by val chrF.
 
+``objective: span_corruption`` (T5) or ``text_infilling`` (BART) pretrains instead: the texts
+(each source and target of the pairs, or the lines of a ``.txt`` train_file) are corrupted
+afresh each time they are drawn and the model learns to restore them; val texts are corrupted
+once and scored the same way (special tokens kept in the scored text).
+
 With no arguments: a 2+2-layer T5-style model learns to rewrite dates (six formats → ISO 8601)
 from 4,000 generated pairs on the CPU in a few minutes; before/after scores are printed.
 """
@@ -17,15 +22,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from tokenizers import Tokenizer
 
 from lmforge import runs
 from lmforge.config import Section, to_yaml
-from lmforge.data.seq2seq import PairBatches, date_pairs, read_pairs
+from lmforge.data.seq2seq import (
+    Noise,
+    PairBatches,
+    date_pairs,
+    read_pairs,
+    span_corruption,
+    text_infilling,
+)
 from lmforge.data.tokenizer import save_tokenizer, special_token_ids, train_tokenizer
 from lmforge.errors import ConfigError, DataError
 from lmforge.eval.metrics import generation_metrics
@@ -50,6 +64,11 @@ class Seq2SeqTaskConfig(Section):
         None, description='JSONL of {"source", "target"}; null = the generated date demo'
     )
     val_file: str | None = Field(None, description="JSONL val pairs; null = split off train")
+    objective: Literal["pairs", "span_corruption", "text_infilling"] = Field(
+        "pairs",
+        description="pairs: learn source→target; span_corruption (T5) / text_infilling (BART): "
+        "pretrain on the texts (a .txt train_file: one text per line)",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out as val")
     demo_examples: int = Field(4000, gt=10, description="demo: generated pairs")
     init: str | None = Field(
@@ -76,11 +95,27 @@ class Seq2SeqTaskConfig(Section):
         return self
 
 
+SENTINELS = [f"<extra_id_{i}>" for i in range(100)]  # T5's names, so T5 tokenizers have them
+MASK = "<mask>"  # BART's
+
+
+def _read(path: str) -> list[tuple[str, str]]:
+    if not path.endswith(".txt"):
+        return read_pairs(path)
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
+    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [(x, x) for x in lines]
+
+
 def _pairs(cfg: Seq2SeqTaskConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, val) pairs: from the files, or the generated demo; val split off when not given."""
-    pairs = read_pairs(cfg.train_file) if cfg.train_file else date_pairs(cfg.demo_examples, 0)
+    """(train, val) pairs: from the files, or the generated demo; val split off when not given.
+    For a pretraining objective every source and target becomes a text (a pair (text, text))."""
+    pairs = _read(cfg.train_file) if cfg.train_file else date_pairs(cfg.demo_examples, 0)
+    if cfg.objective != "pairs":
+        pairs = list(dict.fromkeys((t, t) for pair in pairs for t in pair))
     if cfg.val_file:
-        return pairs, read_pairs(cfg.val_file)
+        return pairs, _read(cfg.val_file)
     n_val = max(1, round(len(pairs) * cfg.val_fraction))
     if len(pairs) - n_val < 1:
         raise DataError(f"{cfg.train_file}: {len(pairs)} pairs; need at least 2 (train + val)")
@@ -99,6 +134,28 @@ def _encode(
     ]
 
 
+def _noise(cfg: Seq2SeqTaskConfig, tok: Tokenizer, eos: int) -> Noise | None:
+    """The objective as a function ids → (inputs + eos, targets + eos); None for pairs."""
+    if cfg.objective == "pairs":
+        return None
+    names = SENTINELS if cfg.objective == "span_corruption" else [MASK]
+    ids = [tok.token_to_id(n) for n in names]
+    if None in ids:
+        raise ConfigError(
+            f"objective={cfg.objective} needs the tokens {names[0]}… in the tokenizer of "
+            f"{cfg.init}; use a tokenizer that has them, or train one (no --init)"
+        )
+
+    def noise(text: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
+        if cfg.objective == "span_corruption":
+            inputs, targets = span_corruption(text, ids, rng)
+        else:
+            inputs, targets = text_infilling(text, ids[0], rng)
+        return inputs + [eos], targets + [eos]
+
+    return noise
+
+
 def score(
     model: Seq2Seq,
     tok: Tokenizer,
@@ -107,6 +164,7 @@ def score(
     max_new_tokens: int,
     batch_size: int,
     device: torch.device,
+    keep_specials: bool = False,
 ) -> tuple[dict[str, float], list[str]]:
     """Greedy generations for ``examples`` scored against ``references`` →
     ({"val_bleu", "val_chrf", "val_rougeL", "val_exact_match", ...}, predictions)."""
@@ -123,7 +181,8 @@ def score(
             out = generate(model, x.to(device), mask.to(device), max_new_tokens).tolist()
             for ids in out:
                 ids = ids[: ids.index(cfg.eos_id)] if cfg.eos_id in ids else ids
-                predictions.append(tok.decode(ids, skip_special_tokens=True).strip())
+                text = tok.decode(ids, skip_special_tokens=not keep_specials)
+                predictions.append(text.strip())
     metrics = generation_metrics(predictions, references)
     return {f"val_{k}": float(v) for k, v in metrics.items() if k != "n"}, predictions
 
@@ -138,6 +197,8 @@ def _model_and_tokenizer(
         assert isinstance(model, Seq2Seq)
         return model.train(), tok
     tok = train_tokenizer((f"{s}\n{t}" for s, t in train_pairs), cfg.vocab_size)
+    if cfg.objective != "pairs":
+        tok.add_special_tokens([MASK, *SENTINELS])
     ids = special_token_ids(tok)
     model_cfg = cfg.model.model_copy(
         update=dict(
@@ -178,10 +239,20 @@ def _seq2seq(
             f"max_source_tokens ({cfg.max_source_tokens}) exceeds the model's learned "
             f"positions (model.context_length {model.cfg.context_length}); lower it"
         )
+    noise = _noise(cfg, tok, eos)
     train = _encode(tok, train_pairs, cfg, eos)
     val_pairs = val_pairs[: cfg.eval_examples]
     val = _encode(tok, val_pairs, cfg, eos)
     refs = [t for _, t in val_pairs]
+    max_new = cfg.max_target_tokens
+    if noise is not None:  # texts without their eos (the objective adds it back), ≥ 2 tokens
+        train = [(s[:-1], s[:-1]) for s, _ in train if len(s) > 2]
+        rng = np.random.default_rng([cfg.train.seed, 1])  # the same val corruption every time
+        val = [noise(s[:-1], rng) for s, _ in val if len(s) > 2]
+        refs = [tok.decode(t[:-1], skip_special_tokens=False).strip() for _, t in val]
+        max_new = max(cfg.max_source_tokens, cfg.max_target_tokens)
+        if not train or not val:
+            raise DataError(f"{cfg.train_file}: no text of at least 2 tokens to corrupt")
     (run_dir / "data").mkdir(exist_ok=True)
     with (run_dir / "data" / "val.jsonl").open("w", encoding="utf-8") as f:
         f.writelines(json.dumps({"source": s, "target": t}) + "\n" for s, t in val_pairs)
@@ -193,14 +264,15 @@ def _seq2seq(
         len(val),
     )
 
+    keep = noise is not None
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        return score(m, tok, val, refs, cfg.max_target_tokens, cfg.eval_batch_size, device)[0]
+        return score(m, tok, val, refs, max_new, cfg.eval_batch_size, device, keep)[0]
 
     before = evaluate(model)
     log.info("before training: %s", before)
-    batches = PairBatches(
-        train, cfg.train.batch_size, pad, model.cfg.decoder_start_id, cfg.train.seed
-    )
+    start = model.cfg.decoder_start_id
+    batches = PairBatches(train, cfg.train.batch_size, pad, start, cfg.train.seed, noise)
     result = fit(
         model,
         build_optimizer(model, cfg.optim),
@@ -216,16 +288,18 @@ def _seq2seq(
         monitor="val_chrf",
         monitor_mode="max",
     )
-    after, predictions = score(
-        model, tok, val, refs, cfg.max_target_tokens, cfg.eval_batch_size, device
-    )
+    after, predictions = score(model, tok, val, refs, max_new, cfg.eval_batch_size, device, keep)
+    sources = [s for s, _ in val_pairs[:5]]
+    if keep:  # the corrupted texts the model saw
+        sources = [tok.decode(s[:-1], skip_special_tokens=False) for s, _ in val[:5]]
     examples = [
         {"source": s, "target": t, "prediction": p}
-        for (s, t), p in zip(val_pairs[:5], predictions[:5], strict=True)
+        for s, t, p in zip(sources, refs[:5], predictions[:5], strict=True)
     ]
     summary = {
         "run_dir": str(run_dir),
         "init": cfg.init,
+        "objective": cfg.objective,
         "style": model.cfg.style,
         "parameters": model.num_params(),
         "train_pairs": len(train),
