@@ -145,3 +145,9 @@ def test_pretraining_objectives_learn_to_restore(objective: str, tmp_path: Path)
     losses = [e["loss"] for e in _events(run) if "loss" in e and "val_chrf" not in e]
     assert losses[-1] < losses[0] * 0.8  # 60 steps: the copy is still being learnt
     assert summary["after"]["val_chrf"] > summary["before"]["val_chrf"]
+
+
+def test_model_settings_with_init_are_refused(tmp_path: Path, capsys) -> None:
+    args = ["seq2seq", f"--out_dir={tmp_path}/run", f"--init={tmp_path}", "--model.d_model=64"]
+    assert main(args) == 2
+    assert "brings its own architecture" in capsys.readouterr().err

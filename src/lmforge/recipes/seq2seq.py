@@ -193,6 +193,12 @@ def _model_and_tokenizer(
     if cfg.init:
         from lmforge.checkpoint.load import load
 
+        if cfg.model != Seq2SeqTaskConfig.model_fields["model"].default:
+            raise ConfigError(
+                f"--init={cfg.init} brings its own architecture: model.* settings would be "
+                "ignored; drop them (or drop --init to build `model` from scratch)"
+            )
+
         model, tok, _ = load(cfg.init, expect="encoder-decoder")
         assert isinstance(model, Seq2Seq)
         return model.train(), tok
