@@ -210,7 +210,10 @@ class CausalSelfAttention(nn.Module):
                         diagonal=start_pos
                     )
         dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, is_causal, mask, dropout, self.scale)  # (B, nh, T, hd)
+        # scale only when set: diagnose/explain.py records attention through attend's old
+        # signature (every module except T5's uses the default 1/sqrt(hd))
+        extra = {} if self.scale is None else {"scale": self.scale}
+        y = attend(q, k, v, is_causal, mask, dropout, **extra)  # (B, nh, T, hd)
         # -1, not C: under tensor parallelism this rank holds only n_head / tp of the heads
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_drop(self.proj(y))
@@ -306,7 +309,8 @@ class CrossAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         dropout = self.dropout if self.training else 0.0
-        y = attend(q, kv.k, kv.v, False, mask, dropout, self.scale)  # (B, nh, T, hd)
+        extra = {} if self.scale is None else {"scale": self.scale}  # as CausalSelfAttention
+        y = attend(q, kv.k, kv.v, False, mask, dropout, **extra)  # (B, nh, T, hd)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
