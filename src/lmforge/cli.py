@@ -101,6 +101,13 @@ def _export(cfg: Any) -> int:
     return 0
 
 
+def _seq2seq(cfg: Any) -> int:
+    from lmforge.recipes.seq2seq import print_summary, seq2seq
+
+    print_summary(seq2seq(cfg))
+    return 0
+
+
 def _classify(cfg: Any) -> int:
     from lmforge.recipes.classify import classify
 
@@ -326,6 +333,13 @@ COMMANDS: dict[str, Command] = {
         _config_of("lmforge.recipes.dashboard", "DashboardConfig"),
         _dashboard,
         recipe="dashboard",
+    ),
+    "seq2seq": Command(
+        "fine-tune a T5/BART-style encoder-decoder on source->target pairs (no arguments: a "
+        "generated date-rewriting task, scored before and after)",
+        _config_of("lmforge.recipes.seq2seq", "Seq2SeqTaskConfig"),
+        _seq2seq,
+        recipe="seq2seq",
     ),
 }
 

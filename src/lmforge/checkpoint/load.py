@@ -33,6 +33,8 @@ _WHAT = {
     "sequence-classifier": "a sequence classifier (lmforge classify): use `lmforge eval "
     "--checkpoint {path} --data LABELLED_FILE` for its metrics",
     "token-classifier": "a token classifier: use it from Python with lmforge.load",
+    "encoder-decoder": "an encoder-decoder (T5/BART) model: fine-tune it with `lmforge "
+    "seq2seq --init {path}`, or use it from Python with lmforge.load",
     "adapter": "a LoRA adapter for base {base}: use `lmforge merge --base {base} --adapter "
     "{path} --out_dir MERGED` and pass MERGED",
 }
@@ -97,6 +99,10 @@ def _build(
             from lmforge.interop.hf import load_hf
 
             return load_hf(ckpt, device)
+        if manifest.kind == "encoder-decoder":
+            from lmforge.interop.hf_seq2seq import load_hf_seq2seq
+
+            return load_hf_seq2seq(ckpt)
         from lmforge.interop import hf_bert
 
         if manifest.kind == "sequence-classifier":
@@ -113,6 +119,11 @@ def _build(
     cfg = read_yaml(cfg_path)
     if manifest.kind == "decoder":
         model = _decoder(ckpt, cfg, manifest)
+    elif manifest.kind == "encoder-decoder":
+        from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
+
+        source = f"{cfg_path} (model)"
+        model = Seq2Seq(validate_config(Seq2SeqConfig, cfg.get("model") or {}, source))
     else:
         model = _encoder(cfg, manifest, str(cfg_path))
     load_weights(model, ckpt)

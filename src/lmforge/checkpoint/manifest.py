@@ -31,7 +31,14 @@ MANIFEST = "manifest.json"
 # 1: the first manifest. Raise it when a reader of the old version would misread a new folder.
 FORMAT_VERSION = 1
 
-Kind = Literal["decoder", "encoder-mlm", "sequence-classifier", "token-classifier", "adapter"]
+Kind = Literal[
+    "decoder",
+    "encoder-mlm",
+    "sequence-classifier",
+    "token-classifier",
+    "adapter",
+    "encoder-decoder",
+]
 
 
 class Manifest(Section):
@@ -72,8 +79,12 @@ def describe(model: nn.Module, tokenizer: bool, sharded_optimizer: bool = False)
         SequenceClassifier: ("sequence-classifier", "bert"),
         TokenClassifier: ("token-classifier", "bert"),
     }
+    from lmforge.models.seq2seq import Seq2Seq
+
     if isinstance(model, Decoder):
         kind, family = "decoder", model.cfg.arch
+    elif isinstance(model, Seq2Seq):
+        kind, family = "encoder-decoder", model.cfg.style
     else:
         found = next((v for cls, v in kinds.items() if isinstance(model, cls)), None)
         assert found is not None, f"no checkpoint kind for {type(model).__name__}"
@@ -160,6 +171,10 @@ def infer_manifest(path: Path) -> Manifest:
                 else "encoder-mlm"
             )
             return Manifest(kind=kind, family="bert", source="hf", tokenizer=tok, **guess)
+        if model_type in ("t5", "bart"):
+            return Manifest(
+                kind="encoder-decoder", family=model_type, source="hf", tokenizer=tok, **guess
+            )
         return Manifest(kind="decoder", family=str(model_type), source="hf", tokenizer=tok, **guess)
     raise CheckpointError(
         f"{path}: neither manifest.json, config.yaml (lmforge) nor config.json (Hugging Face); "
@@ -187,6 +202,9 @@ def _infer_lmforge(path: Path, tok: str | None, guess: dict[str, Any]) -> Manife
         return Manifest(kind=kind, family="bert", lora=cfg.get("method") == "lora", **common)
     if task == "mlm":
         return Manifest(kind="encoder-mlm", family="bert", **common)
+    if task == "seq2seq":
+        style = model.get("style", "t5") if isinstance(model, dict) else "t5"
+        return Manifest(kind="encoder-decoder", family=str(style), **common)
     lora = cfg.get("method") in ("lora", "dora", "qlora")  # a finetune run's own checkpoints
     family = model.get("arch", "gpt2") if isinstance(model, dict) else "gpt2"
     return Manifest(kind="decoder", family=str(family), lora=lora, **common)

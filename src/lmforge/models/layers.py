@@ -7,6 +7,7 @@ file composes them explicitly (torchtune style) and tests can build one layer al
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,15 +136,19 @@ class CausalSelfAttention(nn.Module):
         rope: RotaryEmbedding | None,
         qkv_bias: bool | None = None,
         causal: bool = True,
+        head_dim: int | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
-        assert d_model % n_head == 0 and n_head % n_kv_head == 0
+        assert n_head % n_kv_head == 0 and (head_dim is not None or d_model % n_head == 0)
         self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = d_model // n_head
+        # T5 v1.1 heads are narrower than d_model / n_head (6 x 64 < 512)
+        self.head_dim = head_dim or d_model // n_head
+        self.scale = scale  # None: 1/sqrt(head_dim); T5 uses 1 (folded into its init)
         # Qwen2 has biases on q/k/v only: ``qkv_bias`` overrides ``bias`` for this projection.
         qkv_bias = bias if qkv_bias is None else qkv_bias
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
         self.rope = rope
@@ -157,8 +162,12 @@ class CausalSelfAttention(nn.Module):
         key_mask: torch.Tensor | None = None,
         doc_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, T, C) → (B, T, C). With ``cache``, x holds positions start_pos … start_pos+T-1.
+
+        ``attn_bias`` (B|1, nh|1, T, S) float is added to the scores and replaces every other
+        mask (it must carry causality and padding itself): T5's relative position bias.
 
         ``key_mask`` (B, T) bool, True for real tokens, hides padding keys (non-causal only).
         ``doc_mask`` (B, 1, T, S) bool and ``positions`` (B, T) come from ``packed_attention``
@@ -186,12 +195,14 @@ class CausalSelfAttention(nn.Module):
             mask = key_mask[:, None, None, :]  # (B, 1, 1, S): every query sees the real keys
         if doc_mask is not None:
             mask, is_causal = doc_mask, False  # (B, 1, T, S): already causal
+        if attn_bias is not None:
+            mask, is_causal = attn_bias, False
         if cache is not None:
             end = start_pos + T
             cache.k[:, :, start_pos:end] = k
             cache.v[:, :, start_pos:end] = v
             k, v = cache.k[:, :, :end], cache.v[:, :, :end]
-            if start_pos > 0 and doc_mask is None:
+            if start_pos > 0 and doc_mask is None and attn_bias is None:
                 # Query i (absolute position start_pos+i) may see keys 0 … start_pos+i.
                 is_causal = False
                 if T > 1:
@@ -199,7 +210,10 @@ class CausalSelfAttention(nn.Module):
                         diagonal=start_pos
                     )
         dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, is_causal, mask, dropout)  # (B, nh, T, hd)
+        # scale only when set: diagnose/explain.py records attention through attend's old
+        # signature (every module except T5's uses the default 1/sqrt(hd))
+        extra = {} if self.scale is None else {"scale": self.scale}
+        y = attend(q, k, v, is_causal, mask, dropout, **extra)  # (B, nh, T, hd)
         # -1, not C: under tensor parallelism this rank holds only n_head / tp of the heads
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.resid_drop(self.proj(y))
@@ -212,11 +226,13 @@ def attend(
     is_causal: bool,
     mask: torch.Tensor | None = None,
     dropout: float = 0.0,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. q: (B, nh, T, hd); k, v: (B, nkv, S, hd) → (B, nh, T, hd).
 
-    ``mask`` (T, S), or (B, 1, 1, S) for padding, is True where a query may attend;
-    ``is_causal`` needs T == S.
+    ``mask`` (T, S), or (B, 1, 1, S) for padding, is True where a query may attend; a float
+    mask (broadcasting to (B, nh, T, S)) is added to the scores instead.
+    ``is_causal`` needs T == S; ``scale`` multiplies q·k (None: 1/sqrt(hd)).
     ``F.scaled_dot_product_attention`` everywhere except bfloat16 on the CPU: there PyTorch's
     fused CPU kernel is 2-3x slower than plain matmul → softmax → matmul (torch 2.13, 2 cores,
     forward + backward, B=8 nh=6 T=256 hd=64: 32 ms vs 19 ms; fp32 SDPA is the faster one).
@@ -226,16 +242,26 @@ def attend(
     nkv, S = k.size(1), k.size(2)
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=nkv != nh
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=nkv != nh,
         )
     q = q.view(B, nkv, nh // nkv, T, hd)  # query heads grouped by the kv head they share
-    att = (q @ k.unsqueeze(2).transpose(-1, -2)) * hd**-0.5  # (B, nkv, g, T, S)
+    att = (q @ k.unsqueeze(2).transpose(-1, -2)) * (hd**-0.5 if scale is None else scale)
     if is_causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         if mask.dim() == 4:  # (B, 1, 1|T, S) → (B, 1, 1, 1|T, S) to broadcast over the groups
-            mask = mask.unsqueeze(2)
-        att = att.masked_fill(~mask, float("-inf"))
+            mask = mask.unsqueeze(2) if mask.size(1) == 1 else mask.unflatten(1, (nkv, -1))
+        if mask.dtype == torch.bool:
+            att = att.masked_fill(~mask, float("-inf"))
+        else:
+            att = att + mask
     # bf16 in and out: the CPU kernel accumulates in fp32 inside; an fp32 output would be
     # saved for backward (2x the bytes) and measured 1.9x slower (40.8 vs 21.8 ms per layer).
     att = att.softmax(dim=-1)
@@ -244,37 +270,99 @@ def attend(
     return (att @ v.unsqueeze(2)).view(B, nh, T, hd)  # (B, nkv, g, T, hd) → (B, nh, T, hd)
 
 
-class GeluMLP(nn.Module):
-    """GPT-2 MLP: Linear → GELU (tanh approximation, as GPT-2 was trained) → Linear.
+class CrossAttention(nn.Module):
+    """Multi-head attention from x to another sequence (encoder-decoder models).
 
-    ``approximate="none"`` is the exact erf GELU that BERT was trained with.
+    Queries come from x, keys and values from ``memory`` (the encoder's output) through one
+    fused k/v projection; ``memory_kv`` computes those once, so generation reuses them for
+    every new token instead of recomputing them per step.
     """
 
     def __init__(
-        self, d_model: int, d_ff: int, bias: bool, dropout: float, approximate: str = "tanh"
+        self,
+        d_model: int,
+        n_head: int,
+        bias: bool,
+        dropout: float,
+        head_dim: int | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
-        self.approximate = approximate
+        self.n_head, self.head_dim = n_head, head_dim or d_model // n_head
+        inner = n_head * self.head_dim
+        self.q = nn.Linear(d_model, inner, bias=bias)
+        self.kv = nn.Linear(d_model, 2 * inner, bias=bias)
+        self.proj = nn.Linear(inner, d_model, bias=bias)
+        self.dropout, self.scale = dropout, scale
+        self.resid_drop = nn.Dropout(dropout)
+
+    def memory_kv(self, memory: torch.Tensor) -> KVCache:
+        """memory (B, S, C) → keys and values (B, nh, S, hd) each."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return KVCache(k, v)
+
+    def forward(
+        self, x: torch.Tensor, kv: KVCache, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C), ``kv`` from ``memory_kv``, mask (B, 1, 1, S) bool or additive → (B, T, C)."""
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        extra = {} if self.scale is None else {"scale": self.scale}  # as CausalSelfAttention
+        y = attend(q, kv.k, kv.v, False, mask, dropout, **extra)  # (B, nh, T, hd)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: Linear → GELU (tanh approximation, as GPT-2 was trained) → Linear.
+
+    ``approximate="none"`` is the exact erf GELU that BERT was trained with; ``act`` replaces
+    the GELU (T5 v1.0's ReLU).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        bias: bool,
+        dropout: float,
+        approximate: str = "tanh",
+        act: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.approximate, self.act = approximate, act
         self.fc = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        h = self.fc(x)
+        h = self.act(h) if self.act is not None else F.gelu(h, approximate=self.approximate)
+        return self.drop(self.proj(h))
 
 
 class SwiGLUMLP(nn.Module):
-    """Llama MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+    """Llama MLP: down(silu(gate(x)) * up(x)) (Shazeer 2020); ``act`` replaces the SiLU
+    (T5 v1.1's gated GELU)."""
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool, dropout: float) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        bias: bool,
+        dropout: float,
+        act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    ) -> None:
         super().__init__()
+        self.act = act
         self.gate = nn.Linear(d_model, d_ff, bias=bias)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.proj = nn.Linear(d_ff, d_model, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.silu(self.gate(x)) * self.up(x)))
+        return self.drop(self.proj(self.act(self.gate(x)) * self.up(x)))
 
 
 def make_mlp(kind: str, d_model: int, d_ff: int, bias: bool, dropout: float) -> nn.Module:

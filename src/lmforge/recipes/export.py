@@ -41,6 +41,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.interop import export_checks as checks
 from lmforge.interop.export_checks import Check
 from lmforge.models.decoder import Decoder
+from lmforge.models.seq2seq import Seq2Seq
 
 log = logging.getLogger(__name__)
 LOGIT_ATOL = 1e-4  # fp32 export read back vs the source, max |logit diff|
@@ -105,6 +106,11 @@ def _load(
             f"{ckpt} is a LoRA adapter, not a model: merge it into its base first — pass the "
             f"base as --checkpoint and this folder as --adapter (merged and checked here), or "
             f"run `lmforge merge --base BASE --adapter {ckpt} --out_dir MERGED` and export MERGED"
+        )
+    if kind == "encoder-decoder" and cfg.format != "hf":
+        raise CheckpointError(
+            f"{ckpt} is a T5/BART-style encoder-decoder: lmforge exports those to --format hf "
+            "(transformers' AutoModelForSeq2SeqLM reads it) only"
         )
     if kind != "decoder" and cfg.format == "gguf":
         raise CheckpointError(
@@ -203,6 +209,21 @@ def _hf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging:
         cfg: ExportConfig) -> list[Check]:  # fmt: skip
     """A transformers folder (with the chat template and every stop id), read back by lmforge's
     Hugging Face reader, which finds special tokens as transformers does."""
+    if isinstance(model, Seq2Seq):  # T5/BART: AutoModelForSeq2SeqLM reads it
+        from lmforge.interop.hf_seq2seq import export_hf_seq2seq
+
+        export_hf_seq2seq(model, tokenizer, staging)
+        back = load(staging)[0]
+        src = torch.randint(
+            0, model.cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0)
+        )
+        tgt = torch.randint(
+            0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1)
+        )
+        with torch.no_grad():
+            diff = float((model(src, tgt) - back(src, tgt)).abs().max())
+        return [Check("hf logits", diff <= 1e-4, f"max |logit diff| {diff:.2e} after reading the "
+                      "folder back (random source/target ids)")]  # fmt: skip
     if not isinstance(model, Decoder):
         from lmforge.interop.hf_bert import export_hf_bert
         from lmforge.models.encoder import Encoder, SequenceClassifier
