@@ -42,6 +42,16 @@ NOT_RUN = {
     "lmforge chat": "named in prose; needs --checkpoint and a conversation on stdin "
     "(tests/test_cli.py, tests/recipes/test_finetune.py run it)",
     "lmforge eval": "named in prose; needs --checkpoint and --data (the eval examples run)",
+    "lmforge serve --checkpoint runs/x": "a server: runs until stopped; tests/serve/ start it on "
+    "a free port (test_serve_command_binds_localhost_and_answers runs the command itself)",
+    "lmforge serve --checkpoint runs/x --runs_dir runs": "a server (see above); "
+    "tests/serve/test_web_browser.py drives its page in chromium",
+    "lmforge dashboard --runs_dir runs": "a server: runs until stopped; "
+    "tests/serve/test_web_runs.py runs the command on port 0",
+    "lmforge tune --recipe pretrain --space space.yaml --n_trials 20 --out_dir tune-lr": "20 "
+    "training runs; tests/tune/ run searches of 3-4 tiny trials (slow)",
+    "lmforge seq2seq": "the demo trains ~2-4 min here; tests/recipes/test_seq2seq.py runs micro "
+    "runs by default and the demo itself (slow)",
 }
 
 # appended to the README's own arguments: a later value of the same key wins

@@ -111,8 +111,11 @@ def tied_check(source: Decoder, exported: Decoder) -> Check:
     return Check("tied_embeddings", True, f"tie_embeddings={tied} survives")
 
 
-def prompt_ids(tokenizer: Tokenizer) -> list[int]:
-    return tokenizer.encode(PROMPT, add_special_tokens=False).ids
+def prompt_ids(tokenizer: Tokenizer, context_length: int) -> list[int]:
+    """The fixed prompt's ids, cut (from the front) so that it and the ``N_TOKENS`` greedy
+    tokens fit the model's context."""
+    ids = tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    return ids[-max(1, context_length - N_TOKENS) :]
 
 
 def source_greedy(model: Decoder, ids: Sequence[int]) -> list[int]:

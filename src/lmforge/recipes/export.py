@@ -145,7 +145,7 @@ def _greedy_and_tied(source: Decoder, tokenizer: Tokenizer, back: Decoder, lossl
                      what: str) -> list[Check]:  # fmt: skip
     """Logits on the fixed prompt, its greedy continuation, and the tied head: ``back`` (the
     export read back by its reader) against ``source``."""
-    ids = checks.prompt_ids(tokenizer)
+    ids = checks.prompt_ids(tokenizer, source.cfg.context_length)
     with torch.no_grad():
         diff = (source(torch.tensor([ids])) - back(torch.tensor([ids]))).abs().max().item()
     logit = checks.logit_check(diff, LOGIT_ATOL, what)
@@ -328,7 +328,7 @@ def _onnx(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, stagin
     found = [
         checks.logit_check(float(np.abs(full - ref).max()), LOGIT_ATOL, "onnxruntime " + ox.FULL)
     ]
-    prompt = checks.prompt_ids(tokenizer)
+    prompt = checks.prompt_ids(tokenizer, c.context_length)
     mine = ox.onnx_greedy(ox.session(staging / ox.WITH_PAST), prompt, checks.N_TOKENS, c.n_layer,
                           c.kv_heads, c.d_model // c.n_head)  # fmt: skip
     source = checks.source_greedy(model, prompt)
