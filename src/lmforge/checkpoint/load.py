@@ -33,6 +33,8 @@ _WHAT = {
     "sequence-classifier": "a sequence classifier (lmforge classify): use `lmforge eval "
     "--checkpoint {path} --data LABELLED_FILE` for its metrics",
     "token-classifier": "a token classifier: use it from Python with lmforge.load",
+    "image-classifier": "a ViT image classifier (lmforge classify-image): use `lmforge explain "
+    "--checkpoint {path} --image FILE` or lmforge.load",
     "adapter": "a LoRA adapter for base {base}: use `lmforge merge --base {base} --adapter "
     "{path} --out_dir MERGED` and pass MERGED",
 }
@@ -42,7 +44,7 @@ class Loaded(NamedTuple):
     """What ``load`` returns; unpacks as ``model, tokenizer, manifest``."""
 
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # None only for image-classifier (pixels need no tokenizer)
     manifest: Manifest
 
 
@@ -67,7 +69,7 @@ def load(
             ckpt, manifest = best, manifest_of(best)
     check_kind(manifest, expect)
     model, tokenizer = _build(ckpt, manifest, device)
-    if tokenizer is None:
+    if tokenizer is None and manifest.kind != "image-classifier":
         raise CheckpointError(
             f"{ckpt}: no tokenizer could be loaded (tokenizer.json missing, or a GGUF "
             "tokenizer lmforge cannot build); generate and eval need one"
@@ -97,6 +99,10 @@ def _build(
             from lmforge.interop.hf import load_hf
 
             return load_hf(ckpt, device)
+        if manifest.kind == "image-classifier":
+            from lmforge.interop.hf_vit import load_hf_vit
+
+            return load_hf_vit(ckpt), None
         from lmforge.interop import hf_bert
 
         if manifest.kind == "sequence-classifier":
@@ -113,6 +119,11 @@ def _build(
     cfg = read_yaml(cfg_path)
     if manifest.kind == "decoder":
         model = _decoder(ckpt, cfg, manifest)
+    elif manifest.kind == "image-classifier":
+        from lmforge.models.vit import ImageClassifier, ViTConfig
+
+        vit_cfg = validate_config(ViTConfig, cfg.get("model") or {}, f"{cfg_path} (model)")
+        model = ImageClassifier(vit_cfg)
     else:
         model = _encoder(cfg, manifest, str(cfg_path))
     load_weights(model, ckpt)

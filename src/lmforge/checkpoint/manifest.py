@@ -31,7 +31,10 @@ MANIFEST = "manifest.json"
 # 1: the first manifest. Raise it when a reader of the old version would misread a new folder.
 FORMAT_VERSION = 1
 
-Kind = Literal["decoder", "encoder-mlm", "sequence-classifier", "token-classifier", "adapter"]
+Kind = Literal[
+    "decoder", "encoder-mlm", "sequence-classifier", "token-classifier", "image-classifier",
+    "adapter",
+]  # fmt: skip
 
 
 class Manifest(Section):
@@ -66,11 +69,13 @@ def describe(model: nn.Module, tokenizer: bool, sharded_optimizer: bool = False)
     family from its config, ``lora`` when peft adapter modules are in it."""
     from lmforge.models.decoder import Decoder
     from lmforge.models.encoder import MaskedLMHead, SequenceClassifier, TokenClassifier
+    from lmforge.models.vit import ImageClassifier
 
     kinds: dict[type, tuple[str, str]] = {
         MaskedLMHead: ("encoder-mlm", "bert"),
         SequenceClassifier: ("sequence-classifier", "bert"),
         TokenClassifier: ("token-classifier", "bert"),
+        ImageClassifier: ("image-classifier", "vit"),
     }
     if isinstance(model, Decoder):
         kind, family = "decoder", model.cfg.arch
@@ -160,6 +165,10 @@ def infer_manifest(path: Path) -> Manifest:
                 else "encoder-mlm"
             )
             return Manifest(kind=kind, family="bert", source="hf", tokenizer=tok, **guess)
+        if model_type == "vit":
+            return Manifest(
+                kind="image-classifier", family="vit", source="hf", tokenizer=None, **guess
+            )
         return Manifest(kind="decoder", family=str(model_type), source="hf", tokenizer=tok, **guess)
     raise CheckpointError(
         f"{path}: neither manifest.json, config.yaml (lmforge) nor config.json (Hugging Face); "
@@ -187,6 +196,8 @@ def _infer_lmforge(path: Path, tok: str | None, guess: dict[str, Any]) -> Manife
         return Manifest(kind=kind, family="bert", lora=cfg.get("method") == "lora", **common)
     if task == "mlm":
         return Manifest(kind="encoder-mlm", family="bert", **common)
+    if task == "classify-image":
+        return Manifest(kind="image-classifier", family="vit", **common)
     lora = cfg.get("method") in ("lora", "dora", "qlora")  # a finetune run's own checkpoints
     family = model.get("arch", "gpt2") if isinstance(model, dict) else "gpt2"
     return Manifest(kind="decoder", family=str(family), lora=lora, **common)
