@@ -23,7 +23,7 @@ from lmforge.checkpoint.store import find_checkpoint, load_weights, pointed
 from lmforge.config import read_yaml, validate_config
 from lmforge.errors import CheckpointError
 
-CLASSIFIERS = ("sequence-classifier", "token-classifier")
+CLASSIFIERS = ("sequence-classifier", "token-classifier", "image-classifier")
 
 # What each kind is, and what to do with it instead, for the wrong-kind error.
 _WHAT = {
