@@ -92,3 +92,14 @@ def test_bad_input_fails_with_the_reason(tmp_path: Path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["classify-image", "--model.patch_size=3", f"--out_dir={tmp_path / 'r'}"]) == 2
     assert "divisible by model.patch_size" in capsys.readouterr().err
+
+
+def test_export_hf_reloads_in_transformers_with_equal_logits(run_dir: Path, tmp_path: Path):
+    transformers = pytest.importorskip("transformers")
+    assert main(["export", f"--checkpoint={run_dir}", f"--out_dir={tmp_path / 'hf'}"]) == 0
+    model, _, _ = lmforge.load(run_dir)
+    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).logits, model(x), atol=1e-5, rtol=1e-4)
+    assert hf.config.id2label[7] == "7"

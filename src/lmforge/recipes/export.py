@@ -32,5 +32,11 @@ class ExportConfig(Section):
 
 def export(cfg: ExportConfig) -> Path:
     """Load ``cfg.checkpoint`` on the CPU and write it to ``cfg.out_dir``; returns that folder."""
-    model, tokenizer, _ = load(cfg.checkpoint, torch.device("cpu"), expect="decoder")
+    model, tokenizer, manifest = load(
+        cfg.checkpoint, torch.device("cpu"), expect=("decoder", "image-classifier")
+    )
+    if manifest.kind == "image-classifier":  # ViTForImageClassification (interop/hf_vit.py)
+        from lmforge.interop.hf_vit import export_hf_vit
+
+        return export_hf_vit(model, cfg.out_dir)
     return export_hf(model, tokenizer, cfg.out_dir)
