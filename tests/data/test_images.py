@@ -51,6 +51,12 @@ def test_bad_npz_is_a_data_error(tmp_path, arrays, msg):
         read_images(tmp_path / "bad.npz")
 
 
+def test_other_files_are_refused(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(DataError, match="not a .npz"):
+        read_images(tmp_path / "x.txt")
+
+
 def test_class_folders_grey_and_colour(tmp_path):
     for name, value in (("10", 200), ("2", 50)):
         (tmp_path / name).mkdir()

@@ -56,6 +56,8 @@ def read_images(path: str | Path, names: list[str] | None = None) -> ImageSet:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder (give a folder of class folders or a .npz)")
+    if p.is_file() and p.suffix != ".npz":
+        raise DataError(f"{p}: not a .npz; give a folder of class folders or a .npz of arrays")
     data = read_npz(p) if p.is_file() else read_folder(p)
     return relabel(data, names) if names is not None else data
 
