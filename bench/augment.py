@@ -7,7 +7,7 @@ default pipeline (crop p=0.5, colour jitter p=0.5, noise p=0.3; no flip: a mirro
 another glyph) plus, in a third arm, MixUp/CutMix on half the batches. Printed: per-seed test
 accuracy / macro-F1, and mean ± sample standard deviation per arm.
 
-    python bench/augment.py                   # 3 seeds × 3 arms (≈ 15-25 min on 2 shared cores)
+    python bench/augment.py                   # 3 seeds × 3 arms (1,930 s on 2 cores shared with 4 other jobs)
     python bench/augment.py --seeds 1 --steps 40   # smoke test: checks that it runs, no figure
 """
 
