@@ -119,6 +119,16 @@ def _classify(cfg: Any) -> int:
     return 0
 
 
+def _classify_image(cfg: Any) -> int:
+    from lmforge.recipes.classify_image import classify_image
+
+    summary = classify_image(cfg)
+    keep = ("run_dir", "steps", "stop_reason", "best_checkpoint", "eval_accuracy", "eval_f1_macro")
+    print(json.dumps({k: summary[k] for k in keep + ("eval_roc_auc", "eval_ece", "wall_seconds",
+                                                     "report") if k in summary}, indent=2))  # fmt: skip
+    return 0
+
+
 def _finetune(cfg: Any) -> int:
     from lmforge.recipes.finetune import finetune, print_summary
 
@@ -252,6 +262,12 @@ COMMANDS: dict[str, Command] = {
         recipe="classify",
         preset="support_tickets",
         nproc=True,
+    ),
+    "classify-image": Command(
+        "train a Vision Transformer to classify images (no arguments: the 8x8 digits in sklearn)",
+        _config_of("lmforge.recipes.classify_image", "ClassifyImageConfig"),
+        _classify_image,
+        recipe="classify_image",
     ),
     "export": Command(
         "write a checkpoint for its runtime: --format hf|onnx|gguf, checked by that runtime",

@@ -23,7 +23,7 @@ from lmforge.checkpoint.store import find_checkpoint, load_weights, pointed
 from lmforge.config import read_yaml, validate_config
 from lmforge.errors import CheckpointError
 
-CLASSIFIERS = ("sequence-classifier", "token-classifier")
+CLASSIFIERS = ("sequence-classifier", "token-classifier", "image-classifier")
 
 # What each kind is, and what to do with it instead, for the wrong-kind error.
 _WHAT = {
@@ -35,6 +35,8 @@ _WHAT = {
     "token-classifier": "a token classifier: use it from Python with lmforge.load",
     "encoder-decoder": "an encoder-decoder (T5/BART) model: fine-tune it with `lmforge "
     "seq2seq --init {path}`, or use it from Python with lmforge.load",
+    "image-classifier": "a ViT image classifier (lmforge classify-image): use `lmforge explain "
+    "--checkpoint {path} --image FILE` or lmforge.load",
     "adapter": "a LoRA adapter for base {base}: use `lmforge merge --base {base} --adapter "
     "{path} --out_dir MERGED` and pass MERGED",
 }
@@ -44,7 +46,7 @@ class Loaded(NamedTuple):
     """What ``load`` returns; unpacks as ``model, tokenizer, manifest``."""
 
     model: nn.Module
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer  # None only for image-classifier (pixels need no tokenizer)
     manifest: Manifest
 
 
@@ -69,7 +71,7 @@ def load(
             ckpt, manifest = best, manifest_of(best)
     check_kind(manifest, expect)
     model, tokenizer = _build(ckpt, manifest, device)
-    if tokenizer is None:
+    if tokenizer is None and manifest.kind != "image-classifier":
         raise CheckpointError(
             f"{ckpt}: no tokenizer could be loaded (tokenizer.json missing, or a GGUF "
             "tokenizer lmforge cannot build); generate and eval need one"
@@ -103,6 +105,10 @@ def _build(
             from lmforge.interop.hf_seq2seq import load_hf_seq2seq
 
             return load_hf_seq2seq(ckpt)
+        if manifest.kind == "image-classifier":
+            from lmforge.interop.hf_vit import load_hf_vit
+
+            return load_hf_vit(ckpt), None
         from lmforge.interop import hf_bert
 
         if manifest.kind == "sequence-classifier":
@@ -124,6 +130,11 @@ def _build(
 
         source = f"{cfg_path} (model)"
         model = Seq2Seq(validate_config(Seq2SeqConfig, cfg.get("model") or {}, source))
+    elif manifest.kind == "image-classifier":
+        from lmforge.models.vit import ImageClassifier, ViTConfig
+
+        vit_cfg = validate_config(ViTConfig, cfg.get("model") or {}, f"{cfg_path} (model)")
+        model = ImageClassifier(vit_cfg)
     else:
         model = _encoder(cfg, manifest, str(cfg_path))
     load_weights(model, ckpt)

@@ -36,6 +36,7 @@ Kind = Literal[
     "encoder-mlm",
     "sequence-classifier",
     "token-classifier",
+    "image-classifier",
     "adapter",
     "encoder-decoder",
 ]
@@ -73,11 +74,13 @@ def describe(model: nn.Module, tokenizer: bool, sharded_optimizer: bool = False)
     family from its config, ``lora`` when peft adapter modules are in it."""
     from lmforge.models.decoder import Decoder
     from lmforge.models.encoder import MaskedLMHead, SequenceClassifier, TokenClassifier
+    from lmforge.models.vit import ImageClassifier
 
     kinds: dict[type, tuple[str, str]] = {
         MaskedLMHead: ("encoder-mlm", "bert"),
         SequenceClassifier: ("sequence-classifier", "bert"),
         TokenClassifier: ("token-classifier", "bert"),
+        ImageClassifier: ("image-classifier", "vit"),
     }
     from lmforge.models.seq2seq import Seq2Seq
 
@@ -175,6 +178,10 @@ def infer_manifest(path: Path) -> Manifest:
             return Manifest(
                 kind="encoder-decoder", family=model_type, source="hf", tokenizer=tok, **guess
             )
+        if model_type == "vit":
+            return Manifest(
+                kind="image-classifier", family="vit", source="hf", tokenizer=None, **guess
+            )
         return Manifest(kind="decoder", family=str(model_type), source="hf", tokenizer=tok, **guess)
     raise CheckpointError(
         f"{path}: neither manifest.json, config.yaml (lmforge) nor config.json (Hugging Face); "
@@ -205,6 +212,8 @@ def _infer_lmforge(path: Path, tok: str | None, guess: dict[str, Any]) -> Manife
     if task == "seq2seq":
         style = model.get("style", "t5") if isinstance(model, dict) else "t5"
         return Manifest(kind="encoder-decoder", family=str(style), **common)
+    if task == "classify-image":
+        return Manifest(kind="image-classifier", family="vit", **common)
     lora = cfg.get("method") in ("lora", "dora", "qlora")  # a finetune run's own checkpoints
     family = model.get("arch", "gpt2") if isinstance(model, dict) else "gpt2"
     return Manifest(kind="decoder", family=str(family), lora=lora, **common)

@@ -30,7 +30,11 @@ from lmforge.errors import ConfigError
 
 class ExplainConfig(Section):
     checkpoint: str = Field(description="decoder or sequence-classifier checkpoint / run folder")
-    prompt: str = Field(description="the input text to explain")
+    prompt: str = Field("", description="the input text to explain (text models)")
+    image: str | None = Field(
+        None, description="ViT checkpoints: an image file, FILE.npz:INDEX or digits:INDEX"
+    )
+    block: int = Field(0, description="ViT: Grad-CAM on this block's input; -1 = the last")
     out_dir: str = Field(description="folder for index.html and the PNGs")
     target: str | None = Field(
         None, description="decoders: the next token's text; classifiers: a label name; "
@@ -52,8 +56,14 @@ def _labels(checkpoint: Path, n: int) -> list[str]:
 def explain(cfg: ExplainConfig) -> Path:
     """Explain ``cfg.prompt`` under ``cfg.checkpoint``; returns the HTML page's path."""
     model, tokenizer, manifest = load(
-        cfg.checkpoint, "cpu", expect=("decoder", "sequence-classifier")
+        cfg.checkpoint, "cpu", expect=("decoder", "sequence-classifier", "image-classifier")
     )
+    if manifest.kind == "image-classifier":  # Grad-CAM + attention rollout (diagnose/gradcam.py)
+        from lmforge.diagnose.gradcam import explain_image
+
+        if cfg.image is None:
+            raise ConfigError("this is an image classifier: give --image FILE (or digits:INDEX)")
+        return explain_image(model, cfg.image, Path(cfg.out_dir), cfg.target, cfg.block)
     decoder = manifest.kind == "decoder"
     ids_list = tokenizer.encode(cfg.prompt).ids
     if not ids_list:

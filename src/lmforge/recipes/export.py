@@ -42,6 +42,7 @@ from lmforge.interop import export_checks as checks
 from lmforge.interop.export_checks import Check
 from lmforge.models.decoder import Decoder
 from lmforge.models.seq2seq import Seq2Seq
+from lmforge.models.vit import ImageClassifier
 
 log = logging.getLogger(__name__)
 LOGIT_ATOL = 1e-4  # fp32 export read back vs the source, max |logit diff|
@@ -106,6 +107,11 @@ def _load(
             f"{ckpt} is a LoRA adapter, not a model: merge it into its base first — pass the "
             f"base as --checkpoint and this folder as --adapter (merged and checked here), or "
             f"run `lmforge merge --base BASE --adapter {ckpt} --out_dir MERGED` and export MERGED"
+        )
+    if kind == "image-classifier" and cfg.format != "hf":
+        raise CheckpointError(
+            f"{ckpt} is a ViT image classifier: lmforge exports those to --format hf "
+            "(transformers' ViTForImageClassification reads it) only"
         )
     if kind == "encoder-decoder" and cfg.format != "hf":
         raise CheckpointError(
@@ -209,6 +215,18 @@ def _hf(model: nn.Module, tokenizer: Tokenizer, fmt: ChatFormat | None, staging:
         cfg: ExportConfig) -> list[Check]:  # fmt: skip
     """A transformers folder (with the chat template and every stop id), read back by lmforge's
     Hugging Face reader, which finds special tokens as transformers does."""
+    if isinstance(model, ImageClassifier):  # ViTForImageClassification (interop/hf_vit.py)
+        from lmforge.interop.hf_vit import export_hf_vit
+
+        export_hf_vit(model, staging)
+        back = load(staging)[0]
+        c = model.cfg
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(2, c.num_channels, c.image_size, c.image_size, generator=g)
+        with torch.no_grad():
+            diff = float((model(images) - back(images)).abs().max())
+        return [Check("hf logits", diff <= 1e-4, f"max |logit diff| {diff:.2e} after reading the "
+                      "folder back (random images)")]  # fmt: skip
     if isinstance(model, Seq2Seq):  # T5/BART: AutoModelForSeq2SeqLM reads it
         from lmforge.interop.hf_seq2seq import export_hf_seq2seq
 
