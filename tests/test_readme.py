@@ -50,6 +50,10 @@ NOT_RUN = {
     "tests/serve/test_web_runs.py runs the command on port 0",
     "lmforge tune --recipe pretrain --space space.yaml --n_trials 20 --out_dir tune-lr": "20 "
     "training runs; tests/tune/ run searches of 3-4 tiny trials (slow)",
+    "lmforge classify-image": "the demo trains ~2 min here; tests/recipes/test_classify_image.py "
+    "runs short digits runs",
+    "lmforge explain --checkpoint runs/img --image digits:0 --out_dir cam": "needs an image "
+    "classifier run; tests/diagnose/test_gradcam.py runs explain on one",
     "lmforge seq2seq": "the demo trains ~2-4 min here; tests/recipes/test_seq2seq.py runs micro "
     "runs by default and the demo itself (slow)",
 }
