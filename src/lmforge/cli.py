@@ -143,6 +143,16 @@ def _mlm(cfg: Any) -> int:
     return 0
 
 
+def _compress(name: str) -> Callable[[Any], int]:
+    def run(cfg: Any) -> int:
+        import lmforge.recipes.compress as recipe
+
+        print(json.dumps(getattr(recipe, name)(cfg), indent=2))
+        return 0
+
+    return run
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -240,6 +250,13 @@ COMMANDS: dict[str, Command] = {
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
+    ),
+    "compress quantize": Command(
+        "quantize a checkpoint's linear layers (int8 dynamic, int8 or int4 weight-only, torchao); "
+        "quality measured before and after",
+        _config_of("lmforge.recipes.compress", "QuantizeConfig"),
+        _compress("quantize"),
+        recipe="quantize",
     ),
 }
 

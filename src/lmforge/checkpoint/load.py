@@ -115,7 +115,12 @@ def _build(
         model = _decoder(ckpt, cfg, manifest)
     else:
         model = _encoder(cfg, manifest, str(cfg_path))
-    load_weights(model, ckpt)
+    if manifest.quantization:  # torchao tensors, stored as plain tensors + a description
+        from lmforge.checkpoint.quantized import load_quantized
+
+        load_quantized(model, ckpt)
+    else:
+        load_weights(model, ckpt)
     tokenizer = None
     if manifest.tokenizer and (ckpt / manifest.tokenizer).is_file():
         from lmforge.data.tokenizer import load_tokenizer

@@ -53,6 +53,9 @@ class Manifest(Section):
         False, description="weights carry peft LoRA modules (a LoRA/DoRA training checkpoint)"
     )
     base: str | None = Field(None, description="adapter: the base model it was trained on")
+    quantization: str | None = Field(
+        None, description="torchao method of quantized weights (lmforge compress quantize)"
+    )
     # Where it was read from and whether it was guessed; never written into the file.
     path: Path | None = Field(None, exclude=True)
     inferred: bool = Field(False, exclude=True)

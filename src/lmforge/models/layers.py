@@ -135,15 +135,17 @@ class CausalSelfAttention(nn.Module):
         rope: RotaryEmbedding | None,
         qkv_bias: bool | None = None,
         causal: bool = True,
+        head_dim: int | None = None,
     ) -> None:
         super().__init__()
-        assert d_model % n_head == 0 and n_head % n_kv_head == 0
+        # head_dim given: a structurally pruned block keeps fewer heads of the model's head size
+        assert (head_dim or d_model % n_head == 0) and n_head % n_kv_head == 0
         self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = d_model // n_head
+        self.head_dim = head_dim or d_model // n_head
         # Qwen2 has biases on q/k/v only: ``qkv_bias`` overrides ``bias`` for this projection.
         qkv_bias = bias if qkv_bias is None else qkv_bias
         self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
         self.rope = rope
