@@ -258,6 +258,13 @@ COMMANDS: dict[str, Command] = {
         _compress("quantize"),
         recipe="quantize",
     ),
+    "compress prune": Command(
+        "prune a checkpoint: magnitude (unstructured) or heads and MLP channels (structured, "
+        "smaller); quality before/after, a sparsity sweep plot, optional recovery fine-tune",
+        _config_of("lmforge.recipes.compress", "PruneConfig"),
+        _compress("prune"),
+        recipe="prune",
+    ),
 }
 
 
