@@ -153,6 +153,13 @@ def _compress(name: str) -> Callable[[Any], int]:
     return run
 
 
+def _distill(cfg: Any) -> int:
+    from lmforge.recipes.distill import distill
+
+    print(json.dumps(distill(cfg), indent=2))
+    return 0
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -264,6 +271,13 @@ COMMANDS: dict[str, Command] = {
         _config_of("lmforge.recipes.compress", "PruneConfig"),
         _compress("prune"),
         recipe="prune",
+    ),
+    "distill": Command(
+        "train a smaller student on a teacher's next-token distributions (KL at temperature T "
+        "+ cross-entropy)",
+        _config_of("lmforge.recipes.distill", "DistillConfig"),
+        _distill,
+        recipe="distill",
     ),
 }
 
