@@ -61,7 +61,9 @@ class Manifest(Section):
     inferred: bool = Field(False, exclude=True)
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+        # quantization only when set: float checkpoints keep the manifest they always had
+        skip = {"quantization"} if self.quantization is None else set()
+        return json.dumps(self.model_dump(mode="json", exclude=skip), indent=2) + "\n"
 
 
 def describe(model: nn.Module, tokenizer: bool, sharded_optimizer: bool = False) -> Manifest:

@@ -172,6 +172,8 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
             "--recover_steps=0"
         )
     data = cfg.data or default_data(manifest)
+    if decoder and cfg.context > model.cfg.context_length:  # calibration windows must fit
+        cfg = cfg.model_copy(update={"context": model.cfg.context_length})
     t0 = time.perf_counter()
     before = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes)
     size_before, params_before = float_bytes(model), count_params(model)
