@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
 import lmforge
 from lmforge.cli import resolve_config
+from lmforge.compress.measure import SHIPPED_LABELLED
 from lmforge.config import parse_overrides
 from lmforge.generate import generate_batch
 from lmforge.recipes.compress import PruneConfig, QuantizeConfig, prune, quantize
@@ -55,6 +56,12 @@ def make_variants(
     common = {"checkpoint": source, "num_threads": args.threads}
     if decoder:
         common["max_eval_bytes"] = args.eval_bytes
+    elif args.cls_rows:  # the first N rows of the shipped test set (the figures say N)
+        rows_csv = work / "test_subset.csv"
+        rows_csv.parent.mkdir(parents=True, exist_ok=True)
+        lines = SHIPPED_LABELLED.read_text(encoding="utf-8").splitlines(keepends=True)
+        rows_csv.write_text("".join(lines[: args.cls_rows + 1]), encoding="utf-8")
+        common["data"] = str(rows_csv)
     for method in QUANT:
         out = work / method
         r = quantize(QuantizeConfig(**common, out_dir=str(out), method=method))
@@ -161,9 +168,10 @@ def demo_run(work: Path, args: argparse.Namespace) -> str:
 def minilm_run(work: Path, args: argparse.Namespace) -> str:
     from lmforge.recipes.classify import ClassifyConfig, classify
 
-    overrides = {"out_dir": str(work / "minilm"), "train.num_threads": args.threads}
-    if args.quick:
-        overrides |= {"train.max_steps": 10, "train.eval_every": 10, "train.save_every": 10}
+    n = 10 if args.quick else args.minilm_steps
+    overrides = {"out_dir": str(work / "minilm"), "train.num_threads": args.threads,
+                 "train.max_steps": n, "train.eval_every": n, "train.save_every": n,
+                 "sched.warmup_steps": max(1, n // 10)}  # fmt: skip
     return classify(resolve_config("classify", None, _typed(overrides, ClassifyConfig)))["run_dir"]
 
 
@@ -182,6 +190,8 @@ def main() -> None:
     p.add_argument("--minilm", help="classifier run folder; default: lmforge classify's preset")
     p.add_argument("--skip", nargs="*", default=[], choices=["demo", "smollm", "minilm"])
     p.add_argument("--eval-bytes", type=int, default=30_000)
+    p.add_argument("--minilm-steps", type=int, default=120, help="classify's preset: 120")
+    p.add_argument("--cls-rows", type=int, default=0, help="score the first N test rows; 0 = all")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--recover", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)

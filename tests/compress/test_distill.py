@@ -144,3 +144,29 @@ def test_cli_writes_a_student_checkpoint_and_refuses_another_vocabulary(
     capsys.readouterr()
     assert main([*args, f"--out_dir={tmp_path / 'bad'}", "--student.vocab_size=99"]) == 2
     assert "must equal the teacher's" in capsys.readouterr().err
+
+
+def test_cli_distills_a_classifier_into_a_smaller_encoder(tmp_path: Path) -> None:
+    from lmforge.data.classification import default_paths
+
+    rows = default_paths()["train"].read_text().splitlines()
+    train = tmp_path / "train.csv"
+    train.write_text("\n".join(rows[:201]) + "\n")
+    test = tmp_path / "test.csv"
+    test.write_text("\n".join(rows[:1] + rows[201:261]) + "\n")
+    teacher = tmp_path / "teacher"
+    assert main(["classify", "--config=tiny_random", "--tokenizer_vocab=300", "--model.n_layer=1",
+                 "--model.d_model=32", "--model.n_head=2", "--train.batch_size=16",
+                 "--train.max_steps=4", "--train.eval_every=4", "--train.save_every=4",
+                 "--sched.warmup_steps=1", f"--data.train={train}", f"--data.test={test}",
+                 f"--out_dir={teacher}"]) == 0  # fmt: skip
+    assert main(["distill", f"--teacher={teacher}", "--student_encoder.n_layer=1",
+                 "--student_encoder.d_model=16", "--student_encoder.n_head=2",
+                 "--train.max_steps=4", "--train.batch_size=8", "--sched.warmup_steps=1",
+                 f"--out_dir={tmp_path / 'student'}"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    student, _, manifest = lmforge.load(tmp_path / "student", expect="sequence-classifier")
+    assert manifest.kind == "sequence-classifier" and summary["steps"] == 4
+    assert summary["student_parameters"] < summary["teacher_parameters"]
+    assert summary["test_data"] == str(test)  # the teacher's own test file
+    assert 0 <= summary["student_accuracy"] <= 1 and 0 <= summary["teacher_f1_macro"] <= 1

@@ -1,8 +1,14 @@
-"""``lmforge distill --teacher PATH``: train a smaller decoder (the student) on a teacher's
-next-token distributions — loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE
-(``compress/distill.py``) — with the shared training loop, on the teacher's tokenizer.
+"""``lmforge distill --teacher PATH``: train a smaller model (the student) on a teacher's
+distributions — loss = α·T²·KL(teacher_T ‖ student_T) + (1−α)·CE (``compress/distill.py``) —
+with the shared training loop, on the teacher's tokenizer.
 
     lmforge distill --teacher runs/pretrain-… --student.n_layer=2 --student.d_model=128
+    lmforge distill --teacher runs/classify-… --student_encoder.n_layer=2   # a classifier
+
+A decoder teacher: next-token distributions on a text. A sequence-classifier teacher (written
+by ``lmforge classify``): class distributions on its own training file (its config.yaml names
+the columns and labels); the student is a smaller encoder with the teacher's head and
+tokenizer, scored by accuracy and macro-F1 on the teacher's test file (or the shipped one).
 
 Setup → text split into training text and a held-out tail → teacher loaded and frozen →
 student built from ``student`` (vocabulary and context from the teacher unless set) → fit →
@@ -28,6 +34,7 @@ from lmforge.compress.short_fit import fit_on_tokens
 from lmforge.config import Section
 from lmforge.errors import ConfigError
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.encoder import EncoderConfig
 from lmforge.train.device import setup_device
 from lmforge.train.loop import TrainConfig
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
@@ -47,8 +54,15 @@ class DistillConfig(Section):
         DecoderConfig(arch="llama", n_layer=2, n_head=4, d_model=128, context_length=128),
         description="the student's architecture; vocab_size null = the teacher's (it must be)",
     )
+    student_encoder: EncoderConfig = Field(
+        EncoderConfig(n_layer=2, n_head=4, d_model=128, dropout=0.1),
+        description="a classifier teacher: the student encoder (vocabulary, padding id and "
+        "positions from the teacher)",
+    )
     data: str | None = Field(
-        None, description="UTF-8 training text; null = the shipped TinyShakespeare"
+        None,
+        description="decoders: UTF-8 training text (null = the shipped TinyShakespeare); "
+        "classifiers: labelled training file (null = the teacher's data.train, else shipped)",
     )
     max_eval_bytes: int = Field(
         100_000, gt=0, description="bytes at the end of data held out and scored"
@@ -80,8 +94,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         raise ConfigError(
             "train.device: lmforge distill runs on the CPU for now (train.device=cpu)"
         )
+    loaded = load(cfg.teacher, device, expect=("decoder", "sequence-classifier"))
+    if loaded.manifest.kind == "sequence-classifier":
+        return _distill_classifier(cfg, loaded, t_start)
     text = read_text(cfg.data or SHIPPED_TEXT)
-    teacher, tokenizer, manifest = load(cfg.teacher, device, expect="decoder")
+    teacher, tokenizer, manifest = loaded
     vocab = teacher.cfg.vocab_size
     if cfg.student.vocab_size not in (None, vocab):
         raise ConfigError(
@@ -138,3 +155,98 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
         return runs.finish(run, summary)
+
+
+def _distill_classifier(cfg: DistillConfig, loaded: Any, t_start: float) -> dict[str, Any]:
+    """The classifier form: teacher and student see the same batches of the labelled file."""
+    import yaml
+
+    from lmforge.compress.measure import SHIPPED_LABELLED, classifier_quality
+    from lmforge.config import read_yaml, validate_config
+    from lmforge.data.classification import (
+        ClassificationBatches,
+        ClassifyDataConfig,
+        default_paths,
+        encode_labels,
+        encode_texts,
+        read_examples,
+    )
+    from lmforge.models.encoder import Encoder, HeadConfig, SequenceClassifier
+    from lmforge.train.loop import fit
+    from lmforge.train.optim import build_optimizer
+
+    teacher, tokenizer, manifest = loaded
+    saved = read_yaml(manifest.path / "config.yaml")
+    where = f"{manifest.path / 'config.yaml'}"
+    data_cfg = validate_config(ClassifyDataConfig, saved.get("data", {}), f"{where} (data)")
+    head = validate_config(HeadConfig, saved.get("head") or {}, f"{where} (head)")
+    if head.task != "sequence" or data_cfg.multi_label:
+        raise ConfigError(f"{manifest.path}: distill takes single-label sequence classifiers")
+    train_path = cfg.data or data_cfg.train or str(default_paths()["train"])
+    test_path = data_cfg.test or str(SHIPPED_LABELLED)
+    examples = read_examples(train_path, data_cfg)
+    y = encode_labels(examples, data_cfg.labels or [], False)
+    rows = encode_texts(tokenizer, examples, data_cfg.max_length)
+    t_enc = teacher.encoder.cfg
+    enc = cfg.student_encoder.model_copy(update={"vocab_size": t_enc.vocab_size,
+                                                 "pad_id": t_enc.pad_id,
+                                                 "context_length": t_enc.context_length})  # fmt: skip
+    cfg = cfg.model_copy(update={"student_encoder": enc})
+    run = runs.start("distill", cfg.out_dir)
+    with runs.failure_note(run):
+        runs.write_config(run, cfg)
+        torch.manual_seed(cfg.train.seed)
+        student = SequenceClassifier(Encoder(enc), head)
+        signal = TeacherSignal(teacher, student, cfg.alpha, cfg.temperature, cfg.top_k)
+        batches = _ClassifierBatches(
+            ClassificationBatches(rows, y, cfg.train.batch_size, cfg.train.seed, t_enc.pad_id)
+        )
+        saved_cfg = {**saved, "model": enc.model_dump(mode="json")}
+        tok_path = run.dir / "tokenizer.json"
+        tok_path.write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+        try:
+            result = fit(
+                student, build_optimizer(student, cfg.optim), batches, cfg.train,
+                peak_lr=cfg.optim.lr, sched=cfg.sched, run_dir=run.dir, device=torch.device("cpu"),
+                checkpoint_files={"config.yaml": yaml.safe_dump(saved_cfg, sort_keys=False),
+                                  "tokenizer.json": tok_path},
+                loss_fn=signal.loss_fn,
+            )  # fmt: skip
+        finally:
+            signal.remove()
+        best = load(run.dir, expect="sequence-classifier")  # the student as written
+        teacher_q = classifier_quality(teacher, tokenizer, manifest, test_path)
+        student_q = classifier_quality(best.model, tokenizer, best.manifest, test_path)
+        summary = {
+            "run_dir": str(run.dir),
+            "teacher": str(manifest.path),
+            "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+            "student_parameters": sum(p.numel() for p in student.parameters()),
+            "steps": result.step,
+            "alpha": cfg.alpha,
+            "temperature": cfg.temperature,
+            "test_data": test_path,
+            **{f"teacher_{k}": v for k, v in teacher_q.items()},
+            **{f"student_{k}": v for k, v in student_q.items()},
+            "wall_seconds": time.perf_counter() - t_start,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        }
+        return runs.finish(run, summary)
+
+
+class _ClassifierBatches:
+    """``ClassificationBatches`` in ``fit``'s (idx, y, keyword tensors) form (as classify's
+    own adapter; recipes do not import each other)."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches, self.context = batches, batches.context
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        inputs, y = self.batches.next_batch()
+        return inputs["idx"], y, {k: v for k, v in inputs.items() if k != "idx"}
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches.load_state_dict(state)
