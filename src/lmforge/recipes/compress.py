@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge.checkpoint.load import load
 from lmforge.compress.folder import check_out_dir, float_bytes, write_compressed, write_report
@@ -153,6 +153,13 @@ class PruneConfig(Section):
     recover_lr: float = Field(3e-4, gt=0, description="recovery fine-tune peak learning rate")
     seed: int = Field(0, ge=0, description="seed of calibration and recovery batches")
     num_threads: int | None = Field(None, gt=0, description="CPU threads; null = torch's default")
+
+    @field_validator("sweep")
+    @classmethod
+    def _amounts(cls, v: list[float]) -> list[float]:
+        if bad := [a for a in v if not 0 <= a < 1]:
+            raise ValueError(f"amounts must be in [0, 1), got {bad}")
+        return v
 
 
 def prune(cfg: PruneConfig) -> dict[str, Any]:
