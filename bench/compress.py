@@ -68,7 +68,9 @@ def make_variants(
         rows.append({"name": method, "path": out, "report": r})
         print(f"  {method}: {_quality_line(r['quality'])}", flush=True)
     prunes = [("magnitude-global 50 %", {"method": "magnitude-global", "amount": 0.5})]
-    if decoder and args.light:  # no calibration pass: a 135M model's backward is minutes here
+    if args.quant_only:
+        prunes = []
+    elif decoder and args.light:  # no calibration pass: a 135M model's backward is minutes here
         prunes += [
             (
                 "structured 10 % (magnitude score)",
@@ -203,6 +205,8 @@ def main() -> None:
         help="decoders: quantization, magnitude "
         "pruning and 10 %% structured (weight-norm score) only",
     )
+    p.add_argument("--quant-only", action="store_true", help="quantization rows only")
+    p.add_argument("--in-process", action="store_true", help="SmolLM2: load once (in_process)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -229,6 +233,10 @@ def main() -> None:
         t0 = time.perf_counter()
         source = source_of()
         print(f"{key}: {source}", flush=True)
+        if key == "smollm" and args.in_process:
+            lines += [f"\n**{key}** (`{source}`)\n", *in_process(source, args)]
+            print("\n".join(lines), flush=True)
+            continue
         rows = make_variants(source, work / key, decoder, args)
         paths = {"fp32": source, **{r["name"]: r["path"] for r in rows}}
         speeds = time_variants(paths, decoder, args.rounds, args.new_tokens)
@@ -264,3 +272,48 @@ def _typed(overrides: dict[str, Any], config: type) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+
+
+def in_process(source: str, args: argparse.Namespace) -> list[str]:
+    """The quantization rows for a model too big to reload per command on a busy machine:
+    loaded once, scored once in float, then each method on a copy with the commands' own
+    functions (``quantize_model``, ``save_quantized``, ``lm_quality``); speed round-robin."""
+    import copy
+
+    from lmforge.checkpoint.quantized import save_quantized
+    from lmforge.compress.folder import float_bytes
+    from lmforge.compress.measure import SHIPPED_TEXT, held_out, lm_quality
+    from lmforge.compress.quantize import quantize_model
+
+    model, tok, _ = lmforge.load(source)
+    text = held_out(SHIPPED_TEXT.read_text(encoding="utf-8"), args.eval_bytes)
+    models = {"fp32": model}
+    quality = {"fp32": lm_quality(model, tok, text)["val_bpb"]}
+    size = {"fp32": float_bytes(model)}
+    work = Path(tempfile.mkdtemp(prefix="bench-compress-inproc-"))
+    for method in QUANT:
+        m = copy.deepcopy(model)
+        quantize_model(m, method)
+        save_quantized(m, work / f"{method}.safetensors")
+        size[method] = (work / f"{method}.safetensors").stat().st_size
+        quality[method] = lm_quality(m, tok, text)["val_bpb"]
+        models[method] = m
+        print(f"  {method}: val_bpb {quality['fp32']:.4f} → {quality[method]:.4f}", flush=True)
+    prompt = tok.encode("ROMEO:\nWhat say you, my lord?").ids
+    speeds: dict[str, list[float]] = {n: [] for n in models}
+    for r in range(args.rounds + 1):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            out = generate_batch(m, [prompt], max_new_tokens=args.new_tokens)[0]
+            if r:
+                speeds[name].append(len(out) / (time.perf_counter() - t0))
+    lines = ["| smollm (in process) | size | tokens/s at batch 1, median (min–max) | val_bpb (Δ) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name in models:
+        s = speeds[name]
+        lines.append(
+            f"| {name} | {size[name] / 2**20:.1f} MiB ({size[name] / size['fp32']:.0%}) | "
+            f"{statistics.median(s):.2f} ({min(s):.2f}–{max(s):.2f}) | "
+            f"{quality[name]:.4f} ({quality[name] - quality['fp32']:+.4f}) |"
+        )
+    return lines
