@@ -270,10 +270,6 @@ def _typed(overrides: dict[str, Any], config: type) -> dict[str, Any]:
     return parse_overrides([f"--{k}={v}" for k, v in overrides.items()], config)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def in_process(source: str, args: argparse.Namespace) -> list[str]:
     """The quantization rows for a model too big to reload per command on a busy machine:
     loaded once, scored once in float, then each method on a copy with the commands' own
@@ -317,3 +313,7 @@ def in_process(source: str, args: argparse.Namespace) -> list[str]:
             f"{quality[name]:.4f} ({quality[name] - quality['fp32']:+.4f}) |"
         )
     return lines
+
+
+if __name__ == "__main__":
+    main()
