@@ -273,8 +273,8 @@ COMMANDS: dict[str, Command] = {
         recipe="prune",
     ),
     "distill": Command(
-        "train a smaller student on a teacher's next-token distributions (KL at temperature T "
-        "+ cross-entropy)",
+        "train a smaller student on a teacher's distributions (decoders: next tokens; "
+        "classifiers: classes): KL at temperature T + cross-entropy",
         _config_of("lmforge.recipes.distill", "DistillConfig"),
         _distill,
         recipe="distill",
