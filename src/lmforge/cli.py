@@ -188,6 +188,23 @@ def _serve(cfg: Any) -> int:
     return 0
 
 
+def _compress(name: str) -> Callable[[Any], int]:
+    def run(cfg: Any) -> int:
+        import lmforge.recipes.compress as recipe
+
+        print(json.dumps(getattr(recipe, name)(cfg), indent=2))
+        return 0
+
+    return run
+
+
+def _distill(cfg: Any) -> int:
+    from lmforge.recipes.distill import distill
+
+    print(json.dumps(distill(cfg), indent=2))
+    return 0
+
+
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
     from lmforge.recipes.estimate import print_report, run
 
@@ -356,6 +373,27 @@ COMMANDS: dict[str, Command] = {
         _config_of("lmforge.recipes.seq2seq", "Seq2SeqTaskConfig"),
         _seq2seq,
         recipe="seq2seq",
+    ),
+    "compress quantize": Command(
+        "quantize a checkpoint's linear layers (int8 dynamic, int8 or int4 weight-only, torchao); "
+        "quality measured before and after",
+        _config_of("lmforge.recipes.compress", "QuantizeConfig"),
+        _compress("quantize"),
+        recipe="quantize",
+    ),
+    "compress prune": Command(
+        "prune a checkpoint: magnitude (unstructured) or heads and MLP channels (structured, "
+        "smaller); quality before/after, a sparsity sweep plot, optional recovery fine-tune",
+        _config_of("lmforge.recipes.compress", "PruneConfig"),
+        _compress("prune"),
+        recipe="prune",
+    ),
+    "distill": Command(
+        "train a smaller student on a teacher's distributions (decoders: next tokens; "
+        "classifiers: classes): KL at temperature T + cross-entropy",
+        _config_of("lmforge.recipes.distill", "DistillConfig"),
+        _distill,
+        recipe="distill",
     ),
 }
 

@@ -137,7 +137,12 @@ def _build(
         model = ImageClassifier(vit_cfg)
     else:
         model = _encoder(cfg, manifest, str(cfg_path))
-    load_weights(model, ckpt)
+    if manifest.quantization:  # torchao tensors, stored as plain tensors + a description
+        from lmforge.checkpoint.quantized import load_quantized
+
+        load_quantized(model, ckpt)
+    else:
+        load_weights(model, ckpt)
     tokenizer = None
     if manifest.tokenizer and (ckpt / manifest.tokenizer).is_file():
         from lmforge.data.tokenizer import load_tokenizer

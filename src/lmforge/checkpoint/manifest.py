@@ -61,12 +61,17 @@ class Manifest(Section):
         False, description="weights carry peft LoRA modules (a LoRA/DoRA training checkpoint)"
     )
     base: str | None = Field(None, description="adapter: the base model it was trained on")
+    quantization: str | None = Field(
+        None, description="torchao method of quantized weights (lmforge compress quantize)"
+    )
     # Where it was read from and whether it was guessed; never written into the file.
     path: Path | None = Field(None, exclude=True)
     inferred: bool = Field(False, exclude=True)
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+        # quantization only when set: float checkpoints keep the manifest they always had
+        skip = {"quantization"} if self.quantization is None else set()
+        return json.dumps(self.model_dump(mode="json", exclude=skip), indent=2) + "\n"
 
 
 def describe(model: nn.Module, tokenizer: bool, sharded_optimizer: bool = False) -> Manifest:

@@ -76,6 +76,15 @@ class RopeScaling(Section):
         return self
 
 
+class LayerShape(Section):
+    """One block's sizes after structured pruning (``lmforge compress prune``); the head size
+    stays ``d_model / n_head`` of the model config."""
+
+    n_head: int = Field(gt=0, description="query heads of this block")
+    n_kv_head: int = Field(gt=0, description="key/value heads of this block")
+    d_ff: int = Field(gt=0, description="MLP hidden width of this block")
+
+
 class DecoderConfig(Section):
     """Architecture of a decoder-only transformer. Sizes are counts, not bytes."""
 
@@ -116,6 +125,9 @@ class DecoderConfig(Section):
     rope_scaling: RopeScaling | None = Field(
         None, description="RoPE frequency scaling for long context (Llama 3.1); null = none"
     )
+    layers: list[LayerShape] | None = Field(
+        None, description="per-block sizes of a structurally pruned model; null = all blocks alike"
+    )
     init: Literal["gpt2", "xavier", "he"] = Field(
         "gpt2",
         description="weight init: gpt2 (N(0,0.02), residual projections scaled by 1/sqrt(2L)), xavier, he",
@@ -146,6 +158,14 @@ class DecoderConfig(Section):
             )
         if self.positions == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError("rope needs an even head size (model.d_model / model.n_head)")
+        if self.layers is not None:
+            if len(self.layers) != self.n_layer:
+                raise ValueError(
+                    f"model.layers lists {len(self.layers)} blocks, not n_layer={self.n_layer}"
+                )
+            for i, shape in enumerate(self.layers):
+                if shape.n_head % shape.n_kv_head:
+                    raise ValueError(f"model.layers[{i}]: n_head must be divisible by n_kv_head")
         if self.rope_scaling is not None and self.positions != "rope":
             raise ValueError(
                 f"model.rope_scaling needs model.positions: rope (got {self.positions!r})"
@@ -163,6 +183,12 @@ class DecoderConfig(Section):
         if self.mlp == "swiglu":  # 2/3 of 4·d keeps the parameter count of a GELU MLP; round to 64
             return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
         return 4 * self.d_model
+
+    def layer_shape(self, i: int) -> LayerShape:
+        """Block ``i``'s sizes: its entry in ``layers``, else the model-wide ones."""
+        if self.layers is not None:
+            return self.layers[i]
+        return LayerShape(n_head=self.n_head, n_kv_head=self.kv_heads, d_ff=self.ff_width)
 
 
 def gpt2_small() -> DecoderConfig:
@@ -202,16 +228,24 @@ class Decoder(nn.Module):
             else None
         )
         self.drop = nn.Dropout(cfg.dropout)
+        shapes = [cfg.layer_shape(i) for i in range(cfg.n_layer)]
         self.blocks = nn.ModuleList(
             Block(
                 make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
                 CausalSelfAttention(
-                    cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout, rope, cfg.qkv_bias
+                    cfg.d_model,
+                    s.n_head,
+                    s.n_kv_head,
+                    cfg.bias,
+                    cfg.dropout,
+                    rope,
+                    cfg.qkv_bias,
+                    head_dim=hd,
                 ),
                 make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
-                make_mlp(cfg.mlp, cfg.d_model, cfg.ff_width, cfg.mlp_bias, cfg.dropout),
+                make_mlp(cfg.mlp, cfg.d_model, s.d_ff, cfg.mlp_bias, cfg.dropout),
             )
-            for _ in range(cfg.n_layer)
+            for s in shapes
         )
         self.norm_f = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -284,8 +318,8 @@ class Decoder(nn.Module):
         hd = cfg.d_model // cfg.n_head
         max_len = max_len or cfg.context_length
         return [
-            KVCache.empty(batch, cfg.kv_heads, max_len, hd, p.device, dtype or p.dtype)
-            for _ in self.blocks
+            KVCache.empty(batch, b.attn.n_kv_head, max_len, hd, p.device, dtype or p.dtype)
+            for b in self.blocks
         ]
 
     def num_params(self, non_embedding: bool = False) -> int:
