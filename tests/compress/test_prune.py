@@ -123,6 +123,9 @@ def test_cli_structured_prune_writes_a_smaller_checkpoint_generate_accepts(
     assert main(["generate", f"--checkpoint={out}", "--prompt=ROMEO:", "--max_new_tokens=5",
                  "--temperature=0"]) == 0  # fmt: skip
     assert capsys.readouterr().out.startswith("ROMEO:")
+    # per-layer shapes: Hugging Face and GGUF cannot hold them, ONNX can
+    assert main(["export", f"--checkpoint={out}", "--format=gguf", f"--out_dir={tmp_path}/g"]) == 2
+    assert "pruned structurally" in capsys.readouterr().err
 
 
 def test_cli_recovery_keeps_the_zeros_and_lowers_the_loss(source: Path, tmp_path: Path) -> None:

@@ -106,10 +106,15 @@ def test_generate_and_eval_accept_a_quantized_checkpoint(
     assert bpb == pytest.approx(report["quality"]["val_bpb"]["after"], rel=0.05)
 
 
-def test_crafted_or_mismatched_quantized_files_are_refused(source: Path, tmp_path: Path) -> None:
+def test_crafted_or_mismatched_quantized_files_are_refused(
+    source: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "q"
     assert main(["compress", "quantize", f"--checkpoint={source}", f"--out_dir={out}",
                  "--max_eval_bytes=2000"]) == 0  # fmt: skip
+    # export writes float formats: it names the float checkpoint to export instead
+    assert main(["export", f"--checkpoint={out}", "--format=hf", f"--out_dir={tmp_path}/h"]) == 2
+    assert "export the float checkpoint" in capsys.readouterr().err
     weights = out / "model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

@@ -101,7 +101,13 @@ def _load(
     """The model to export (adapter merged), its tokenizer, its chat format (decoders; None when
     it cannot be built), the resolved checkpoint, and the checks that need only the source."""
     ckpt = find_checkpoint(cfg.checkpoint)
-    kind = manifest_of(ckpt).kind
+    manifest = manifest_of(ckpt)
+    kind = manifest.kind
+    if manifest.quantization:
+        raise CheckpointError(
+            f"{ckpt} holds {manifest.quantization} weights (lmforge compress quantize): export "
+            "the float checkpoint it came from (GGUF quantizes itself: --gguf_type q8_0|q4_0)"
+        )
     if kind == "adapter":
         raise CheckpointError(
             f"{ckpt} is a LoRA adapter, not a model: merge it into its base first — pass the "
@@ -126,6 +132,12 @@ def _load(
     if kind != "decoder" and cfg.adapter:
         raise ConfigError(f"--adapter: {ckpt} is a {kind}; adapters merge into decoders only")
     model, tokenizer, manifest = load(cfg.checkpoint, torch.device("cpu"))
+    if isinstance(model, Decoder) and model.cfg.layers and cfg.format != "onnx":
+        raise CheckpointError(
+            f"{ckpt} was pruned structurally (its layers have different head/MLP sizes, "
+            "model.layers), which Hugging Face and GGUF configs cannot express: export it with "
+            "--format onnx"
+        )
     ckpt = manifest.path or ckpt  # a classifier's run folder gives its best checkpoint
     found: list[Check] = []
     fmt = None
