@@ -102,6 +102,21 @@ TINY: dict[str, list[str]] = {
         "--train.log_every=2",
         "--train.num_threads=1",
     ],
+    "distill": [
+        "--student.n_layer=1",
+        "--student.d_model=16",
+        "--student.n_head=2",
+        "--student.n_kv_head=2",
+        "--student.context_length=32",
+        "--max_eval_bytes=2000",
+        "--train.max_steps=2",
+        "--train.eval_every=2",
+        "--train.save_every=2",
+        "--train.batch_size=2",
+        "--train.num_threads=1",
+        "--sched.warmup_steps=1",
+    ],
+    "compress": ["--max_eval_bytes=2000"],
     "mlm": [
         "--data.path=corpus/",
         "--data.vocab_size=300",
@@ -121,7 +136,7 @@ TINY: dict[str, list[str]] = {
 # a training run each: 20-70 s of this 2-core CPU per command (pretrain's fixed costs: imports,
 # plots, tensorboard, the final sample), so `-m slow` runs them; the fixture's one pretrain of
 # runs/x and the prepare/generate/eval/export/estimate examples run by default
-SLOW = {"pretrain", "finetune", "classify", "mlm"}
+SLOW = {"pretrain", "finetune", "classify", "mlm", "distill"}
 NEEDS_CLASSIFIER = {"lmforge eval --checkpoint runs/cls --data test.csv"}
 
 # Meta-Llama-3-8B's config.json (the README's `--model path/config.json`): read, never loaded
