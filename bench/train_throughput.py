@@ -148,10 +148,12 @@ def time_round(s: Setting, data: torch.Tensor, warmup: int, steps: int) -> float
     return data.shape[1] * (data.shape[2] - 1) / statistics.median(times)
 
 
-def matmul_peaks(n: int, repeats: int) -> dict[str, float]:
-    """Best FLOP/s of an n×n @ n×n matmul per dtype: the ceilings MFU is measured against."""
+def matmul_peaks(n: int, repeats: int, bf16_n: int | None = None) -> dict[str, float]:
+    """Best FLOP/s of an n×n @ n×n matmul per dtype: the ceilings MFU is measured against.
+    ``bf16_n``: a smaller bf16 size (--fp32 runs: emulated bf16 would take minutes)."""
     peaks = {}
     for key, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        n = bf16_n or n if key == "bf16" else n
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         times = []
         for _ in range(repeats + 1):  # the first call picks and caches the kernel: not counted
@@ -184,6 +186,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per setting before round 1")
     p.add_argument("--quick", action="store_true", help="smoke test: 2+3 steps, 1 round, batch 2")
+    p.add_argument("--fp32", action="store_true",
+                   help="fp32 rows only: CPUs without native bf16 emulate it ~50x slower")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args()
     args.batch = BATCH
@@ -261,25 +265,29 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> lis
 
 
 def start_run(
-    quick: bool, batch: int, vocab: int, context: int
+    quick: bool, batch: int, vocab: int, context: int, fp32: bool = False
 ) -> tuple[tuple[int, int], dict, torch.Tensor]:
     """What every benchmark run begins with: the thread count, quiet transformers, the matmul
     peak before timing (its (size, repeats) to measure it again after) and the data."""
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
     peak_args = (512, 3) if quick else (2048, 5)
-    before = matmul_peaks(*peak_args)
+    before = matmul_peaks(*peak_args, bf16_n=256 if fp32 else None)
     gen = torch.Generator().manual_seed(0)  # the same 4 batches, in the same order, for everyone
     return peak_args, before, torch.randint(0, vocab, (4, batch, context + 1), generator=gen)
 
 
 def main() -> None:
     args = parse_args()
-    peak_args, before, data = start_run(args.quick, args.batch, VOCAB, CONTEXT)
+    peak_args, before, data = start_run(args.quick, args.batch, VOCAB, CONTEXT, args.fp32)
     settings = make_settings()
+    if args.fp32:
+        settings = [s for s in settings if not s.bf16]
     warm_up(settings, data, args.warmup)
     other = run_rounds(settings, data, args.rounds, args.steps)
-    after = matmul_peaks(*peak_args)  # best of before and after: one noisy moment is not the peak
+    after = matmul_peaks(
+        *peak_args, bf16_n=256 if args.fp32 else None
+    )  # best of before and after: one noisy moment is not the peak
 
     meta = dict(
         command="python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
