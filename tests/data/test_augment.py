@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from lmforge.data.augment import (
     AugmentConfig,
     add_neftune,
+    augment_conversations,
     augment_examples,
     eda,
     embedding_synonyms,
@@ -103,3 +104,27 @@ def test_minilm_embeddings_give_real_synonyms() -> None:
     syn = embedding_synonyms(words, tok, emb, 3, 0.3)
     assert "charged" in syn["billed"] and "received" in syn["arrived"]
     assert "banana" not in syn
+
+
+def test_sft_copies_change_only_the_user_turns() -> None:
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "My parcel is late"},
+            {"role": "assistant", "content": "Sorry, the parcel is late"}]  # fmt: skip
+    out = augment_conversations([conv], SYN, only(p_synonym=1.0), seed=0)
+    assert len(out) == 1
+    assert out[0][0] == conv[0] and out[0][2] == conv[2]  # the target answer is untouched
+    assert out[0][1]["content"] == "My package is delayed"
+
+
+def test_byte_level_bpe_words_are_found_by_their_space_prefixed_token() -> None:
+    from lmforge.data.tokenizer import train_tokenizer
+
+    text = "the parcel arrived late. the package arrived early. " * 50
+    tok = train_tokenizer([text], vocab_size=300)
+    ids = {w: tok.encode(" " + w).ids for w in ("parcel", "package", "arrived")}
+    assert all(len(i) == 1 for i in ids.values()), ids
+    emb = torch.zeros(tok.get_vocab_size(), 2)
+    emb[ids["parcel"][0]] = emb[ids["package"][0]] = torch.tensor([1.0, 0.0])
+    emb[ids["arrived"][0]] = torch.tensor([0.0, 1.0])
+    syn = embedding_synonyms(["parcel", "package", "arrived"], tok, emb, k=1, min_sim=0.5)
+    assert syn == {"package": ["parcel"], "parcel": ["package"]}

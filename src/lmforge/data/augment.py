@@ -2,7 +2,8 @@
 
 EDA (Wei & Zou 2019): synonym replacement, random insertion (of a synonym of a word already in
 the sentence), random swap, random deletion, each applied to a share ``p`` of the words, making
-``copies`` new examples per training example with the original label. The synonyms come from
+``copies`` new examples per training example with the original label (classification) or the
+original answer (SFT: only the user turns change). The synonyms come from
 the model itself: whole-word tokens whose input embeddings are nearest (cosine) to the word's —
 no word list to ship and no download, and a pretrained encoder (MiniLM) knows that "parcel" is
 near "package". A random encoder's neighbours are noise: augment a pretrained one.
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.config import Section
+from lmforge.data.chat_template import Message
 from lmforge.data.classification import Example
 
 
@@ -50,14 +52,22 @@ class AugmentConfig(Section):
 def embedding_synonyms(
     words: Iterable[str], tokenizer: Tokenizer, embedding: torch.Tensor, k: int, min_sim: float
 ) -> dict[str, list[str]]:
-    """For each word that is one token of ``tokenizer``, up to ``k`` other such words whose
-    input embeddings (rows of ``embedding``) are nearest by cosine, above ``min_sim``."""
-    vocab = tokenizer.get_vocab()
-    lower = {w.lower() for w in words}
-    single = sorted(w for w in lower if w.isalpha() and w in vocab)
+    """For each word that is one token of ``tokenizer`` (as a word after a space), up to ``k``
+    other such words whose input embeddings (rows of ``embedding``) are nearest by cosine,
+    above ``min_sim``."""
+
+    def token_id(word: str) -> int | None:
+        # WordPiece: the word itself; byte-level BPE: the space-prefixed token ("Ġword")
+        enc = tokenizer.encode(" " + word, add_special_tokens=False)
+        ids = [i for i, real in zip(enc.ids, enc.attention_mask, strict=True) if real]  # no pads
+        return ids[0] if len(ids) == 1 else None
+
+    found = {w: i for w in sorted({w.lower() for w in words}) if w.isalpha()
+             and (i := token_id(w)) is not None}  # fmt: skip
+    single = list(found)
     if len(single) < 2:
         return {}
-    ids = torch.tensor([vocab[w] for w in single])
+    ids = torch.tensor([found[w] for w in single])
     vectors = nn.functional.normalize(embedding.detach().float()[ids], dim=-1)
     sim = vectors @ vectors.T
     sim.fill_diagonal_(-2.0)
@@ -115,6 +125,20 @@ def augment_examples(
             out.append(replace(e, text=eda(e.text, synonyms, cfg, rng), text_pair=pair,
                                where=f"{e.where} (augmented {c + 1})"))  # fmt: skip
     return out
+
+
+def augment_conversations(
+    convs: list[list[Message]], synonyms: dict[str, list[str]], cfg: AugmentConfig, seed: int
+) -> list[list[Message]]:
+    """``cfg.copies`` copies of every conversation with its user turns augmented; the assistant
+    turns (the training targets) and the system prompt stay as they are."""
+    rng = random.Random(seed)
+    return [
+        [{**m, "content": eda(m["content"], synonyms, cfg, rng)} if m["role"] == "user" else m
+         for m in conv]
+        for conv in convs
+        for _ in range(cfg.copies)
+    ]  # fmt: skip
 
 
 def add_neftune(embedding: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:

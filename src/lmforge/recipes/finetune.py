@@ -32,7 +32,12 @@ from lmforge.checkpoint.load import load
 from lmforge.checkpoint.model_folder import merged_model, write_model_folder
 from lmforge.checkpoint.store import load_weights
 from lmforge.config import Section, to_yaml
-from lmforge.data.augment import add_neftune
+from lmforge.data.augment import (
+    AugmentConfig,
+    add_neftune,
+    augment_conversations,
+    embedding_synonyms,
+)
 from lmforge.data.chat_template import ChatFormat
 from lmforge.data.conversations import read_conversations
 from lmforge.data.instructions import FAMILIES, make_suite
@@ -124,6 +129,9 @@ class FinetuneConfig(Section):
         "(the number after #### or the last number, as GSM8K)",
     )
     n_samples: int = Field(4, ge=0, description="sample answers printed at the end")
+    augment: AugmentConfig = Field(
+        AugmentConfig(), description="EDA copies of the training conversations' user turns"
+    )
     neftune_alpha: float = Field(
         0.0, ge=0, description="NEFTune: uniform noise α/√(L·d) on the token embeddings while "
         "training (the paper uses 5); 0 = off",
@@ -227,6 +235,15 @@ def _finetune(cfg: FinetuneConfig, run: runs.Run, t_start: float) -> dict[str, A
         n_val = min(cfg.n_eval, max(1, int(len(convs) * cfg.data.val_fraction)))
         eval_pairs = qa_pairs(convs[:n_val], families[:n_val] if families else None)
         train_convs = convs[n_val:]
+    if cfg.augment.copies:  # EDA on the user turns; synonyms from the model's own embeddings
+        a = cfg.augment
+        words = {w.strip(".,!?;:\"'()") for c in train_convs for m in c if m["role"] == "user"
+                 for w in m["content"].split()}  # fmt: skip
+        synonyms = embedding_synonyms(words, tokenizer, model.tok_emb.weight, a.neighbours,
+                                      a.min_similarity)  # fmt: skip
+        train_convs = train_convs + augment_conversations(train_convs, synonyms, a, cfg.train.seed)
+        log.info("augment: %d training conversations; synonyms for %d words",
+                 len(train_convs), len(synonyms))  # fmt: skip
     match = final_number_match if cfg.score == "final_number" else stripped_match
     examples, stats = encode_examples(
         train_convs, fmt, context, cfg.data.train_on_prompt, cfg.data.truncation
