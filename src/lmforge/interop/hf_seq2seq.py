@@ -9,22 +9,18 @@ tensors (the token embedding shared by both stacks and the lm head) are stored o
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
 from lmforge.interop.key_map import KeyMap, Source
-from lmforge.interop.safetensors_folder import read_tensors, weight_files
+from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 STYLES = ("t5", "bart")
@@ -307,21 +303,5 @@ def hf_state_dict(model: Seq2Seq) -> dict[str, torch.Tensor]:
 def export_hf_seq2seq(model: Seq2Seq, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
     """Write a folder ``transformers`` loads offline with ``AutoModelForSeq2SeqLM``;
     ``out_dir`` must not exist or be empty."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
     tensors = hf_state_dict(model)  # raises before anything is written
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-
-    atomic_write_text(tmp / "config.json", json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
-    if tokenizer is not None:
-        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
-    fsync_dir(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    return out
+    return write_hf_folder(out_dir, tensors, config_to_hf(model.cfg), tokenizer)

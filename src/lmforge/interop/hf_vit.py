@@ -9,18 +9,16 @@ checkpoint is read whole and loaded strictly (the filling is ``hf_bert``'s).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.errors import CheckpointError
 from lmforge.interop.hf_bert import _fill, _read_all, _read_config
 from lmforge.interop.key_map import KeyMap, Source
+from lmforge.interop.safetensors_folder import write_hf_folder
 from lmforge.models.vit import ImageClassifier, ViTConfig
 
 # lmforge module in block i → HF module in vit.encoder.layer.i (query/key/value fuse into qkv)
@@ -146,18 +144,5 @@ def hf_state_dict(model: ImageClassifier) -> dict[str, torch.Tensor]:
 def export_hf_vit(model: ImageClassifier, out_dir: str | Path) -> Path:
     """Write a folder ``transformers`` loads as ViTForImageClassification (offline).
     ``out_dir`` must not exist or be empty."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
     tensors = hf_state_dict(model)  # raises before anything is written
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_text(tmp / "config.json", json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
-    fsync_dir(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    return out
+    return write_hf_folder(out_dir, tensors, config_to_hf(model.cfg), None)

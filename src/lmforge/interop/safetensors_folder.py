@@ -6,12 +6,16 @@ folder here; pickle files (``*.bin``) are never loaded.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.errors import CheckpointError
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -48,3 +52,26 @@ def read_tensors(
             for name in f.keys():
                 full = name if not prefix or name.startswith((prefix, *keep)) else prefix + name
                 yield full, f.get_tensor(name)
+
+
+def write_hf_folder(
+    out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Tokenizer | None
+) -> Path:
+    """``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) written to a staging
+    folder and renamed to ``out_dir`` (which must not exist or be empty) only when complete."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
+    fsync_dir(tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    fsync_dir(out.parent)
+    return out
