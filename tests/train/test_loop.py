@@ -63,12 +63,13 @@ def run(
     resume: bool = False,
     batches: Any = None,
     fit_kw: dict | None = None,
+    optimizer: str = "adamw",
     **train_kw,
 ) -> list[dict]:
     torch.manual_seed(0)
     cfg = model_cfg()
     model = Decoder(cfg)
-    opt = build_optimizer(model, OptimConfig(lr=3e-3))
+    opt = build_optimizer(model, OptimConfig(name=optimizer, lr=3e-3))
     data = tokens()
     batches = batches or TokenBatches(data[:3600], cfg.context_length, 4, seed=0)
     resume_from = find_checkpoint(run_dir) if resume else None
@@ -100,15 +101,16 @@ def run(
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_loss_curve_identical_fp32(tmp_path: Path) -> None:
-    full = run(tmp_path / "full", max_steps=12)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_loss_curve_identical_fp32(tmp_path: Path, optimizer: str) -> None:
+    full = run(tmp_path / "full", max_steps=12, optimizer=optimizer)
     # interrupted run: same config (max_steps=12), stopped by a checkpoint at step 5 and a kill
-    run(tmp_path / "cut", max_steps=12, keep_last=10)
+    run(tmp_path / "cut", max_steps=12, keep_last=10, optimizer=optimizer)
     ckpts = sorted((tmp_path / "cut" / "checkpoints").glob("step-*"))
     assert ckpts, "checkpoints were written"
     # restart from step 5: point latest at it, as if the process died right after saving it
     (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-000005\n")
-    resumed = run(tmp_path / "cut", max_steps=12, resume=True, keep_last=10)
+    resumed = run(tmp_path / "cut", max_steps=12, resume=True, keep_last=10, optimizer=optimizer)
     losses = lambda events: [(e["step"], e["loss"]) for e in events if "loss" in e]  # noqa: E731
     assert losses(resumed) == losses(full)  # bit-identical, every step 1…12
     vals = lambda events: [(e["step"], e["val_loss"]) for e in events if "val_loss" in e]  # noqa: E731

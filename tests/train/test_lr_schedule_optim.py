@@ -26,6 +26,10 @@ from lmforge.train.optim import OPTIMIZERS, OptimConfig, build_optimizer, param_
         ("step", 29, 1.0),  # 10 warm-up + 20 = first decay at step 30
         ("step", 30, 0.5),
         ("step", 50, 0.25),
+        ("wsd", 10, 1.0),  # stable at the peak ...
+        ("wsd", 70, 1.0),  # ... until the last 30 % of the run
+        ("wsd", 85, 1.0 - 0.9 * 0.5),  # half way down the decay
+        ("wsd", 100, 0.1),
     ],
 )
 def test_schedule_values_at_known_steps(name: str, step: int, expected: float) -> None:

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class SchedConfig(Section):
-    name: Literal["constant", "linear", "cosine", "step"] = Field(
-        "cosine", description="decay after warm-up"
+    name: Literal["constant", "linear", "cosine", "step", "wsd"] = Field(
+        "cosine",
+        description="decay after warm-up; wsd = warm-up, stable at the peak, then a linear decay",
     )
     warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
     min_lr_ratio: float = Field(
@@ -29,6 +30,9 @@ class SchedConfig(Section):
     )
     step_size: int = Field(1000, gt=0, description="steps between decays (step)")
     gamma: float = Field(0.5, gt=0, le=1, description="decay factor every step_size steps (step)")
+    decay_fraction: float = Field(
+        0.3, gt=0, le=1, description="share of the run spent decaying at the end (wsd)"
+    )
 
 
 def lr_at(step: int, peak_lr: float, max_steps: int, cfg: SchedConfig) -> float:
@@ -41,6 +45,13 @@ def lr_at(step: int, peak_lr: float, max_steps: int, cfg: SchedConfig) -> float:
     if cfg.name == "step":
         return peak_lr * cfg.gamma ** ((step - warmup) // cfg.step_size)
     min_lr = peak_lr * cfg.min_lr_ratio
+    if cfg.name == "wsd":
+        # Warm-up-stable-decay (Hu et al. 2024, MiniCPM): the peak until the last
+        # decay_fraction of the run, then straight down to min_lr.
+        decay = max(1, round(cfg.decay_fraction * max_steps))
+        start = max(warmup, max_steps - decay)
+        progress = min(1.0, max(0, step - start) / max(1, max_steps - start))
+        return peak_lr - (peak_lr - min_lr) * progress
     span = max(1, max_steps - warmup)
     progress = min(1.0, (step - warmup) / span)
     if cfg.name == "linear":
