@@ -9,7 +9,14 @@ import torch
 
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train.lr_schedule import SchedConfig, lr_at
-from lmforge.train.optim import OPTIMIZERS, OptimConfig, build_optimizer, param_groups
+from lmforge.train.optim import (
+    OPTIMIZERS,
+    MuonWithAdamW,
+    OptimConfig,
+    build_optimizer,
+    newton_schulz,
+    param_groups,
+)
 
 
 @pytest.mark.parametrize(
@@ -75,3 +82,45 @@ def test_every_optimizer_by_name_takes_a_step(name: str) -> None:
 def test_unknown_optimizer_is_rejected_with_allowed_names() -> None:
     with pytest.raises(ValueError, match="adamw"):
         OptimConfig(name="lion")
+
+
+def test_muon_step_matches_torch_muon_and_adamw_keeps_the_rest() -> None:
+    """lmforge's Muon takes torch.optim.Muon's step on the block matrices and AdamW's on the
+    head, embeddings and norms (Newton-Schulz in bf16 as torch runs it, to compare exactly)."""
+    torch.manual_seed(0)
+    cfg = DecoderConfig(
+        arch="llama", vocab_size=40, context_length=8, n_layer=1, n_head=2, d_model=16
+    )
+    model, reference = Decoder(cfg), Decoder(cfg)
+    reference.load_state_dict(model.state_dict())
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 40, (2, 8))
+    for m in (model, reference):
+        m(idx).square().mean().backward()
+    optimizer = build_optimizer(model, OptimConfig(name="muon", lr=0.02, weight_decay=0.1))
+    assert isinstance(optimizer, MuonWithAdamW)
+    optimizer.ns_dtype = torch.bfloat16
+    optimizer.step()
+    named = dict(reference.named_parameters())
+    matrices = [p for n, p in named.items() if ".attn." in n or ".mlp." in n]
+    others = [p for n, p in named.items() if "norm" in n or "emb" in n]
+    torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+    groups = [
+        {"params": [reference.lm_head.weight], "weight_decay": 0.1},  # untied head: decayed
+        {"params": others, "weight_decay": 0.0},
+    ]
+    torch.optim.AdamW(groups, lr=0.02, betas=(0.9, 0.95)).step()
+    for name, p in model.named_parameters():
+        ours, theirs = p.detach() - start[name], named[name].detach() - start[name]
+        assert theirs.norm() > 0, name
+        assert (ours - theirs).norm() / theirs.norm() < 1e-5, name
+
+
+def test_newton_schulz_in_fp32_orthogonalises() -> None:
+    """The fp32 iteration (CPUs without fast bf16) gives what Muon needs: every singular value
+    of the result in Muon's band around 1, whatever the gradient's scale and shape."""
+    torch.manual_seed(0)
+    for shape in [(96, 32), (32, 96), (64, 64)]:
+        grad = torch.randn(shape) @ torch.diag(torch.logspace(-1, 0, shape[1]))  # condition 10
+        s = torch.linalg.svdvals(newton_schulz(grad * 1e3, torch.float32))
+        assert s.min() > 0.5 and s.max() < 1.5, (shape, s.min(), s.max())
