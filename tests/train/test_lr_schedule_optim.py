@@ -120,7 +120,7 @@ def test_newton_schulz_in_fp32_orthogonalises() -> None:
     """The fp32 iteration (CPUs without fast bf16) gives what Muon needs: every singular value
     of the result in Muon's band around 1, whatever the gradient's scale and shape."""
     torch.manual_seed(0)
-    for shape in [(96, 32), (32, 96), (64, 64)]:
+    for shape in [(96, 32), (32, 96), (64, 40)]:  # a square Gaussian has σ_min ≈ 0
         grad = torch.randn(shape) @ torch.diag(torch.logspace(-1, 0, shape[1]))  # condition 10
         s = torch.linalg.svdvals(newton_schulz(grad * 1e3, torch.float32))
         assert s.min() > 0.5 and s.max() < 1.5, (shape, s.min(), s.max())
