@@ -202,3 +202,17 @@ def test_llama_cpp_tokenizes_and_generates_as_the_source(
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     pieces = b"".join(bytes(byte_of[c] for c in tok.id_to_token(i)) for i in want)
     assert out == prompt.encode() + pieces + b"\n"
+
+
+def test_qk_norm_models_are_refused_by_hf_and_gguf_export() -> None:
+    """No Hugging Face Llama config or llama.cpp graph computes model.qk_norm: refuse, not
+    write a file whose logits differ."""
+    from lmforge.interop.gguf_export import gguf_arch
+    from lmforge.interop.hf import config_to_hf
+    from lmforge.models.decoder import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(arch="llama", vocab_size=64, n_layer=1, d_model=32, qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm"):
+        config_to_hf(cfg)
+    with pytest.raises(CheckpointError, match="qk_norm"):
+        gguf_arch(Decoder(cfg))

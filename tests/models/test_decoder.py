@@ -269,3 +269,33 @@ def test_bias_groups_are_independent_and_default_to_bias() -> None:
     assert block.attn.proj.bias is None and block.norm1.bias is None
     assert block.mlp.fc.bias is not None and block.mlp.proj.bias is not None
     assert tiny("gpt2").mlp_bias is True and tiny("llama").mlp_bias is False
+
+
+def test_qk_norm_keeps_causality_and_the_cache_and_bounds_the_scores() -> None:
+    """model.qk_norm: queries and keys of unit RMS per head, so no attention score exceeds
+    sqrt(head_dim) whatever the weights; causal, and the KV cache gives the full forward."""
+    torch.manual_seed(0)
+    model = Decoder(tiny("llama", qk_norm=True)).eval()
+    plain = Decoder(tiny("llama")).eval()
+    plain.load_state_dict(model.state_dict())  # same weights: qk_norm adds no parameters
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.mul_(100.0)  # huge q/k: bounded by the norm anyway
+    x = torch.randint(0, 97, (2, 20))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rope = model.blocks[0].attn.rope
+    handle = rope.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        full = model(x)
+        caches = model.new_kv_caches(2)
+        parts = [model(x[:, :9], 0, caches)] + [
+            model(x[:, t : t + 1], t, caches) for t in range(9, 20)
+        ]
+    handle.remove()
+    rms = seen[0].pow(2).mean(-1).sqrt()  # the queries of block 0, before RoPE
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    y = x.clone()
+    y[:, 12:] = (y[:, 12:] + 1) % 97
+    with torch.no_grad():
+        torch.testing.assert_close(model(y)[:, :12], full[:, :12], rtol=0, atol=1e-6)
+        assert (plain(x) - full).abs().max() > 1e-3  # the norm does change the function

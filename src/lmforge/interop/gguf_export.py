@@ -51,6 +51,8 @@ def gguf_arch(model: Decoder) -> str:
         kind = hf_model_type(cfg)
     except ValueError as e:
         raise CheckpointError(f"GGUF export: {e}") from None
+    if cfg.qk_norm:
+        raise CheckpointError("GGUF export: llama.cpp's llama/gpt2 graphs have no model.qk_norm")
     if kind == "llama" and not (cfg.bias or cfg.qkv_bias or cfg.mlp_bias):
         if cfg.rope_scaling is not None:
             raise CheckpointError(

@@ -224,6 +224,11 @@ def hf_model_type(cfg: DecoderConfig) -> str:
 
 def config_to_hf(cfg: DecoderConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """DecoderConfig → a ``config.json`` dict that transformers 4.45+ and 5.x load."""
+    if cfg.qk_norm:
+        raise ValueError(
+            "model.qk_norm (gain-free RMS norm of queries and keys) has no Hugging Face "
+            "GPT-2/Llama/Qwen2 equivalent"
+        )
     kind = hf_model_type(cfg)
     resolved = cfg.model_dump() | dict(d_ff=cfg.ff_width, n_kv_head=cfg.kv_heads)
     out = {"architectures": [HF_CLASSES[kind]], "model_type": kind}

@@ -128,6 +128,11 @@ class DecoderConfig(Section):
     layers: list[LayerShape] | None = Field(
         None, description="per-block sizes of a structurally pruned model; null = all blocks alike"
     )
+    qk_norm: bool = Field(
+        False,
+        description="RMS-normalise each head's queries and keys before RoPE (no gain; "
+        "modded-nanogpt's speedrun lever): steadier attention at high learning rates",
+    )
     init: Literal["gpt2", "xavier", "he"] = Field(
         "gpt2",
         description="weight init: gpt2 (N(0,0.02), residual projections scaled by 1/sqrt(2L)), xavier, he",
@@ -241,6 +246,7 @@ class Decoder(nn.Module):
                     rope,
                     cfg.qkv_bias,
                     head_dim=hd,
+                    qk_norm=cfg.qk_norm,
                 ),
                 make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias),
                 make_mlp(cfg.mlp, cfg.d_model, s.d_ff, cfg.mlp_bias, cfg.dropout),

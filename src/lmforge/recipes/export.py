@@ -138,6 +138,11 @@ def _load(
             "model.layers), which Hugging Face and GGUF configs cannot express: export it with "
             "--format onnx"
         )
+    if isinstance(model, Decoder) and model.cfg.qk_norm and cfg.format != "onnx":
+        raise CheckpointError(
+            f"{ckpt} normalises queries and keys (model.qk_norm), which the Hugging Face "
+            "Llama/GPT-2 and GGUF formats cannot express: export it with --format onnx"
+        )
     ckpt = manifest.path or ckpt  # a classifier's run folder gives its best checkpoint
     found: list[Check] = []
     fmt = None
