@@ -20,11 +20,15 @@ from lmforge.errors import ConfigError
 
 SHIPPED_TEXT = Path(__file__).resolve().parents[1] / "data" / "corpora" / "tinyshakespeare.txt"
 SHIPPED_LABELLED = SHIPPED_TEXT.parent / "support_tickets_test.csv"
+SHIPPED_CHINESE = SHIPPED_TEXT.parent / "chinese_classical.txt"
 
 
 def read_text(path: str | Path, what: str = "data") -> str:
-    """A UTF-8 text file; a missing or binary file is a ``ConfigError`` naming it."""
-    path = Path(path)
+    """A UTF-8 text file (``pkg:PACKAGE/FILE`` names a shipped one); a missing or binary file
+    is a ``ConfigError`` naming it."""
+    from lmforge.config import package_path
+
+    path = package_path(path)
     if not path.is_file():
         raise ConfigError(f"{what}: {path}: no such file (give a UTF-8 text file)")
     try:
