@@ -158,6 +158,11 @@ def held_out_suite(run: Path, work: Path) -> Path:
     assert not cfg["data"].get("path"), "--finetuned: a run on the shipped suite (data.path null)"
     ex = make_suite(suite["families"], suite["n_per_family"], seed=suite["seed"])
     n_val = min(n_eval, max(1, int(len(ex) * cfg["data"]["val_fraction"])))
+    summary = json.loads((run / "summary.json").read_text())
+    # the same records finetune scored: its count and its printed samples agree
+    assert summary["eval_prompts"] == n_val, (summary["eval_prompts"], n_val)
+    for sample, e in zip(summary["samples"], ex, strict=False):
+        assert (sample["prompt"], sample["answer"]) == (e["prompt"], e["answer"]), sample
     path = work / "held_out_suite.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"messages": [
@@ -336,6 +341,13 @@ def main() -> None:
         source = sources[key]()
         print(f"{key}: {source}", flush=True)
         rows = make_variants(source, work / key, key, args)
+        if key == "finetuned":  # the command scores the fine-tuned model as finetune did
+            run = Path(args.finetuned)
+            run = run if (run / "summary.json").is_file() else run.parent
+            ft = json.loads((run / "summary.json").read_text())["after"]
+            em = rows[0]["report"]["quality"]["exact_match"]["before"]
+            print(f"exact match: finetune reported {ft['exact_match']:.4f}, the command "
+                  f"measured {em:.4f}", flush=True)  # fmt: skip
         paths = {"fp32": source, **{r["name"]: r["path"] for r in rows}}
         texts = args.eval_texts
         if texts is None:
