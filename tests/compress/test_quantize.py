@@ -130,3 +130,40 @@ def test_crafted_or_mismatched_quantized_files_are_refused(
     (out / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="no description of quantized tensors"):
         lmforge.load(out)
+
+
+def test_exact_match_is_measured_before_and_after_as_finetune_scores_it(
+    source: Path, tmp_path: Path, capsys
+) -> None:
+    """Records whose answers are the model's own greedy answers score 1 before; the command
+    reports the after-score of the quantized model, which the saved folder reproduces."""
+    from lmforge.data.chat_template import ChatFormat
+    from lmforge.eval.generation import QA, exact_match_eval
+
+    model, tok, manifest = lmforge.load(source)
+    fmt = ChatFormat.for_checkpoint(source, tok)
+    users = [f"ROMEO: line {i}" for i in range(6)]
+    pairs = [QA([{"role": "user", "content": u}], "?", "") for u in users]
+    _, preds = exact_match_eval(model, fmt, pairs, max_new_tokens=4)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": u}, {"role": "assistant", "content": p.strip() or "x"}]})
+        + "\n" for u, p in zip(users, preds, strict=True)))  # fmt: skip
+    expected = sum(bool(p.strip()) for p in preds) / len(preds)
+    out = tmp_path / "q4"
+    assert main(["compress", "quantize", f"--checkpoint={source}", f"--out_dir={out}",
+                 "--method=int4-weight-only", "--max_eval_bytes=2000",
+                 f"--exact_match.data={data}", "--exact_match.max_new_tokens=4"]) == 0  # fmt: skip
+    em = json.loads((out / "compression.json").read_text())["quality"]["exact_match"]
+    assert em["before"] == pytest.approx(expected) and expected > 0
+    q, qtok, _ = lmforge.load(out)
+    _, qpreds = exact_match_eval(q, ChatFormat.for_checkpoint(out, qtok), pairs, 4)
+    same = [a.strip() == (b.strip() or "x") for a, b in zip(qpreds, preds, strict=True)]
+    assert em["after"] == pytest.approx(sum(same) / len(same))
+    # a damaged chat file stops the command with a message naming the file
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["compress", "quantize", f"--checkpoint={source}", f"--out_dir={tmp_path}/b",
+                 "--max_eval_bytes=2000", f"--exact_match.data={bad}"]) == 1  # fmt: skip
+    assert "bad.jsonl" in capsys.readouterr().err

@@ -8,23 +8,29 @@ accuracy and macro-F1 on a labelled file (``eval/classification.py``). Saving: t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from tokenizers import Tokenizer
 from torch import nn
 
 from lmforge.checkpoint.manifest import Manifest
+from lmforge.config import Section
 from lmforge.errors import ConfigError
 
 SHIPPED_TEXT = Path(__file__).resolve().parents[1] / "data" / "corpora" / "tinyshakespeare.txt"
 SHIPPED_LABELLED = SHIPPED_TEXT.parent / "support_tickets_test.csv"
+SHIPPED_CHINESE = SHIPPED_TEXT.parent / "chinese_classical.txt"
 
 
 def read_text(path: str | Path, what: str = "data") -> str:
-    """A UTF-8 text file; a missing or binary file is a ``ConfigError`` naming it."""
-    path = Path(path)
+    """A UTF-8 text file (``pkg:PACKAGE/FILE`` names a shipped one); a missing or binary file
+    is a ``ConfigError`` naming it."""
+    from lmforge.config import package_path
+
+    path = package_path(path)
     if not path.is_file():
         raise ConfigError(f"{what}: {path}: no such file (give a UTF-8 text file)")
     try:
@@ -89,14 +95,65 @@ def classifier_quality(
     return {"accuracy": float(metrics["accuracy"]), "f1_macro": float(metrics["f1_macro"])}
 
 
+class ExactMatchConfig(Section):
+    """A chat model's task quality, scored as ``lmforge finetune`` scores it."""
+
+    data: str | None = Field(
+        None,
+        description="decoders: a chat .jsonl (lmforge finetune's record formats) whose last "
+        "assistant turns are answered greedily under the checkpoint's chat template and scored "
+        "by exact match, before and after; null = bits-per-byte only",
+    )
+    n: int = Field(60, gt=0, description="records scored (the first n of data)")
+    score: Literal["exact", "final_number"] = Field(
+        "exact", description="exact: the whole answer, stripped; final_number: as GSM8K"
+    )
+    max_new_tokens: int = Field(16, gt=0, description="tokens generated per answer")
+
+
+def exact_match(
+    model: nn.Module, tokenizer: Tokenizer, manifest: Manifest, em: ExactMatchConfig
+) -> dict[str, float]:
+    """``exact_match`` (and ``em/<family>`` when records name one) of a chat decoder on the
+    first ``em.n`` records of ``em.data`` — the function ``lmforge finetune`` reports with."""
+    from lmforge.config import package_path
+    from lmforge.data.chat_template import ChatFormat
+    from lmforge.data.conversations import read_conversations
+    from lmforge.eval.generation import exact_match_eval, qa_pairs
+    from lmforge.eval.metrics import final_number_match, stripped_match
+
+    assert em.data is not None
+    convs, _ = read_conversations(package_path(em.data), "auto", "fail")
+    if not convs:
+        raise ConfigError(f"exact_match.data: {em.data} holds no records")
+    fmt = ChatFormat.for_checkpoint(manifest.path or ".", tokenizer)
+    match = final_number_match if em.score == "final_number" else stripped_match
+    out, _ = exact_match_eval(model, fmt, qa_pairs(convs[: em.n]), em.max_new_tokens, match)
+    return {"exact_match": out["exact_match"]}
+
+
 def quality(
-    model: nn.Module, tokenizer: Tokenizer, manifest: Manifest, data: str, max_bytes: int
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    manifest: Manifest,
+    data: str,
+    max_bytes: int,
+    em: ExactMatchConfig | None = None,
 ) -> dict[str, float]:
     """The quality metrics of ``model`` (decoder: on the held-out tail of the text file
-    ``data``; sequence classifier: on the labelled file ``data``)."""
-    if manifest.kind == "decoder":
-        return lm_quality(model, tokenizer, held_out(read_text(data), max_bytes))
-    return classifier_quality(model, tokenizer, manifest, data)
+    ``data``, plus exact match on ``em.data`` if given; sequence classifier: on the labelled
+    file ``data``)."""
+    if manifest.kind != "decoder":
+        if em is not None and em.data:
+            raise ConfigError(
+                f"exact_match.data: {manifest.path} is a {manifest.kind}; exact match scores "
+                "chat decoders (a classifier reports accuracy and macro-F1 on --data)"
+            )
+        return classifier_quality(model, tokenizer, manifest, data)
+    out = lm_quality(model, tokenizer, held_out(read_text(data), max_bytes))
+    if em is not None and em.data:
+        out |= exact_match(model, tokenizer, manifest, em)
+    return out
 
 
 def default_data(manifest: Manifest) -> str:

@@ -20,7 +20,14 @@ from pydantic import Field, field_validator
 
 from lmforge.checkpoint.load import load
 from lmforge.compress.folder import check_out_dir, float_bytes, write_compressed, write_report
-from lmforge.compress.measure import count_params, default_data, deltas, quality, weights_bytes
+from lmforge.compress.measure import (
+    ExactMatchConfig,
+    count_params,
+    default_data,
+    deltas,
+    quality,
+    weights_bytes,
+)
 from lmforge.compress.quantize import is_quantized, quantize_model
 from lmforge.config import Section
 from lmforge.errors import CheckpointError, ConfigError
@@ -51,6 +58,9 @@ class QuantizeConfig(Section):
     max_eval_bytes: int = Field(
         100_000, gt=0, description="decoders: bytes at the end of data that are scored"
     )
+    exact_match: ExactMatchConfig = Field(
+        ExactMatchConfig(), description="a chat decoder's exact match, measured before and after"
+    )
     num_threads: int | None = Field(None, gt=0, description="CPU threads; null = torch's default")
 
 
@@ -75,10 +85,10 @@ def quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     model, tokenizer, manifest = _load_source(cfg.checkpoint, cfg.num_threads)
     data = cfg.data or default_data(manifest)
     t0 = time.perf_counter()
-    before = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes)
+    before = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes, cfg.exact_match)
     size_before = float_bytes(model)
     names = quantize_model(model, cfg.method, cfg.group_size)
-    after = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes)
+    after = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes, cfg.exact_match)
     report: dict[str, Any] = {
         "step": "quantize",
         "method": cfg.method,
@@ -140,6 +150,9 @@ class PruneConfig(Section):
         "and whose rest calibrates and recovers; classifiers: a labelled file; null = shipped",
     )
     max_eval_bytes: int = Field(100_000, gt=0, description="decoders: bytes of data scored")
+    exact_match: ExactMatchConfig = Field(
+        ExactMatchConfig(), description="a chat decoder's exact match, measured before and after"
+    )
     calibration_batches: int = Field(8, gt=0, description="taylor: batches of calibration text")
     batch_size: int = Field(8, gt=0, description="sequences per calibration / recovery batch")
     context: int = Field(128, gt=1, description="tokens per calibration / recovery sequence")
@@ -182,7 +195,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     if decoder and cfg.context > model.cfg.context_length:  # calibration windows must fit
         cfg = cfg.model_copy(update={"context": model.cfg.context_length})
     t0 = time.perf_counter()
-    before = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes)
+    before = quality(model, tokenizer, manifest, data, cfg.max_eval_bytes, cfg.exact_match)
     size_before, params_before = float_bytes(model), count_params(model)
     calib = _calibration_tokens(tokenizer, data, cfg) if decoder else None
     scores = None
@@ -203,10 +216,11 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     for amount in cfg.sweep:
         m = pruned(amount)
         sweep.append({"amount": amount, "parameters": count_params(m), "sparsity": pr.sparsity(m),
-                      **quality(m, tokenizer, manifest, data, cfg.max_eval_bytes)})  # fmt: skip
+                      **quality(m, tokenizer, manifest, data, cfg.max_eval_bytes,
+                                cfg.exact_match)})  # fmt: skip
         log.info("sweep: amount %.2f → %s", amount, sweep[-1])
     small = pruned(cfg.amount)
-    after = quality(small, tokenizer, manifest, data, cfg.max_eval_bytes)
+    after = quality(small, tokenizer, manifest, data, cfg.max_eval_bytes, cfg.exact_match)
     report: dict[str, Any] = {
         "step": "prune",
         "method": cfg.method,
@@ -225,7 +239,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     }
     if cfg.recover_steps:
         report["recovery"] = _recover(small, calib, cfg, out)
-        recovered = quality(small, tokenizer, manifest, data, cfg.max_eval_bytes)
+        recovered = quality(small, tokenizer, manifest, data, cfg.max_eval_bytes, cfg.exact_match)
         report["quality_after_recovery"] = deltas(before, recovered)
     write_compressed(small, tokenizer, manifest, out)
     report["bytes_after"] = weights_bytes(out)
@@ -301,7 +315,7 @@ def _plot_sweep(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in ("val_bpb", "accuracy", "f1_macro") if k in before]
+    metrics = [k for k in ("val_bpb", "exact_match", "accuracy", "f1_macro") if k in before]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
     xs = [100 * p["amount"] for p in sweep]
     for ax, k in zip(axes[0], metrics, strict=True):

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from lmforge.atomic import atomic_write_text
 from lmforge.checkpoint.load import load
-from lmforge.config import Section
+from lmforge.config import Section, package_path
 from lmforge.data.prepare import load_meta
 from lmforge.data.shards import open_shard
 from lmforge.errors import ConfigError
@@ -28,7 +28,14 @@ class EvalConfig(Section):
     checkpoint: str = Field(
         description="checkpoint folder, or a run folder (its latest checkpoint)"
     )
-    data: str = Field(description="prepared data folder, a .bin token file, or a UTF-8 text file")
+    data: str = Field(
+        description="prepared data folder, a .bin token file, or a UTF-8 text file (pkg:lmforge/"
+        "data/corpora/chinese_classical.txt names a shipped one)"
+    )
+    max_bytes: int | None = Field(
+        None, gt=0, description="text files: score only the last max_bytes bytes (from a line "
+        "start), as lmforge compress does; null = the whole file",
+    )  # fmt: skip
     split: Literal["train", "val"] = Field("val", description="split of a prepared data folder")
     batch_size: int = Field(8, gt=0, description="sequences per batch")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
@@ -39,7 +46,9 @@ class EvalConfig(Section):
 
 
 def _tokens_and_bytes(cfg: EvalConfig, tokenizer, ckpt: str) -> tuple[np.ndarray, int]:
-    path = Path(cfg.data)
+    path = package_path(cfg.data)
+    if cfg.max_bytes and (path.is_dir() or path.suffix == ".bin"):
+        raise ConfigError(f"max_bytes: applies to a text file; {path} is prepared token data")
     if path.is_dir():
         meta = load_meta(path)
         check_shard_tokenizer(path, tokenizer, ckpt)
@@ -59,6 +68,10 @@ def _tokens_and_bytes(cfg: EvalConfig, tokenizer, ckpt: str) -> tuple[np.ndarray
         raise ConfigError(
             f"data: {path}: not UTF-8 text (byte {e.start}); pass a prepared data folder"
         ) from None
+    if cfg.max_bytes:
+        from lmforge.compress.measure import held_out
+
+        text = held_out(text, cfg.max_bytes)
     ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
     return ids, len(text.encode("utf-8"))
 
