@@ -10,8 +10,8 @@ of a (slots, n_kv_head, width, head_dim) cache per layer, and all rows end at th
 left-padded batch. ``Decoder.forward``'s ``attention_mask`` then gives each row its own
 positions and hides the columns before its ``start``, so a row is computed as if alone
 (tests/inference/test_engine.py checks the tokens). The requests joining at one step are
-prefilled together, left-padded among themselves, straight into their slots' columns; a row that leaves is replaced by the last slot (swap-remove)
-so the active rows stay the first ``n`` slots and a step touches only them. Columns no active
+prefilled together, left-padded among themselves, straight into their slots' columns; a row
+that leaves is replaced by the last slot (swap-remove) so the active rows stay the first ``n`` slots and a step touches only them. Columns no active
 row uses are dropped by shifting left ("compaction") when space is needed, or when it lets
 every row start at column 0: then no mask is needed and a lone request takes the very path
 ``generate_tokens`` takes.
@@ -324,7 +324,7 @@ class Engine:
     def _prefill(self, handles: list[Handle]) -> None:
         """Prefill the joining requests together (one forward per chunk, left-padded to the
         longest prompt, as transformers prefills a batch) and draw their first tokens."""
-        prompts = [list(h.request.prompt_ids) for h in handles]
+        prompts = [[int(t) for t in h.request.prompt_ids] for h in handles]
         k, P = len(prompts), max(map(len, prompts))
         # Columns are allocated as rows grow (``_decode``), not for the whole budget: a chat
         # request's default budget is the rest of the context, rarely used.
