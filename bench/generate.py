@@ -16,6 +16,8 @@ libraries part and why (logits of the cached and uncached paths compared at that
     python bench/generate.py                  # fp32 + bf16, batch 1, 8, 32; 3 rounds
     python bench/generate.py --quick          # smoke test (16 tokens, 1 round): not a figure
     python bench/generate.py --divergence     # instead: where greedy tokens part, and why
+    python bench/generate.py --profile        # instead: where a batch-1 decoding step's time
+                                              # goes, Decoder.forward vs the engine's fast path
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 from lmforge.checkpoint.load import load
 from lmforge.generate import SampleConfig
 from lmforge.inference.engine import Engine, Request
+from lmforge.inference.fast_decode import DecodeWeights
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHORT = "The capital of France is"  # 5 tokens
@@ -193,6 +196,49 @@ def divergence(folder: Path, tok, n: int) -> dict:
     return out
 
 
+def profile(folder: Path, tok, steps: int, rounds: int) -> dict:
+    """A batch-1 decoding step (5-token prompt, cache at column ~20) of ``Decoder.forward``
+    (the engine before) and of ``DecodeWeights.decode`` (the engine now): step times in
+    alternating rounds, and torch.profiler's top operators of each."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, _, _ = load(folder / GGUF)
+    model.eval()
+    fast = DecodeWeights.prepare(model)
+    assert fast is not None
+    prompt = torch.tensor([tok.encode(SHORT).ids])
+    paths = {
+        "Decoder.forward": lambda x, pos, c: model(x, pos, c)[:, -1],
+        "fast_decode": fast.decode,
+    }
+    caches = {name: model.new_kv_caches(1, max_len=prompt.size(1) + 16) for name in paths}
+    x, pos = torch.tensor([[42]]), prompt.size(1)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    tables = {}
+    with torch.inference_mode():
+        for name in paths:
+            model(prompt, 0, caches[name])
+        for _ in range(rounds):
+            for name, step in paths.items():
+                step(x, pos, caches[name])  # warm
+                t = time.perf_counter()
+                for _ in range(steps):
+                    step(x, pos, caches[name])  # the same column: the cache does not grow
+                times[name].append((time.perf_counter() - t) / steps * 1e3)
+        for name, step in paths.items():
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    step(x, pos, caches[name])
+            tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    for name in paths:
+        print(f"\n{name}: step {statistics.median(times[name]):.1f} ms (median of {rounds} rounds"
+              f" of {steps} steps; {', '.join(f'{t:.1f}' for t in times[name])})\n{tables[name]}")  # fmt: skip
+    ratio = [a / b for a, b in zip(times["Decoder.forward"], times["fast_decode"], strict=True)]
+    print(f"fast_decode speed-up per round: {', '.join(f'{r:.2f}x' for r in ratio)}")
+    return {"step_ms": times, "speedup": ratio, "tables": tables}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=128)
@@ -202,6 +248,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 round: not a figure")
     p.add_argument("--divergence", action="store_true", help="the divergence analysis instead")
+    p.add_argument("--profile", action="store_true", help="profile a batch-1 step instead")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     if args.quick:
@@ -213,7 +260,9 @@ def main() -> None:
     print(f"{datetime.now():%Y-%m-%d %H:%M}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {args.threads} threads")  # fmt: skip
     result: dict = {"argv": sys.argv[1:], "date": f"{datetime.now():%Y-%m-%d %H:%M}"}
-    if args.divergence:
+    if args.profile:
+        result["profile"] = profile(folder, tok, steps=10, rounds=args.rounds)
+    elif args.divergence:
         result["divergence"] = divergence(folder, tok, args.tokens)
         print("divergence:", json.dumps(result["divergence"], indent=1))
     else:

@@ -1,0 +1,217 @@
+"""The engine's forward passes: a decoding step with inference weight layouts, and a prefill
+that computes the logits of the last position only.
+
+Why a second forward next to ``Decoder.forward``: at batch 1 a decoding step is a chain of
+matrix-*vector* products, and MKL's fp32 GEMV on this AVX2 host reads a weight stored as
+(in, out) ~1.35x faster than the (out, in) ``nn.Linear`` layout (measured, 1 thread, the 151
+SmolLM2-135M matrices, median of 6 alternating rounds under load: 108 vs 154 ms; oneDNN's
+prepacked linear and ``torch.mv`` were no faster than ``F.linear``). ``DecodeWeights`` holds
+the matrices transposed once, with the SwiGLU gate and up projections fused into one matmul;
+the checkpoint format, the parameter names and ``Decoder`` are untouched. The price is a
+second copy of the matmul weights (+1x the model's bytes) for the engine's lifetime, so it is
+built on the CPU only and an ``Engine(fast_decode=False)`` runs ``Decoder.forward``.
+
+The maths is ``Decoder.forward``'s, through the same layers (norms, ``RotaryEmbedding``,
+``attend``, ``padded_attention``): only the order of float additions inside the matmuls
+differs (tests/inference/test_fast_decode.py compares the logits; the engine's token
+invariants run through this path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.decoder import Decoder
+from lmforge.models.layers import (
+    Block,
+    CausalSelfAttention,
+    GeluMLP,
+    KVCache,
+    RotaryEmbedding,
+    SwiGLUMLP,
+    attend,
+    padded_attention,
+)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    """A linear layer for ``x @ weight_t + bias``: weight_t is (in, out), contiguous."""
+
+    weight_t: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.weight_t
+        return y if self.bias is None else y + self.bias
+
+
+def _transposed(*linears: nn.Linear) -> _Linear:
+    """One (in, sum of outs) matrix for linears that read the same input (fused)."""
+    w = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
+    biases = [lin.bias for lin in linears]
+    if all(b is None for b in biases):
+        return _Linear(w, None)
+    bias = torch.cat([b.detach() if b is not None else w.new_zeros(lin.out_features)
+                      for b, lin in zip(biases, linears, strict=True)])  # fmt: skip
+    return _Linear(w, bias)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    norm1: nn.Module
+    norm2: nn.Module
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    scale: float | None
+    rope: RotaryEmbedding | None
+    qkv: _Linear
+    proj: _Linear
+    up: _Linear  # SwiGLU: gate and up fused, (C, 2·ff); GELU: fc
+    down: _Linear
+    swiglu: bool
+    act: Any  # SwiGLU / GeluMLP.act; None: GELU with ``approximate``
+    approximate: str
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    # Exact type: a LoRA adapter or a quantized linear subclasses or replaces nn.Linear and
+    # must keep its own forward.
+    return type(m) is nn.Linear and m.weight.is_floating_point()
+
+
+@dataclass(frozen=True)
+class DecodeWeights:
+    """A ``Decoder``'s weights laid out for decoding (see the module docstring)."""
+
+    model: Decoder
+    layers: list[_Layer]
+    head: _Linear
+
+    @classmethod
+    def prepare(cls, model: Decoder) -> DecodeWeights | None:
+        """The fast layout of ``model``, or None when a module is not one this path knows
+        (LoRA adapters, quantized linears, another attention) or the model is not on the
+        CPU: the engine then runs ``Decoder.forward``."""
+        if model.tok_emb.weight.device.type != "cpu" or not _plain_linear(model.lm_head):
+            return None
+        layers = []
+        with torch.no_grad():
+            for block in model.blocks:
+                if type(block) is not Block or type(block.attn) is not CausalSelfAttention:
+                    return None
+                attn, mlp = block.attn, block.mlp
+                if type(mlp) is SwiGLUMLP:
+                    linears = [attn.qkv, attn.proj, mlp.gate, mlp.up, mlp.proj]
+                    up, act, approximate = _transposed(mlp.gate, mlp.up), mlp.act, "none"
+                elif type(mlp) is GeluMLP:
+                    linears = [attn.qkv, attn.proj, mlp.fc, mlp.proj]
+                    up, act, approximate = _transposed(mlp.fc), mlp.act, mlp.approximate
+                else:
+                    return None
+                if not all(_plain_linear(lin) for lin in linears):
+                    return None
+                layers.append(
+                    _Layer(
+                        block.norm1,
+                        block.norm2,
+                        attn.n_head,
+                        attn.n_kv_head,
+                        attn.head_dim,
+                        attn.scale,
+                        attn.rope,
+                        _transposed(attn.qkv),
+                        _transposed(attn.proj),
+                        up,
+                        _transposed(mlp.proj),
+                        type(mlp) is SwiGLUMLP,
+                        act,
+                        approximate,
+                    )  # fmt: skip
+                )
+            return cls(model, layers, _transposed(model.lm_head))
+
+    def decode(
+        self,
+        idx: torch.Tensor,
+        start_pos: int,
+        caches: list[KVCache],
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One new token per row. idx: (B, 1) at column ``start_pos`` of ``caches``;
+        ``attention_mask`` (B, start_pos + 1) bool as ``Decoder.forward``'s → logits (B, V)."""
+        B = idx.size(0)
+        S = start_pos + 1
+        mask = at = None
+        if attention_mask is not None:
+            mask, positions = padded_attention(attention_mask, 1)  # (B, 1, 1, S), (B, 1)
+            at = positions
+        x = _embed(self.model, idx, start_pos, at)  # (B, 1, C)
+        for layer, cache in zip(self.layers, caches, strict=True):
+            nh, nkv, hd = layer.n_head, layer.n_kv_head, layer.head_dim
+            q, k, v = layer.qkv(layer.norm1(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = q.view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
+            k = k.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
+            if layer.rope is not None:
+                rot = start_pos if at is None else at
+                q, k = layer.rope(q, rot), layer.rope(k, rot)
+            cache.k[:, :, start_pos:S] = k
+            cache.v[:, :, start_pos:S] = v.view(B, 1, nkv, hd).transpose(1, 2)
+            extra = {} if layer.scale is None else {"scale": layer.scale}
+            # The query is the last position: without a mask it sees every cached key.
+            y = attend(q, cache.k[:, :, :S], cache.v[:, :, :S], False, mask, **extra)
+            x = x + layer.proj(y.transpose(1, 2).reshape(B, 1, nh * hd))
+            h = layer.up(layer.norm2(x))
+            if layer.swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = layer.act(gate) * up
+            else:
+                h = (
+                    layer.act(h)
+                    if layer.act is not None
+                    else F.gelu(h, approximate=layer.approximate)
+                )
+            x = x + layer.down(h)
+        return self.head(self.model.norm_f(x[:, -1]))  # (B, V)
+
+
+def _embed(
+    model: Decoder, idx: torch.Tensor, start_pos: int, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """Token (+ learned position) embeddings of idx (B, T) → (B, T, C), as ``Decoder.forward``."""
+    x = model.tok_emb(idx)
+    if model.pos_emb is not None:
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + idx.size(1), device=idx.device)
+        x = x + model.pos_emb(positions)
+    return x
+
+
+def prefill_logits(
+    model: Decoder,
+    idx: torch.Tensor,
+    start_pos: int,
+    caches: list[KVCache],
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``Decoder.forward(idx, start_pos, caches, attention_mask)[:, -1]`` without the output
+    head at the other positions: idx (B, T) → logits (B, V). A 200-token prompt's head alone
+    is 200 x 576 x 49152 multiply-adds for SmolLM2, which the engine never reads."""
+    B, T = idx.shape
+    if start_pos + T > model.cfg.context_length:
+        raise ValueError(
+            f"sequence of {start_pos + T} tokens exceeds context_length {model.cfg.context_length}"
+        )
+    doc_mask = positions = None
+    if attention_mask is not None:
+        doc_mask, positions = padded_attention(attention_mask, T)  # (B, 1, T, S), (B, T)
+    x = _embed(model, idx, start_pos, positions)
+    for block, cache in zip(model.blocks, caches, strict=True):
+        x = block(x, start_pos, cache, doc_mask, positions)
+    return model.lm_head(model.norm_f(x[:, -1]))  # (B, V)
