@@ -14,9 +14,13 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.lora import LoraConfig, apply_lora
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "llama-qk_norm"])
 def model(request: pytest.FixtureRequest) -> Decoder:
-    m = make_model(request.param, context=48).eval()
+    m = make_model(request.param.split("-")[0], context=48).eval()
+    if request.param.endswith("qk_norm"):  # the speedrun preset's attention
+        m.cfg = m.cfg.model_copy(update={"qk_norm": True})
+        for block in m.blocks:
+            block.attn.qk_norm = True
     with torch.no_grad():  # non-zero biases and norm gains: zeros would hide a missed one
         for p in m.parameters():
             if p.dim() == 1:

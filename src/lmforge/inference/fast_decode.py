@@ -71,6 +71,7 @@ class _Layer:
     head_dim: int
     scale: float | None
     rope: RotaryEmbedding | None
+    qk_norm: bool
     qkv: _Linear
     proj: _Linear
     up: _Linear  # SwiGLU: gate and up fused, (C, 2·ff); GELU: fc
@@ -126,6 +127,7 @@ class DecodeWeights:
                         attn.head_dim,
                         attn.scale,
                         attn.rope,
+                        attn.qk_norm,
                         _transposed(attn.qkv),
                         _transposed(attn.proj),
                         up,
@@ -158,6 +160,8 @@ class DecodeWeights:
             q, k, v = layer.qkv(layer.norm1(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q = q.view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
             k = k.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
+            if layer.qk_norm:
+                q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
             if layer.rope is not None:
                 rot = start_pos if at is None else at
                 q, k = layer.rope(q, rot), layer.rope(k, rot)
