@@ -23,6 +23,7 @@ steady-state step (the 2nd) of each eager setting, measured with lmforge's
 
     python bench/finetune.py              # 3 rounds × 10 timed steps (≈ 5 min on 2 cores)
     python bench/finetune.py --steps 20   # the ≥ 20 steps BENCHMARKING.md asks for (≈ 8 min)
+    python bench/finetune.py --eager      # without the torch.compile rows
     python bench/finetune.py --quick      # smoke test (≈ 25 s): checks that it runs, not a figure
 
 Writes bench/results/finetune-<date>.json and .txt (``--out`` changes the stem).
@@ -53,6 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
 from lmforge.interop.hf import load_hf
+from lmforge.models.linear_cross_entropy import head_in_loss
 from lmforge.models.lora import LoraConfig, bf16_frozen_base, prepare_model, trainable_report
 from lmforge.plan.tracker import LiveTensorTracker
 from lmforge.train.loop import TrainConfig, fit
@@ -208,10 +210,12 @@ def lmforge_setting(name: str, bf16: bool, compiled: bool, hf_dir: Path, data) -
         )  # fmt: skip
         # steps + 1 step starts bound steps intervals; fit's final checkpoint comes after the
         # last start and is not timed (the Trainer side saves nothing).
-        with tempfile.TemporaryDirectory() as run_dir:
+        # as lmforge finetune: the head applied inside the loss (head_in_loss)
+        with tempfile.TemporaryDirectory() as run_dir, head_in_loss(model) as head_loss:
             fit(
                 model, opt, PoolBatches(data, clock, model, opt), cfg, peak_lr=LR, sched=sched,
                 run_dir=Path(run_dir), device=torch.device("cpu"), checkpoint_files={},
+                loss_fn=head_loss,
             )  # fmt: skip
         return clock
 
@@ -299,6 +303,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per setting before round 1")
     p.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
+    p.add_argument("--eager", action="store_true", help="leave out the torch.compile rows")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 round of 2 steps, batch 2, no compiled rows")  # fmt: skip
     p.add_argument("--out", type=Path, help="stem of the .json/.txt results (default: "
@@ -435,7 +440,9 @@ def main() -> None:
         settings += [lmforge_setting(*OURS[1], hf_dir, data), peer_setting(*PEERS[2], hf_dir, data)]
         # compiled rows last; --quick leaves them out (compiling takes ≈ 25 s each)
         settings += [
-            lmforge_setting(*o, hf_dir, data) for o in OURS[2:] if not (o[2] and args.quick)
+            lmforge_setting(*o, hf_dir, data)
+            for o in OURS[2:]
+            if not (o[2] and (args.quick or args.eager))
         ]
         warm_up(settings, args.warmup)
         other = run_rounds(settings, args.rounds, args.steps, args.batch * CONTEXT)

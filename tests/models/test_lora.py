@@ -139,3 +139,55 @@ def test_merge_into_a_bf16_frozen_base_is_done_in_fp32() -> None:
     merged = model.blocks[0].mlp.up.weight
     assert merged.dtype == torch.float32 and torch.equal(merged, expected)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # one dtype, as saved
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: biases on the frozen base
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_lora_matmuls_equal_peft_forward_and_gradients(arch: str, bf16: bool) -> None:
+    """The fused layer (models/fused_lora.py) against peft's own forward on the same layers:
+    logits, the input's gradient and every adapter's gradient, fp32 and under bf16 autocast."""
+    from lmforge.models.fused_lora import FusedLoraLinear
+
+    fused = apply_lora(tiny(arch), LoraConfig(rank=4, alpha=8))
+    randomise_adapters(fused)
+    layers = [m for m in fused.modules() if isinstance(m, FusedLoraLinear)]
+    assert len(layers) == 2 * (
+        5 if arch == "llama" else 4
+    )  # qkv proj gate up proj | qkv proj fc proj
+    assert all(m._fusable() == "default" for m in layers)
+    plain = copy.deepcopy(fused)
+    for m in plain.modules():  # the same layers, running peft's unfused forward
+        if isinstance(m, FusedLoraLinear):
+            m._fusable = lambda: None
+    out = []
+    for model in (fused, plain):
+        emb = model.tok_emb.weight
+        emb.requires_grad_(True)  # the input's gradient reaches the embedding
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model.train()(X)
+        logits.float().pow(2).mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        out.append((logits, grads))
+    tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[0][0], out[1][0], **tol)
+    assert out[0][1].keys() == out[1][1].keys() and "tok_emb.weight" in out[0][1]
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], **tol, msg=n)
+
+
+def test_fused_lora_falls_back_to_peft_where_it_does_not_apply() -> None:
+    """Dropout, DoRA, a merged or disabled adapter: peft's forward runs (same outputs)."""
+    drop = apply_lora(tiny(), LoraConfig(rank=4, dropout=0.1))
+    assert drop.blocks[0].mlp.up._fusable() is None
+    dora = apply_lora(tiny(), LoraConfig(rank=4), dora=True)
+    assert dora.blocks[0].mlp.up._fusable() is None
+    model = apply_lora(tiny(), LoraConfig(rank=4))
+    layer = model.blocks[0].mlp.up
+    assert layer._fusable() == "default"
+    layer.merge()
+    assert layer._fusable() is None
+    layer.unmerge()
+    layer.enable_adapters(False)
+    assert layer._fusable() is None
+    layer.enable_adapters(True)
+    assert layer._fusable() == "default"

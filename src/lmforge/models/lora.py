@@ -79,7 +79,7 @@ def _peft_config(cfg: LoraConfig, model: nn.Module, dora: bool, **extra: Any):
     targets = [t for t in cfg.targets if any(n == t or n.endswith("." + t) for n in names)]
     if not targets:
         raise ValueError(f"lora.targets {cfg.targets} match no module of this model")
-    return peft.LoraConfig(
+    conf = peft.LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -88,6 +88,17 @@ def _peft_config(cfg: LoraConfig, model: nn.Module, dora: bool, **extra: Any):
         bias="none",
         **extra,
     )
+    # Plain Linear bases get peft's layer with fused matmuls (models/fused_lora.py). Only when
+    # every target is one: the mapping is by isinstance, and bitsandbytes' Linear4bit (QLoRA)
+    # subclasses nn.Linear but needs peft's own bnb layer.
+    hits = [
+        m for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)
+    ]
+    if hits and all(type(m) is nn.Linear for m in hits):
+        from lmforge.models.fused_lora import FusedLoraLinear
+
+        conf._register_custom_module({nn.Linear: FusedLoraLinear})
+    return conf
 
 
 def apply_lora(model: M, cfg: LoraConfig, dora: bool = False, **peft_extra: Any) -> M:

@@ -54,7 +54,8 @@ from lmforge.eval.generation import exact_match_eval, qa_pairs
 from lmforge.eval.metrics import final_number_match, stripped_match
 from lmforge.eval.retained import Retained, forgetting
 from lmforge.interop.peft import save_adapter
-from lmforge.models.decoder import DecoderConfig
+from lmforge.models.decoder import DecoderConfig, token_loss_sum
+from lmforge.models.linear_cross_entropy import head_in_loss
 from lmforge.models.lora import (
     LoraConfig,
     Method,
@@ -332,21 +333,25 @@ def _finetune(cfg: FinetuneConfig, run: runs.Run, t_start: float) -> dict[str, A
     model = distributed.parallelize(model, par, cfg.dist, cfg.train.precision)
     optimizer = build_optimizer(plain, cfg.optim)  # after sharding: on the sharded parameters
 
-    result = fit(
-        model,
-        optimizer,
-        batches,
-        cfg.train,
-        peak_lr=cfg.optim.lr,
-        sched=cfg.sched,
-        run_dir=run_dir,
-        device=device,
-        checkpoint_files={"config.yaml": to_yaml(cfg)},
-        resume_from=resume_ckpt,
-        regularizer=regularizer,
-        evaluate=score,
-        parallel=par,
-    )
+    # The head is applied inside the loss, chunk by chunk: no (tokens, vocab) logits
+    # (models/linear_cross_entropy.py). One process only: DDP/FSDP wrap the head themselves.
+    with nullcontext() if par.active else head_in_loss(plain) as head_loss:
+        result = fit(
+            model,
+            optimizer,
+            batches,
+            cfg.train,
+            peak_lr=cfg.optim.lr,
+            sched=cfg.sched,
+            run_dir=run_dir,
+            device=device,
+            checkpoint_files={"config.yaml": to_yaml(cfg)},
+            resume_from=resume_ckpt,
+            regularizer=regularizer,
+            evaluate=score,
+            parallel=par,
+            loss_fn=head_loss or token_loss_sum,
+        )
     if par.sharded:  # rank 0 goes on with the whole model, as the checkpoint gathered it
         if not par.is_main:
             return {}
