@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,63 @@ def rank_tag() -> str:
     if launched() and int(os.environ["WORLD_SIZE"]) > 1:
         return f" [rank {os.environ['RANK']}/{os.environ['WORLD_SIZE']}]"
     return ""
+
+
+def torchrun_command(name: str, nproc: int, args: list[str], debug: bool = False) -> list[str]:
+    """``lmforge <name> --nproc N ARGS`` → the torchrun command line that runs ``lmforge <name>
+    ARGS`` in N processes on this machine. Without ``--debug`` torchrun runs inside a small
+    wrapper that reports a failed rank in one line instead of torchrun's traceback (the rank
+    has already printed its own message)."""
+    launcher = ["-m", "torch.distributed.run"] if debug else ["-c", _TORCHRUN_QUIET]
+    return [
+        sys.executable,
+        *launcher,
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lmforge",
+        *name.split(),
+        *args,
+        *(["--debug"] if debug else []),
+    ]
+
+
+_TORCHRUN_QUIET = """\
+import logging, signal, sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+logging.disable(logging.ERROR)  # torchrun's own log lines; the ranks print their messages
+try:
+    run(get_args_parser().parse_args(sys.argv[1:]))
+except ChildFailedError as e:
+    rank, failure = e.get_first_failure()
+    code = failure.exitcode
+    if code < 0:
+        print(f"rank {rank} was stopped by signal {signal.Signals(-code).name}", file=sys.stderr)
+    sys.exit(code if code > 0 else 1)
+except SignalException as e:  # Ctrl-C / SIGTERM: torchrun has stopped the ranks
+    sys.exit(128 + int(e.sigval))
+"""
+
+
+def run_under_torchrun(name: str, nproc: int, args: list[str], debug: bool) -> int:
+    """Start ``torchrun --standalone --nproc_per_node N -m lmforge <name> ...``; torchrun stops
+    every rank when one fails and exits non-zero."""
+    import subprocess
+
+    cmd = torchrun_command(name, nproc, args, debug)
+    shown = " ".join(["torchrun", *cmd[3:]])  # after the interpreter and the launcher
+    print(f"lmforge {name}: starting {nproc} processes: {shown}", file=sys.stderr)
+    code = subprocess.call(cmd)
+    if code not in (0, 2, 130):
+        print(
+            f"lmforge {name}: the {nproc}-process job failed (exit code {code}); the messages "
+            "above name the failing rank. Resume from the last checkpoint with the same command "
+            "plus --resume.",
+            file=sys.stderr,
+        )
+    return code if code in (0, 2, 130) else 1
 
 
 @dataclass
