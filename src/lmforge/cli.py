@@ -59,28 +59,27 @@ def _configs_of(*paths: str) -> Callable[[], tuple[type[BaseModel], ...]]:
     return lambda: tuple(_config_of(*path.split(":"))() for path in paths)
 
 
-def _recipe(
-    module: str,
-    function: str,
-    show: Callable[[Any], None] | str | None = None,
-    exit_code: bool = False,
-) -> Callable[[Any], int]:
+@dataclass(frozen=True)
+class _Recipe:
     """The runner of a command: import ``module`` (only now: torch costs a second), call its
     ``function`` with the resolved config and ``show`` what it returns — ``show`` is a printer,
     or the name of the recipe module's own printer. A recipe returns ``{}`` on ranks other than
     0, which print nothing. With ``exit_code`` the recipe's return value is the exit code."""
 
-    def run(cfg: Any) -> int:
-        recipe = importlib.import_module(module)
-        result = getattr(recipe, function)(cfg)
-        if exit_code:
+    module: str
+    function: str
+    show: Callable[[Any], None] | str | None = None
+    exit_code: bool = False
+
+    def __call__(self, cfg: Any) -> int:
+        recipe = importlib.import_module(self.module)
+        result = getattr(recipe, self.function)(cfg)
+        if self.exit_code:
             return int(result)
-        printer = getattr(recipe, show) if isinstance(show, str) else show
+        printer = getattr(recipe, self.show) if isinstance(self.show, str) else self.show
         if printer is not None and result:
             printer(result)
         return 0
-
-    return run
 
 
 def _json(keys: str = "") -> Callable[[dict[str, Any]], None]:
@@ -149,7 +148,7 @@ COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "train a decoder LM from raw text (no arguments: the CPU demo on the shipped corpus)",
         _config_of("lmforge.recipes.pretrain", "PretrainConfig"),
-        _recipe("lmforge.recipes.pretrain", "pretrain", show=_print_pretrain_summary),
+        _Recipe("lmforge.recipes.pretrain", "pretrain", show=_print_pretrain_summary),
         recipe="pretrain",
         preset="cpu_demo",
         nproc=True,
@@ -158,7 +157,7 @@ COMMANDS: dict[str, Command] = {
     "data prepare": Command(
         "clean, deduplicate and tokenize text into train/val shards",
         _config_of("lmforge.recipes.prepare", "PrepareConfig"),
-        _recipe(
+        _Recipe(
             "lmforge.recipes.prepare",
             "prepare",
             show=_json(
@@ -170,20 +169,20 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(
         "sample text from a checkpoint, streaming to the terminal",
         _config_of("lmforge.recipes.generate", "GenerateConfig"),
-        _recipe("lmforge.recipes.generate", "generate"),  # it streams as it samples
+        _Recipe("lmforge.recipes.generate", "generate"),  # it streams as it samples
         recipe="generate",
     ),
     "eval": Command(
         "perplexity and bits-per-byte of a checkpoint on a token folder, .bin file or text file",
         _config_of("lmforge.recipes.evaluate", "EvalConfig"),
-        _recipe("lmforge.recipes.evaluate", "evaluate", show=_json()),
+        _Recipe("lmforge.recipes.evaluate", "evaluate", show=_json()),
         recipe="eval",
     ),
     "classify": Command(
         "fine-tune a BERT-style encoder for text classification (no arguments: MiniLM on the "
         "shipped support tickets)",
         _config_of("lmforge.recipes.classify", "ClassifyConfig"),
-        _recipe(
+        _Recipe(
             "lmforge.recipes.classify",
             "classify",
             show=_json(
@@ -198,7 +197,7 @@ COMMANDS: dict[str, Command] = {
     "classify-image": Command(
         "train a Vision Transformer to classify images (no arguments: the 8x8 digits in sklearn)",
         _config_of("lmforge.recipes.classify_image", "ClassifyImageConfig"),
-        _recipe(
+        _Recipe(
             "lmforge.recipes.classify_image",
             "classify_image",
             show=_json(
@@ -211,14 +210,14 @@ COMMANDS: dict[str, Command] = {
     "export": Command(
         "write a checkpoint for its runtime: --format hf|onnx|gguf, checked by that runtime",
         _config_of("lmforge.recipes.export", "ExportConfig"),
-        _recipe("lmforge.recipes.export", "export", show=print),
+        _Recipe("lmforge.recipes.export", "export", show=print),
         recipe="export",
     ),
     "finetune": Command(
         "fine-tune a checkpoint on instructions: full, lora, dora, qlora or freeze, forgetting "
         "measured (no arguments: LoRA on the shipped instruction suite)",
         _config_of("lmforge.recipes.finetune", "FinetuneConfig"),
-        _recipe("lmforge.recipes.finetune", "finetune", show="print_summary"),
+        _Recipe("lmforge.recipes.finetune", "finetune", show="print_summary"),
         recipe="finetune",
         nproc=True,
         resume_reads_run=True,
@@ -226,13 +225,13 @@ COMMANDS: dict[str, Command] = {
     "merge": Command(
         "fold a LoRA/DoRA adapter into its base and write a checkpoint folder",
         _config_of("lmforge.recipes.merge", "MergeConfig"),
-        _recipe("lmforge.recipes.merge", "merge", show=print),
+        _Recipe("lmforge.recipes.merge", "merge", show=print),
         recipe="merge",
     ),
     "chat": Command(
         "chat turn by turn with a checkpoint, its chat template applied (reads stdin)",
         _config_of("lmforge.recipes.chat", "ChatConfig"),
-        _recipe("lmforge.recipes.chat", "chat"),
+        _Recipe("lmforge.recipes.chat", "chat"),
         recipe="chat",
     ),
     "estimate": Command(
@@ -262,7 +261,7 @@ COMMANDS: dict[str, Command] = {
         "diagnose a training run (overfitting, divergence, spikes, gradients, learning rate, "
         "data wait) with evidence and remedies; writes RUN_DIR/doctor.md",
         _config_of("lmforge.recipes.doctor", "DoctorConfig"),
-        _recipe("lmforge.recipes.doctor", "doctor"),  # it prints its findings
+        _Recipe("lmforge.recipes.doctor", "doctor"),  # it prints its findings
         recipe="doctor",
         positional="run_dir",
     ),
@@ -270,14 +269,14 @@ COMMANDS: dict[str, Command] = {
         "attention maps, token attributions (integrated gradients) and the logit lens for one "
         "input; writes DIR/index.html",
         _config_of("lmforge.recipes.explain", "ExplainConfig"),
-        _recipe("lmforge.recipes.explain", "explain", show=lambda path: print(f"wrote {path}")),
+        _Recipe("lmforge.recipes.explain", "explain", show=lambda path: print(f"wrote {path}")),
         recipe="explain",
     ),
     "mlm": Command(
         "pretrain a BERT-style encoder by masked-token prediction (no arguments: the CPU demo "
         "on the shipped corpus)",
         _config_of("lmforge.recipes.mlm", "MlmConfig"),
-        _recipe("lmforge.recipes.mlm", "mlm", show=_json()),
+        _Recipe("lmforge.recipes.mlm", "mlm", show=_json()),
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
@@ -285,42 +284,42 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(
         "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching, streaming)",
         _config_of("lmforge.recipes.serve", "ServeConfig"),
-        _recipe("lmforge.recipes.serve", "serve"),
+        _Recipe("lmforge.recipes.serve", "serve"),
         recipe="serve",
     ),
     "dashboard": Command(
         "the run dashboard in a browser: loss / val / lr curves (live), config, summary, "
         "compare runs",
         _config_of("lmforge.recipes.dashboard", "DashboardConfig"),
-        _recipe("lmforge.recipes.dashboard", "dashboard", exit_code=True),
+        _Recipe("lmforge.recipes.dashboard", "dashboard", exit_code=True),
         recipe="dashboard",
     ),
     "seq2seq": Command(
         "fine-tune a T5/BART-style encoder-decoder on source->target pairs (no arguments: a "
         "generated date-rewriting task, scored before and after)",
         _config_of("lmforge.recipes.seq2seq", "Seq2SeqTaskConfig"),
-        _recipe("lmforge.recipes.seq2seq", "seq2seq", show="print_summary"),
+        _Recipe("lmforge.recipes.seq2seq", "seq2seq", show="print_summary"),
         recipe="seq2seq",
     ),
     "compress quantize": Command(
         "quantize a checkpoint's linear layers (int8 dynamic, int8 or int4 weight-only, torchao); "
         "quality measured before and after",
         _config_of("lmforge.recipes.compress", "QuantizeConfig"),
-        _recipe("lmforge.recipes.compress", "quantize", show=_json()),
+        _Recipe("lmforge.recipes.compress", "quantize", show=_json()),
         recipe="quantize",
     ),
     "compress prune": Command(
         "prune a checkpoint: magnitude (unstructured) or heads and MLP channels (structured, "
         "smaller); quality before/after, a sparsity sweep plot, optional recovery fine-tune",
         _config_of("lmforge.recipes.compress", "PruneConfig"),
-        _recipe("lmforge.recipes.compress", "prune", show=_json()),
+        _Recipe("lmforge.recipes.compress", "prune", show=_json()),
         recipe="prune",
     ),
     "distill": Command(
         "train a smaller student on a teacher's distributions (decoders: next tokens; "
         "classifiers: classes): KL at temperature T + cross-entropy",
         _config_of("lmforge.recipes.distill", "DistillConfig"),
-        _recipe("lmforge.recipes.distill", "distill", show=_json()),
+        _Recipe("lmforge.recipes.distill", "distill", show=_json()),
         recipe="distill",
     ),
 }
