@@ -425,9 +425,8 @@ def _train_event(
     flops: tuple[float | None, float | None],
     stats: LayerStats | None,
 ) -> dict[str, Any]:
-    """The metrics.jsonl line of a logged training step: ``data_frac`` is the part of the time
-    since the last logged step spent waiting for batches; ``mfu`` when ``flops`` (per token,
-    peak per second) are known; ``layers``: ``stats`` since ``stats.begin()``."""
+    """A logged step's metrics.jsonl line: ``data_frac``, the share of the window spent waiting
+    for batches; ``mfu`` when ``flops`` (per token, peak/s) are known; ``layers``: ``stats``."""
     tokens_per_s = pace.window_tokens_per_s
     event = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm}
     event.update(
