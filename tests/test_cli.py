@@ -290,3 +290,41 @@ def test_a_failed_rank_is_reported_without_torchrun_traceback(tmp_path: Path) ->
     assert done.returncode == 1, done.stderr
     assert f"{missing}: no file, folder or glob match" in done.stderr
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+
+
+def test_every_command_runs_its_recipe_through_the_one_runner(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``_Recipe``: the recipe gets the config, its result is shown (chosen keys, in order),
+    ``{}`` (ranks other than 0) prints nothing, and an exit-code recipe's value is the code."""
+    import types
+
+    from lmforge.cli import _json, _Recipe
+
+    fake = types.ModuleType("lmforge_fake_recipe")
+    fake.run = lambda cfg: cfg  # type: ignore[attr-defined]
+    fake.printer = lambda result: print("printed", result)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lmforge_fake_recipe", fake)
+
+    assert _Recipe("lmforge_fake_recipe", "run", show=_json("b a"))({"a": 1, "b": 2, "c": 3}) == 0
+    assert list(json.loads(capsys.readouterr().out).items()) == [("b", 2), ("a", 1)]
+    _Recipe("lmforge_fake_recipe", "run", show=_json("b a"))({"c": 3})
+    assert capsys.readouterr().out == "{}\n"  # none of the keys: an empty object, not an error
+    _Recipe("lmforge_fake_recipe", "run", show=_json())({})
+    assert capsys.readouterr().out == ""  # rank > 0 returns {}: nothing to show
+    _Recipe("lmforge_fake_recipe", "run", show="printer")("x")
+    assert capsys.readouterr().out == "printed x\n"  # the recipe module's own printer
+    assert _Recipe("lmforge_fake_recipe", "run", exit_code=True)(7) == 7
+    assert _Recipe("lmforge_fake_recipe", "run")("shown by nobody") == 0
+    assert capsys.readouterr().out == ""
+    # every table entry names a recipe function (and printer) that its module has
+    import importlib
+
+    for name, command in COMMANDS.items():
+        if isinstance(command.run, _Recipe):
+            module = importlib.import_module(command.run.module)
+            assert callable(getattr(module, command.run.function)), name
+            if isinstance(command.run.show, str):
+                assert callable(getattr(module, command.run.show)), name
+        else:
+            assert command.raw, f"{name}: only raw commands have their own runner"

@@ -11,6 +11,7 @@ config, 1 runtime failure, 130 interrupted (after writing a checkpoint) — an e
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -47,162 +48,79 @@ class Command:
 
 def _config_of(module: str, name: str) -> Callable[[], type[BaseModel]]:
     def get() -> type[BaseModel]:
-        import importlib
-
         return getattr(importlib.import_module(module), name)
 
     return get
 
 
-def _pretrain(cfg: Any) -> int:
-    from lmforge.recipes.pretrain import pretrain
-
-    summary = pretrain(cfg)
-    if summary:  # {} on ranks other than 0
-        _print_pretrain_summary(summary)
-    return 0
+def _configs_of(*paths: str) -> Callable[[], tuple[type[BaseModel], ...]]:
+    """Lazy ``module:Class`` config types: the keys a raw command also accepts (the configs
+    that ``estimate`` reads or ``tune`` tunes)."""
+    return lambda: tuple(_config_of(*path.split(":"))() for path in paths)
 
 
-def _prepare(cfg: Any) -> int:
-    from lmforge.recipes.prepare import prepare
+@dataclass(frozen=True)
+class _Recipe:
+    """The runner of a command: import ``module`` (only now: torch costs a second), call its
+    ``function`` with the resolved config and ``show`` what it returns — ``show`` is a printer,
+    or the name of the recipe module's own printer. A recipe returns ``{}`` on ranks other than
+    0, which print nothing. With ``exit_code`` the recipe's return value is the exit code."""
 
-    meta = prepare(cfg)
-    keys = (
-        "dir",
-        "vocab_size",
-        "train_tokens",
-        "val_tokens",
-        "train_documents",
-        "val_documents",
-        "cleaning",
-    )
-    print(json.dumps({k: meta[k] for k in keys if k in meta}, indent=2))
-    return 0
+    module: str
+    function: str
+    show: Callable[[Any], None] | str | None = None
+    exit_code: bool = False
 
-
-def _generate(cfg: Any) -> int:
-    from lmforge.recipes.generate import generate
-
-    generate(cfg)
-    return 0
-
-
-def _eval(cfg: Any) -> int:
-    from lmforge.recipes.evaluate import evaluate
-
-    print(json.dumps(evaluate(cfg), indent=2))
-    return 0
-
-
-def _export(cfg: Any) -> int:
-    from lmforge.recipes.export import export
-
-    print(export(cfg))
-    return 0
-
-
-def _seq2seq(cfg: Any) -> int:
-    from lmforge.recipes.seq2seq import print_summary, seq2seq
-
-    print_summary(seq2seq(cfg))
-    return 0
-
-
-def _classify(cfg: Any) -> int:
-    from lmforge.recipes.classify import classify
-
-    summary = classify(cfg)
-    keep = ("run_dir", "init", "steps", "stop_reason", "best_checkpoint", "eval_data")
-    keep += ("eval_accuracy", "eval_f1_macro", "eval_roc_auc", "eval_ece", "wall_seconds", "report")
-    if summary:  # {} on ranks other than 0
-        print(json.dumps({k: summary[k] for k in keep if k in summary}, indent=2))
-    return 0
-
-
-def _classify_image(cfg: Any) -> int:
-    from lmforge.recipes.classify_image import classify_image
-
-    summary = classify_image(cfg)
-    keep = ("run_dir", "steps", "stop_reason", "best_checkpoint", "eval_accuracy", "eval_f1_macro")
-    print(json.dumps({k: summary[k] for k in keep + ("eval_roc_auc", "eval_ece", "wall_seconds",
-                                                     "report") if k in summary}, indent=2))  # fmt: skip
-    return 0
-
-
-def _finetune(cfg: Any) -> int:
-    from lmforge.recipes.finetune import finetune, print_summary
-
-    summary = finetune(cfg)
-    if summary:  # {} on ranks other than 0
-        print_summary(summary)
-    return 0
-
-
-def _merge(cfg: Any) -> int:
-    from lmforge.recipes.merge import merge
-
-    print(merge(cfg))
-    return 0
-
-
-def _doctor(cfg: Any) -> int:
-    from lmforge.recipes.doctor import doctor
-
-    doctor(cfg)
-    return 0
-
-
-def _explain(cfg: Any) -> int:
-    from lmforge.recipes.explain import explain
-
-    print(f"wrote {explain(cfg)}")
-    return 0
-
-
-def _chat(cfg: Any) -> int:
-    from lmforge.recipes.chat import chat
-
-    chat(cfg)
-    return 0
-
-
-def _mlm(cfg: Any) -> int:
-    from lmforge.recipes.mlm import mlm
-
-    summary = mlm(cfg)
-    if summary:  # {} on ranks other than 0
-        print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _dashboard(cfg: Any) -> int:
-    from lmforge.recipes.dashboard import dashboard
-
-    return dashboard(cfg)
-
-
-def _serve(cfg: Any) -> int:
-    from lmforge.recipes.serve import serve
-
-    serve(cfg)
-    return 0
-
-
-def _compress(name: str) -> Callable[[Any], int]:
-    def run(cfg: Any) -> int:
-        import lmforge.recipes.compress as recipe
-
-        print(json.dumps(getattr(recipe, name)(cfg), indent=2))
+    def __call__(self, cfg: Any) -> int:
+        recipe = importlib.import_module(self.module)
+        result = getattr(recipe, self.function)(cfg)
+        if self.exit_code:
+            return int(result)
+        printer = getattr(recipe, self.show) if isinstance(self.show, str) else self.show
+        if printer is not None and result:
+            printer(result)
         return 0
 
-    return run
+
+def _json(keys: str = "") -> Callable[[dict[str, Any]], None]:
+    """Print a recipe's summary as JSON: only ``keys`` (space-separated; those present) when
+    given, in that order."""
+
+    def show(summary: dict[str, Any]) -> None:
+        kept = {k: summary[k] for k in keys.split() if k in summary} if keys else summary
+        print(json.dumps(kept, indent=2))
+
+    return show
 
 
-def _distill(cfg: Any) -> int:
-    from lmforge.recipes.distill import distill
+def _print_pretrain_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
 
-    print(json.dumps(distill(cfg), indent=2))
-    return 0
+    console = Console()
+    table = Table(title="pretrain summary", show_header=False)
+    rows = [
+        ("run folder", s["run_dir"]),
+        ("steps", f"{s['steps']} ({s['stop_reason']})"),
+        ("val loss (nats/token)", f"{s.get('val_loss', float('nan')):.4f}"),
+        ("val perplexity", f"{s.get('val_ppl', float('nan')):.2f}"),
+        ("val bits-per-byte", f"{s.get('val_bpb', float('nan')):.4f}"),
+        ("parameters", f"{s['parameters'] / 1e6:.2f}M"),
+        ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
+        (
+            "MFU",
+            f"{s['mfu']:.1%} of {s['peak_flops'] / 1e9:.0f} GFLOP/s ({s['peak_flops_source']})"
+            if s["mfu"]
+            else "n/a",
+        ),  # fmt: skip
+        ("train / wall time", f"{s['train_seconds']:.0f} s / {s['wall_seconds']:.0f} s"),
+        ("checkpoint", str(s["checkpoint"])),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    console.print(f"[bold]sample[/bold] (prompt {s['sample_prompt']!r}):")
+    console.print(s["sample_prompt"] + s["sample"], markup=False, highlight=False)
 
 
 def _estimate(raw: tuple[str | None, dict[str, Any]]) -> int:
@@ -226,28 +144,11 @@ def _tune(raw: tuple[str | None, dict[str, Any]]) -> int:
     return 0
 
 
-def _tune_types() -> tuple[type[BaseModel], ...]:
-    """tune's options, then the keys of the configs it tunes."""
-    from lmforge.recipes.classify import ClassifyConfig
-    from lmforge.recipes.finetune import FinetuneConfig
-    from lmforge.recipes.pretrain import PretrainConfig
-
-    return PretrainConfig, FinetuneConfig, ClassifyConfig
-
-
-def _estimate_types() -> tuple[type[BaseModel], ...]:
-    """estimate's options, then the keys of the pretrain or fine-tune config it reads."""
-    from lmforge.recipes.finetune import FinetuneConfig
-    from lmforge.recipes.pretrain import PretrainConfig
-
-    return PretrainConfig, FinetuneConfig
-
-
 COMMANDS: dict[str, Command] = {
     "pretrain": Command(
         "train a decoder LM from raw text (no arguments: the CPU demo on the shipped corpus)",
         _config_of("lmforge.recipes.pretrain", "PretrainConfig"),
-        _pretrain,
+        _Recipe("lmforge.recipes.pretrain", "pretrain", show=_print_pretrain_summary),
         recipe="pretrain",
         preset="cpu_demo",
         nproc=True,
@@ -256,26 +157,39 @@ COMMANDS: dict[str, Command] = {
     "data prepare": Command(
         "clean, deduplicate and tokenize text into train/val shards",
         _config_of("lmforge.recipes.prepare", "PrepareConfig"),
-        _prepare,
+        _Recipe(
+            "lmforge.recipes.prepare",
+            "prepare",
+            show=_json(
+                "dir vocab_size train_tokens val_tokens train_documents val_documents cleaning"
+            ),
+        ),
         recipe="prepare",
     ),
     "generate": Command(
         "sample text from a checkpoint, streaming to the terminal",
         _config_of("lmforge.recipes.generate", "GenerateConfig"),
-        _generate,
+        _Recipe("lmforge.recipes.generate", "generate"),  # it streams as it samples
         recipe="generate",
     ),
     "eval": Command(
         "perplexity and bits-per-byte of a checkpoint on a token folder, .bin file or text file",
         _config_of("lmforge.recipes.evaluate", "EvalConfig"),
-        _eval,
+        _Recipe("lmforge.recipes.evaluate", "evaluate", show=_json()),
         recipe="eval",
     ),
     "classify": Command(
         "fine-tune a BERT-style encoder for text classification (no arguments: MiniLM on the "
         "shipped support tickets)",
         _config_of("lmforge.recipes.classify", "ClassifyConfig"),
-        _classify,
+        _Recipe(
+            "lmforge.recipes.classify",
+            "classify",
+            show=_json(
+                "run_dir init steps stop_reason best_checkpoint eval_data eval_accuracy "
+                "eval_f1_macro eval_roc_auc eval_ece wall_seconds report"
+            ),
+        ),
         recipe="classify",
         preset="support_tickets",
         nproc=True,
@@ -283,20 +197,27 @@ COMMANDS: dict[str, Command] = {
     "classify-image": Command(
         "train a Vision Transformer to classify images (no arguments: the 8x8 digits in sklearn)",
         _config_of("lmforge.recipes.classify_image", "ClassifyImageConfig"),
-        _classify_image,
+        _Recipe(
+            "lmforge.recipes.classify_image",
+            "classify_image",
+            show=_json(
+                "run_dir steps stop_reason best_checkpoint eval_accuracy eval_f1_macro "
+                "eval_roc_auc eval_ece wall_seconds report"
+            ),
+        ),
         recipe="classify_image",
     ),
     "export": Command(
         "write a checkpoint for its runtime: --format hf|onnx|gguf, checked by that runtime",
         _config_of("lmforge.recipes.export", "ExportConfig"),
-        _export,
+        _Recipe("lmforge.recipes.export", "export", show=print),
         recipe="export",
     ),
     "finetune": Command(
         "fine-tune a checkpoint on instructions: full, lora, dora, qlora or freeze, forgetting "
         "measured (no arguments: LoRA on the shipped instruction suite)",
         _config_of("lmforge.recipes.finetune", "FinetuneConfig"),
-        _finetune,
+        _Recipe("lmforge.recipes.finetune", "finetune", show="print_summary"),
         recipe="finetune",
         nproc=True,
         resume_reads_run=True,
@@ -304,13 +225,13 @@ COMMANDS: dict[str, Command] = {
     "merge": Command(
         "fold a LoRA/DoRA adapter into its base and write a checkpoint folder",
         _config_of("lmforge.recipes.merge", "MergeConfig"),
-        _merge,
+        _Recipe("lmforge.recipes.merge", "merge", show=print),
         recipe="merge",
     ),
     "chat": Command(
         "chat turn by turn with a checkpoint, its chat template applied (reads stdin)",
         _config_of("lmforge.recipes.chat", "ChatConfig"),
-        _chat,
+        _Recipe("lmforge.recipes.chat", "chat"),
         recipe="chat",
     ),
     "estimate": Command(
@@ -319,7 +240,9 @@ COMMANDS: dict[str, Command] = {
         _estimate,
         recipe="estimate",
         raw=True,
-        also_types=_estimate_types,
+        also_types=_configs_of(
+            "lmforge.recipes.pretrain:PretrainConfig", "lmforge.recipes.finetune:FinetuneConfig"
+        ),
     ),
     "tune": Command(
         "hyper-parameter search (Optuna) over any config keys of pretrain, finetune or classify; "
@@ -328,13 +251,17 @@ COMMANDS: dict[str, Command] = {
         _tune,
         recipe="tune",
         raw=True,
-        also_types=_tune_types,
+        also_types=_configs_of(
+            "lmforge.recipes.pretrain:PretrainConfig",
+            "lmforge.recipes.finetune:FinetuneConfig",
+            "lmforge.recipes.classify:ClassifyConfig",
+        ),
     ),
     "doctor": Command(
         "diagnose a training run (overfitting, divergence, spikes, gradients, learning rate, "
         "data wait) with evidence and remedies; writes RUN_DIR/doctor.md",
         _config_of("lmforge.recipes.doctor", "DoctorConfig"),
-        _doctor,
+        _Recipe("lmforge.recipes.doctor", "doctor"),  # it prints its findings
         recipe="doctor",
         positional="run_dir",
     ),
@@ -342,14 +269,14 @@ COMMANDS: dict[str, Command] = {
         "attention maps, token attributions (integrated gradients) and the logit lens for one "
         "input; writes DIR/index.html",
         _config_of("lmforge.recipes.explain", "ExplainConfig"),
-        _explain,
+        _Recipe("lmforge.recipes.explain", "explain", show=lambda path: print(f"wrote {path}")),
         recipe="explain",
     ),
     "mlm": Command(
         "pretrain a BERT-style encoder by masked-token prediction (no arguments: the CPU demo "
         "on the shipped corpus)",
         _config_of("lmforge.recipes.mlm", "MlmConfig"),
-        _mlm,
+        _Recipe("lmforge.recipes.mlm", "mlm", show=_json()),
         recipe="mlm",
         preset="cpu_demo",
         nproc=True,
@@ -357,42 +284,42 @@ COMMANDS: dict[str, Command] = {
     "serve": Command(
         "serve a checkpoint over an OpenAI-compatible HTTP API (continuous batching, streaming)",
         _config_of("lmforge.recipes.serve", "ServeConfig"),
-        _serve,
+        _Recipe("lmforge.recipes.serve", "serve"),
         recipe="serve",
     ),
     "dashboard": Command(
         "the run dashboard in a browser: loss / val / lr curves (live), config, summary, "
         "compare runs",
         _config_of("lmforge.recipes.dashboard", "DashboardConfig"),
-        _dashboard,
+        _Recipe("lmforge.recipes.dashboard", "dashboard", exit_code=True),
         recipe="dashboard",
     ),
     "seq2seq": Command(
         "fine-tune a T5/BART-style encoder-decoder on source->target pairs (no arguments: a "
         "generated date-rewriting task, scored before and after)",
         _config_of("lmforge.recipes.seq2seq", "Seq2SeqTaskConfig"),
-        _seq2seq,
+        _Recipe("lmforge.recipes.seq2seq", "seq2seq", show="print_summary"),
         recipe="seq2seq",
     ),
     "compress quantize": Command(
         "quantize a checkpoint's linear layers (int8 dynamic, int8 or int4 weight-only, torchao); "
         "quality measured before and after",
         _config_of("lmforge.recipes.compress", "QuantizeConfig"),
-        _compress("quantize"),
+        _Recipe("lmforge.recipes.compress", "quantize", show=_json()),
         recipe="quantize",
     ),
     "compress prune": Command(
         "prune a checkpoint: magnitude (unstructured) or heads and MLP channels (structured, "
         "smaller); quality before/after, a sparsity sweep plot, optional recovery fine-tune",
         _config_of("lmforge.recipes.compress", "PruneConfig"),
-        _compress("prune"),
+        _Recipe("lmforge.recipes.compress", "prune", show=_json()),
         recipe="prune",
     ),
     "distill": Command(
         "train a smaller student on a teacher's distributions (decoders: next tokens; "
         "classifiers: classes): KL at temperature T + cross-entropy",
         _config_of("lmforge.recipes.distill", "DistillConfig"),
-        _distill,
+        _Recipe("lmforge.recipes.distill", "distill", show=_json()),
         recipe="distill",
     ),
 }
@@ -415,63 +342,6 @@ def resolve_config(name: str, config_file: str | None, overrides: dict[str, Any]
         overrides=overrides,
         recipe=command.recipe,
     )
-
-
-def torchrun_command(name: str, nproc: int, args: list[str], debug: bool = False) -> list[str]:
-    """``lmforge <name> --nproc N ARGS`` → the torchrun command line that runs ``lmforge <name>
-    ARGS`` in N processes on this machine. Without ``--debug`` torchrun runs inside a small
-    wrapper that reports a failed rank in one line instead of torchrun's traceback (the rank
-    has already printed its own message)."""
-    launcher = ["-m", "torch.distributed.run"] if debug else ["-c", _TORCHRUN_QUIET]
-    return [
-        sys.executable,
-        *launcher,
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "lmforge",
-        *name.split(),
-        *args,
-        *(["--debug"] if debug else []),
-    ]
-
-
-_TORCHRUN_QUIET = """\
-import logging, signal, sys
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import get_args_parser, run
-logging.disable(logging.ERROR)  # torchrun's own log lines; the ranks print their messages
-try:
-    run(get_args_parser().parse_args(sys.argv[1:]))
-except ChildFailedError as e:
-    rank, failure = e.get_first_failure()
-    code = failure.exitcode
-    if code < 0:
-        print(f"rank {rank} was stopped by signal {signal.Signals(-code).name}", file=sys.stderr)
-    sys.exit(code if code > 0 else 1)
-except SignalException as e:  # Ctrl-C / SIGTERM: torchrun has stopped the ranks
-    sys.exit(128 + int(e.sigval))
-"""
-
-
-def _run_under_torchrun(name: str, nproc: int, args: list[str], debug: bool) -> int:
-    """Start ``torchrun --standalone --nproc_per_node N -m lmforge <name> ...``; torchrun stops
-    every rank when one fails and exits non-zero."""
-    import subprocess
-
-    cmd = torchrun_command(name, nproc, args, debug)
-    shown = " ".join(["torchrun", *cmd[3:]])  # after the interpreter and the launcher
-    print(f"lmforge {name}: starting {nproc} processes: {shown}", file=sys.stderr)
-    code = subprocess.call(cmd)
-    if code not in (0, 2, 130):
-        print(
-            f"lmforge {name}: the {nproc}-process job failed (exit code {code}); the messages "
-            "above name the failing rank. Resume from the last checkpoint with the same command "
-            "plus --resume.",
-            file=sys.stderr,
-        )
-    return code if code in (0, 2, 130) else 1
 
 
 def usage() -> str:
@@ -561,7 +431,7 @@ def _main(argv: list[str] | None) -> int:
         print(_help(name, command))
         return 0
 
-    from lmforge.train.distributed import rank_tag
+    from lmforge.train.distributed import rank_tag, run_under_torchrun
 
     shown = name + rank_tag()  # error messages name the rank in a multi-process job
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -584,7 +454,7 @@ def _main(argv: list[str] | None) -> int:
         cfg = resolve_config(name, config_file, overrides)  # a bad config fails once, here
         if nproc is not None and nproc > 1 and "RANK" not in os.environ:
             full = (["--config", config_file] if config_file else []) + args
-            return _run_under_torchrun(name, nproc, full, debug)
+            return run_under_torchrun(name, nproc, full, debug)
         return command.run(cfg)
     except TrainingInterrupted as e:
         print(
@@ -608,36 +478,6 @@ def _main(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-def _print_pretrain_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title="pretrain summary", show_header=False)
-    rows = [
-        ("run folder", s["run_dir"]),
-        ("steps", f"{s['steps']} ({s['stop_reason']})"),
-        ("val loss (nats/token)", f"{s.get('val_loss', float('nan')):.4f}"),
-        ("val perplexity", f"{s.get('val_ppl', float('nan')):.2f}"),
-        ("val bits-per-byte", f"{s.get('val_bpb', float('nan')):.4f}"),
-        ("parameters", f"{s['parameters'] / 1e6:.2f}M"),
-        ("tokens/s", f"{s['tokens_per_s']:,.0f}"),
-        (
-            "MFU",
-            f"{s['mfu']:.1%} of {s['peak_flops'] / 1e9:.0f} GFLOP/s ({s['peak_flops_source']})"
-            if s["mfu"]
-            else "n/a",
-        ),
-        ("train / wall time", f"{s['train_seconds']:.0f} s / {s['wall_seconds']:.0f} s"),
-        ("checkpoint", str(s["checkpoint"])),
-    ]
-    for k, v in rows:
-        table.add_row(k, v)
-    console.print(table)
-    console.print(f"[bold]sample[/bold] (prompt {s['sample_prompt']!r}):")
-    console.print(s["sample_prompt"] + s["sample"], markup=False, highlight=False)
 
 
 if __name__ == "__main__":

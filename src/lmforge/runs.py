@@ -9,6 +9,9 @@ and behaves the same whatever made it:
         ...
         runs.write_plots(run.dir); runs.write_summary(run, summary)
 
+A training recipe takes all of that setup (device, distributed job, folder, failure note) in one
+line: ``with runs.training_run("mlm", cfg) as run: ...``; ``runs.finish`` writes the end.
+
 Under torchrun every rank calls these; rank 0 alone touches the disk (``Run.is_main``) and its
 clock names the folder for all ranks.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,7 +36,10 @@ from lmforge.checkpoint.store import find_checkpoint
 from lmforge.config import save_config
 from lmforge.errors import ConfigError, TrainingInterrupted
 from lmforge.train import distributed
+from lmforge.train.device import setup_device
 from lmforge.train.metrics_log import read_metrics
+
+log = logging.getLogger(__name__)
 
 FAILED_NOTE = "FAILED.txt"
 
@@ -45,10 +52,15 @@ class Run:
     resume_from: Path | None = None  # the checkpoint a resumed run continues from
     created: bool = False  # this invocation made the folder (so it may remove it again)
     par: distributed.Parallel = field(default_factory=lambda: distributed.SINGLE)
+    started: float = field(default_factory=time.perf_counter)  # perf_counter at the command's start
 
     @property
     def is_main(self) -> bool:
         return self.par.is_main
+
+    def elapsed(self) -> float:
+        """Seconds since the command started (``summary.json``'s ``wall_seconds``)."""
+        return time.perf_counter() - self.started
 
 
 def run_dir_of(path: str | Path) -> Path:
@@ -123,6 +135,40 @@ def start(
     if error:
         raise ConfigError(error)
     return Run(Path(run_dir), None, created=created, par=par)
+
+
+@contextlib.contextmanager
+def training_run(
+    command: str,
+    cfg: Any,
+    resume: bool | str | None = None,
+    strategies: tuple[str, ...] = ("ddp",),
+) -> Iterator[Run]:
+    """The setup every training recipe needs before its first step, written once: the device
+    (``cfg.train``: device, threads, precision), the distributed job (``cfg.dist`` when the recipe
+    has one, under one of its ``strategies``; else one process), the run folder (``cfg.out_dir``,
+    ``resume``) and its ``failure_note``; the process group ends on the way out.
+
+        with runs.training_run("mlm", cfg) as run:   # run.dir, run.par, run.par.device
+            ...
+            return runs.finish(run, {..., "wall_seconds": run.elapsed()})
+    """
+    started = time.perf_counter()
+    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
+    dist_cfg = getattr(cfg, "dist", None)
+    if dist_cfg is None:
+        par = distributed.Parallel(device=device)
+    else:
+        par = distributed.setup(dist_cfg, device, command)
+    try:
+        distributed.require_strategy(par, strategies, command)
+        run = start(command, cfg.out_dir, resume, par)
+        run.started = started
+        log.info("run folder: %s", run.dir)
+        with failure_note(run):
+            yield run
+    finally:
+        distributed.teardown(par)
 
 
 def make_dir(path: Path, what: str) -> None:

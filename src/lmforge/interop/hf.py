@@ -10,24 +10,21 @@ memory is about one copy of the model. Nothing is executed and no pickle is read
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
-from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import declare_special_tokens, load_tokenizer, special_token_ids
 from lmforge.errors import CheckpointError
 from lmforge.interop.key_map import KeyMap, Source
-from lmforge.interop.safetensors_folder import read_tensors, weight_files
+from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.layers import RotaryEmbedding
 
@@ -391,27 +388,14 @@ def export_hf(model: Decoder, tokenizer: Tokenizer | None, out_dir: str | Path) 
     Written to a temporary folder next to ``out_dir`` and renamed when complete. ``out_dir``
     must not exist or be empty (an export never overwrites files).
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
     ids = special_token_ids(tokenizer) if tokenizer is not None else {}
     config = config_to_hf(model.cfg, ids)  # raises before anything is written
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-export
-    tmp.mkdir(parents=True)
-    save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+    extra: dict[str, str] = {}
     if tokenizer is not None:
-        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
         tok_config: dict[str, Any] = dict(tokenizer_class="PreTrainedTokenizerFast")
         tok_config |= dict(
             clean_up_tokenization_spaces=False, model_max_length=model.cfg.context_length
         )
         tok_config |= {f"{k}_token": tokenizer.id_to_token(i) for k, i in ids.items()}
-        atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
-    fsync_dir(tmp)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    return out
+        extra["tokenizer_config.json"] = json.dumps(tok_config, indent=2) + "\n"
+    return write_hf_folder(out_dir, hf_state_dict(model), config, tokenizer, extra)

@@ -10,20 +10,17 @@ every tensor must find its place and every place must be filled.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from lmforge.atomic import atomic_write_text, fsync_dir
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
 from lmforge.interop.key_map import KeyMap, Source
-from lmforge.interop.safetensors_folder import read_tensors, weight_files
+from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 
 # lmforge module in block i → BERT module in encoder.layer.i (query/key/value fuse into qkv)
@@ -249,9 +246,6 @@ def export_hf_bert(
 ) -> Path:
     """Write a folder ``transformers`` loads offline (BertModel, or BertForSequenceClassification
     when ``model`` is a classifier). ``out_dir`` must not exist or be empty."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
     if isinstance(model, SequenceClassifier):
         n = model.head_cfg.num_labels
         labels = labels or [f"LABEL_{i}" for i in range(n)]
@@ -260,22 +254,12 @@ def export_hf_bert(
     else:
         config = config_to_hf(model.cfg)
     tensors = hf_state_dict(model)  # raises before anything is written
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+    extra: dict[str, str] = {}
     if tokenizer is not None:
-        atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
         specials = {
             f"{k}_token": k.upper().join("[]") for k in ("cls", "sep", "pad", "unk", "mask")
         }
         specials = {k: v for k, v in specials.items() if tokenizer.token_to_id(v) is not None}
         tok_config = dict(tokenizer_class="PreTrainedTokenizerFast", **specials)
-        atomic_write_text(tmp / "tokenizer_config.json", json.dumps(tok_config, indent=2) + "\n")
-    fsync_dir(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    fsync_dir(out.parent)
-    return out
+        extra["tokenizer_config.json"] = json.dumps(tok_config, indent=2) + "\n"
+    return write_hf_folder(out_dir, tensors, config, tokenizer, extra)

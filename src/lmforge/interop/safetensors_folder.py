@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from lmforge.atomic import atomic_write_text, fsync_dir
+from lmforge.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from lmforge.errors import CheckpointError
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -55,23 +55,34 @@ def read_tensors(
 
 
 def write_hf_folder(
-    out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Tokenizer | None
+    out_dir: str | Path,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    tokenizer: Tokenizer | None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
-    """``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) written to a staging
-    folder and renamed to ``out_dir`` (which must not exist or be empty) only when complete."""
+    """``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``, + ``extra_files``: name →
+    text or bytes, e.g. ``tokenizer_config.json``) written to a staging folder and renamed to
+    ``out_dir`` (which must not exist or be empty: an export never overwrites files) only when
+    complete; the one writer of every family's Hugging Face export."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new --out_dir")
     tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-export
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         atomic_write_text(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, bytes):
+            atomic_write_bytes(tmp / name, content)
+        else:
+            atomic_write_text(tmp / name, content)
     fsync_dir(tmp)
     if out.exists():
-        out.rmdir()
+        out.rmdir()  # empty, checked above
     tmp.rename(out)
     fsync_dir(out.parent)
     return out

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +47,6 @@ from lmforge.interop.hf_bert import load_hf_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 from lmforge.models.lora import LoraConfig, apply_lora, trainable_report
 from lmforge.train import distributed
-from lmforge.train.device import setup_device
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
@@ -205,21 +203,12 @@ def build_model(
 
 def classify(cfg: ClassifyConfig) -> dict[str, Any]:
     """Run the fine-tune; returns the summary also written to ``summary.json``."""
-    t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
-    par = distributed.setup(cfg.dist, device, "classify")
-    try:
-        distributed.require_strategy(par, ("ddp",), "classify")
-        run = runs.start("classify", cfg.out_dir, par=par)
-        with runs.failure_note(run):
-            return _classify(cfg, run, t_start)
-    finally:
-        distributed.teardown(par)
+    with runs.training_run("classify", cfg) as run:
+        return _classify(cfg, run)
 
 
-def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+def _classify(cfg: ClassifyConfig, run: runs.Run) -> dict[str, Any]:
     par, run_dir, device = run.par, run.dir, run.par.device
-    log.info("run folder: %s", run_dir)
 
     # Data: rows → labels → split → imbalance report.
     shipped = default_paths()
@@ -360,7 +349,7 @@ def _classify(cfg: ClassifyConfig, run: runs.Run, t_start: float) -> dict[str, A
         "eval_data": str(final_path),
         **{f"eval_{k}": v for k, v in scalars(metrics).items()},
         "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": run.elapsed(),
         "report": str(run_dir / "eval" / "report.md"),
     }
     return runs.finish(run, summary)

@@ -17,7 +17,6 @@ With no arguments it runs configs/mlm/cpu_demo.yaml.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +35,6 @@ from lmforge.eval.mlm import masked_lm_metrics
 from lmforge.models.decoder import token_loss_sum
 from lmforge.models.encoder import Encoder, EncoderConfig, MaskedLMHead
 from lmforge.train import distributed
-from lmforge.train.device import setup_device
 from lmforge.train.distributed import DistConfig
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
@@ -130,21 +128,12 @@ class MaskedBatches:
 
 def mlm(cfg: MlmConfig) -> dict[str, Any]:
     """Run the pretraining; returns the summary also written to ``summary.json``."""
-    t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
-    par = distributed.setup(cfg.dist, device, "mlm")
-    try:
-        distributed.require_strategy(par, ("ddp",), "mlm")
-        run = runs.start("mlm", cfg.out_dir, par=par)
-        with runs.failure_note(run):
-            return _mlm(cfg, run, t_start)
-    finally:
-        distributed.teardown(par)
+    with runs.training_run("mlm", cfg) as run:
+        return _mlm(cfg, run)
 
 
-def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
+def _mlm(cfg: MlmConfig, run: runs.Run) -> dict[str, Any]:
     par, run_dir, device = run.par, run.dir, run.par.device
-    log.info("run folder: %s", run_dir)
 
     # Data: raw text → the BPE token shards of `lmforge pretrain` (reused when already prepared).
     prepared = cfg.data.path and is_prepared(cfg.data.path)
@@ -230,6 +219,6 @@ def _mlm(cfg: MlmConfig, run: runs.Run, t_start: float) -> dict[str, Any]:
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "tokens_per_s": result.tokens_per_s,
         "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": run.elapsed(),
     }
     return runs.finish(run, summary)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +45,6 @@ from lmforge.eval.metrics import generation_metrics
 from lmforge.eval.mode import eval_mode
 from lmforge.models.decoder import token_loss_sum
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig, generate
-from lmforge.train.device import setup_device
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.lr_schedule import SchedConfig, check_warmup
 from lmforge.train.optim import OptimConfig, build_optimizer
@@ -220,18 +218,12 @@ def _model_and_tokenizer(
 
 def seq2seq(cfg: Seq2SeqTaskConfig) -> dict[str, Any]:
     """Run the fine-tuning; returns the summary also written to ``summary.json``."""
-    t_start = time.perf_counter()
-    device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
-    run = runs.start("seq2seq", cfg.out_dir)
-    with runs.failure_note(run):
-        return _seq2seq(cfg, run, device, t_start)
+    with runs.training_run("seq2seq", cfg) as run:  # one process: it has no dist section
+        return _seq2seq(cfg, run)
 
 
-def _seq2seq(
-    cfg: Seq2SeqTaskConfig, run: runs.Run, device: torch.device, t_start: float
-) -> dict[str, Any]:
-    run_dir = run.dir
-    log.info("run folder: %s", run_dir)
+def _seq2seq(cfg: Seq2SeqTaskConfig, run: runs.Run) -> dict[str, Any]:
+    run_dir, device = run.dir, run.par.device
     train_pairs, val_pairs = _pairs(cfg)
     model, tok = _model_and_tokenizer(cfg, train_pairs)
     model = model.to(device)
@@ -317,7 +309,7 @@ def _seq2seq(
         "examples": examples,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "train_seconds": result.train_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": run.elapsed(),
     }
     return runs.finish(run, summary)
 

@@ -166,6 +166,30 @@ class FitResult:
 
 
 @dataclass
+class _Pace:
+    """Training tokens and seconds: since the last logged step (the window) and in total."""
+
+    window_tokens: int = 0
+    window_time: float = 0.0
+    window_data_time: float = 0.0  # of window_time, waiting for batches (the doctor checks it)
+    train_tokens: int = 0
+    train_time: float = 0.0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.window_time += seconds
+        self.train_time += seconds
+        self.window_tokens += tokens
+        self.train_tokens += tokens
+
+    @property
+    def window_tokens_per_s(self) -> float:
+        return self.window_tokens / self.window_time if self.window_time > 0 else 0.0
+
+    def new_window(self) -> None:
+        self.window_tokens, self.window_time, self.window_data_time = 0, 0.0, 0.0
+
+
+@dataclass
 class EarlyStopping:
     """The best evaluation score so far and the evaluations since it last improved.
 
@@ -192,6 +216,12 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return bool(self.patience) and self.bad_evals >= self.patience
+
+    def stop_reason(self, watched: str) -> str:
+        """Why training stops now (``watched``: what the scores are of), or ``""``."""
+        if not self.should_stop:
+            return ""
+        return f"early stopping: no {watched} improvement in {self.bad_evals} evals"
 
     def state_dict(self) -> dict[str, float | int]:
         return {"best_val_loss": self.best, "bad_evals": self.bad_evals}
@@ -291,16 +321,7 @@ def fit(
              f"batches of {resumed['eval_batch_size']}")  # fmt: skip
 
     def save(is_best: bool = False) -> Path:
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "data": train_batches.state_dict(),
-            "rng": rng_state(),
-            **stopper.state_dict(),  # best_val_loss, bad_evals
-            "oom": oom.state_dict(),  # the OOM split so far (train/oom.py)
-        }
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
+        state = _train_state(step, optimizer, train_batches, stopper, oom, scaler)
         if parallel.active:
             return distributed.save_checkpoint(
                 parallel, run_dir, step, model, optimizer, state, checkpoint_files,
@@ -311,8 +332,7 @@ def fit(
         )
 
     result = FitResult(step=step, stop_reason="max_steps", best_val_loss=stopper.best)
-    window_tokens, window_time, train_time, train_tokens, nonfinite_run = 0, 0.0, 0.0, 0, 0
-    window_data_time = 0.0  # of window_time, waiting for batches (the doctor's bottleneck check)
+    pace, nonfinite_run = _Pace(), 0
     last_ckpt: Path | None = None
     try:
         with _stop_on_signals() as signals:
@@ -322,15 +342,13 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
-                window_data_time += time.perf_counter() - t0
+                pace.window_data_time += time.perf_counter() - t0
                 logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
                 if stats is not None and logged:
                     stats.begin()
                 out = train_step(parts, micro, oom, step + 1, note)
                 step += 1
-                dt = time.perf_counter() - t0
-                window_time, window_tokens = window_time + dt, window_tokens + out.tokens
-                train_time, train_tokens = train_time + dt, train_tokens + out.tokens
+                pace.add(time.perf_counter() - t0, out.tokens)
 
                 nonfinite_run = 0 if out.finite else nonfinite_run + 1
                 if not out.finite:
@@ -340,17 +358,10 @@ def fit(
                          "step skipped")  # fmt: skip
                     if nonfinite_run >= cfg.max_nonfinite:
                         raise nonfinite_error(nonfinite_run, step, peak_lr)
-                tokens_per_s = window_tokens / window_time if window_time > 0 else 0.0
+                tokens_per_s = pace.window_tokens_per_s
                 if logged:
-                    event = _train_event(
-                        step, out, lr, tokens_per_s, window_data_time / window_time
-                    )
-                    if flops_per_token and peak_flops:
-                        event["mfu"] = tokens_per_s * flops_per_token / peak_flops
-                    if stats is not None:
-                        event["layers"] = stats.end()
-                    log.log(event)
-                    window_tokens, window_time, window_data_time = 0, 0.0, 0.0
+                    log.log(_train_event(step, out, lr, pace, (flops_per_token, peak_flops), stats))
+                    pace.new_window()
                 if threads is not None and (n := threads.update()) is not None:
                     note({"step": step, "threads": n}, f"other processes' load: {n} threads")
                 progress.update(step, f"loss {out.loss:.3f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
@@ -366,12 +377,7 @@ def fit(
                     watched = monitor or ("val_loss" if val_tokens is not None else None)
                     if watched is not None:
                         is_best = stopper.update(metrics[watched])
-                        if stopper.should_stop:
-                            what = monitor or "val"
-                            stop_reason = (
-                                f"early stopping: no {what} improvement in {stopper.bad_evals} "
-                                "evals"
-                            )
+                        stop_reason = stopper.stop_reason(monitor or "val")
                 if parallel.any_rank(signals["stop"]):
                     last_ckpt = save(is_best)
                     raise TrainingInterrupted(step, last_ckpt)
@@ -385,8 +391,8 @@ def fit(
         progress.close()
         log.close()
     result.step, result.best_val_loss, result.checkpoint = step, stopper.best, last_ckpt
-    result.train_seconds = train_time
-    result.tokens_per_s = train_tokens / train_time if train_time > 0 else 0.0
+    result.train_seconds = pace.train_time
+    result.tokens_per_s = pace.train_tokens / pace.train_time if pace.train_time > 0 else 0.0
     return result
 
 
@@ -412,15 +418,50 @@ def _restore(
 
 
 def _train_event(
-    step: int, out: StepOutcome, lr: float, tokens_per_s: float, data_frac: float
+    step: int,
+    out: StepOutcome,
+    lr: float,
+    pace: _Pace,
+    flops: tuple[float | None, float | None],
+    stats: LayerStats | None,
 ) -> dict[str, Any]:
-    """The metrics.jsonl line of a logged training step (``data_frac``: of the time since the
-    last logged step, the part spent waiting for batches)."""
+    """A logged step's metrics.jsonl line: ``data_frac``, the share of the window spent waiting
+    for batches; ``mfu`` when ``flops`` (per token, peak/s) are known; ``layers``: ``stats``."""
+    tokens_per_s = pace.window_tokens_per_s
     event = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm}
-    event.update(tokens_per_s=tokens_per_s, data_frac=round(data_frac, 4))
+    event.update(
+        tokens_per_s=tokens_per_s, data_frac=round(pace.window_data_time / pace.window_time, 4)
+    )
     if out.reg is not None:
         event["reg"] = out.reg
+    flops_per_token, peak_flops = flops
+    if flops_per_token and peak_flops:
+        event["mfu"] = tokens_per_s * flops_per_token / peak_flops
+    if stats is not None:
+        event["layers"] = stats.end()
     return event
+
+
+def _train_state(
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    train_batches: BatchSource,
+    stopper: EarlyStopping,
+    oom: OomRecovery,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:
+    """What ``train_state.pt`` holds to resume exactly at ``step`` (``_restore`` reads it back)."""
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "data": train_batches.state_dict(),
+        "rng": rng_state(),
+        **stopper.state_dict(),  # best_val_loss, bad_evals
+        "oom": oom.state_dict(),  # the OOM split so far (train/oom.py)
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
 
 
 def _evaluate(
