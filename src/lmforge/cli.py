@@ -285,6 +285,7 @@ COMMANDS: dict[str, Command] = {
         _config_of("lmforge.recipes.classify_image", "ClassifyImageConfig"),
         _classify_image,
         recipe="classify_image",
+        resume_reads_run=True,
     ),
     "export": Command(
         "write a checkpoint for its runtime: --format hf|onnx|gguf, checked by that runtime",
