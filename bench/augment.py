@@ -3,11 +3,11 @@
 Each run is `lmforge classify-image`'s demo (sklearn's 8×8 digits, the same stratified
 train/val/test split every time, best checkpoint by val accuracy) with only ``augment.enabled``
 and ``train.seed`` (weights init, batch order, augmentation draws) changed. Augmentation is the
-default pipeline (crop p=0.5, colour jitter p=0.5, noise p=0.3; no flip: a mirrored digit is
-another glyph) plus, in a third arm, MixUp/CutMix on half the batches. Printed: per-seed test
+default kornia pipeline (crop p=0.5, colour jitter p=0.5, noise p=0.3; no flip: a mirrored digit
+is another glyph) plus, in a third arm, MixUp/CutMix on half the batches. Printed: per-seed test
 accuracy / macro-F1, and mean ± sample standard deviation per arm.
 
-    python bench/augment.py                   # 3 seeds × 3 arms (1,930 s on 2 cores shared with 4 other jobs)
+    PYTHONPATH=src python bench/augment.py    # 3 seeds × 3 arms (1,930 s on 2 shared cores)
     python bench/augment.py --seeds 1 --steps 40   # smoke test: checks that it runs, no figure
 """
 

@@ -206,6 +206,7 @@ COMMANDS: dict[str, Command] = {
             ),
         ),
         recipe="classify_image",
+        resume_reads_run=True,
     ),
     "export": Command(
         "write a checkpoint for its runtime: --format hf|onnx|gguf, checked by that runtime",

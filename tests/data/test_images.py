@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lmforge.data.image_augment import AugmentConfig, augment, mix, random_resized_crop
+from lmforge.data.image_augment import AugmentConfig, augment, mix
 from lmforge.data.images import digits, read_images, resize, to_model_input
 from lmforge.errors import DataError
 
@@ -90,45 +90,75 @@ def _batch(seed=0, c=3):
 def test_augment_keeps_shape_and_range_and_is_seeded():
     x = _batch()
     cfg = AugmentConfig(flip_p=0.5, randaug_p=0.5, mix_p=0)
-    a = augment(x, cfg, torch.Generator().manual_seed(1))
-    b = augment(x, cfg, torch.Generator().manual_seed(1))
+    torch.manual_seed(123)
+    a = augment(x, cfg, seed=1)
+    after = torch.rand(1)  # the caller's RNG stream is untouched by kornia's draws
+    torch.manual_seed(123)
+    b = augment(x, cfg, seed=1)
+    assert torch.equal(torch.rand(1), after)
     assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and not torch.equal(a, x)
-    assert torch.equal(augment(x, AugmentConfig(**OFF), torch.Generator()), x)
-    assert torch.equal(augment(x, AugmentConfig(enabled=False), torch.Generator()), x)
+    assert not torch.equal(augment(x, cfg, seed=2), a)
+    assert torch.equal(augment(x, AugmentConfig(**OFF), seed=0), x)
+    assert torch.equal(augment(x, AugmentConfig(enabled=False), seed=0), x)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_auto_augment_policies_on_grey_and_colour(policy, channels):
+    x = _batch(c=channels)
+    cfg = AugmentConfig(**(OFF | dict(randaug_p=1.0)), randaug_policy=policy, randaug_magnitude=9)
+    outs = [augment(x, cfg, seed=s) for s in range(4)]
+    assert all(o.shape == x.shape and o.min() >= 0 and o.max() <= 1 for o in outs)
+    assert sum(not torch.equal(o, x) for o in outs) >= 3  # some op changed the images
 
 
 def test_flip_with_probability_one_is_a_mirror():
     x = _batch()
-    out = augment(x, AugmentConfig(**(OFF | dict(flip_p=1.0))), torch.Generator())
+    out = augment(x, AugmentConfig(**(OFF | dict(flip_p=1.0))), seed=0)
     assert torch.equal(out, x.flip(-1))
+
+
+def test_jitter_and_noise_change_pixels_not_geometry():
+    # a left-dark/right-bright image stays left-dark/right-bright under jitter and small noise
+    img = torch.zeros(32, 1, 8, 8)
+    img[..., 4:] = 0.8
+    cfg = AugmentConfig(**(OFF | dict(jitter_p=1.0, noise_p=1.0)), noise_std=0.02)
+    out = augment(img, cfg, seed=0)
+    assert not torch.equal(out, img)
+    assert bool((out[..., 4:].mean((1, 2, 3)) > out[..., :4].mean((1, 2, 3)) + 0.3).all())
 
 
 def test_full_crop_is_identity_and_small_crop_magnifies():
     x = _batch()
-    full = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
-    torch.testing.assert_close(
-        random_resized_crop(x, full, torch.Generator()), x, atol=1e-5, rtol=0
-    )
+    full = AugmentConfig(**(OFF | dict(crop_p=1.0)), crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    torch.testing.assert_close(augment(x, full, seed=0), x, atol=1e-5, rtol=0)
     # a quarter-area crop of a left-dark/right-bright image shows a larger share of one side
     img = torch.zeros(1, 1, 8, 8)
     img[..., 4:] = 1.0
-    quarter = AugmentConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
-    out = random_resized_crop(img.repeat(64, 1, 1, 1), quarter, torch.Generator().manual_seed(0))
+    quarter = full.model_copy(update={"crop_scale": (0.25, 0.25)})
+    out = augment(img.repeat(64, 1, 1, 1), quarter, seed=0)
     share = out.mean(dim=(1, 2, 3))
     assert ((share < 0.25) | (share > 0.75)).float().mean() > 0.3
 
 
 def test_mixup_and_cutmix_targets_match_the_pixels():
-    gen = torch.Generator().manual_seed(0)
     # image k is constant k, so each output pixel says which image it came from
     x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 8, 8) / 10
     y = torch.eye(8)
-    mixed, soft = mix(x, y, AugmentConfig(mix_p=1.0, cutmix_share=0.0), gen)
+    mixed, soft = mix(x, y, AugmentConfig(mix_p=1.0, cutmix_share=0.0), seed=0)
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
     torch.testing.assert_close(mixed[:, 0, 0, 0], (soft @ torch.arange(8.0)) / 10)
-    cut, soft = mix(x, y, AugmentConfig(mix_p=1.0, cutmix_share=1.0, cutmix_alpha=1.0), gen)
-    for i in range(8):  # the label share of each source = its share of the pixels
-        for k in soft[i].nonzero().flatten().tolist():
-            pixels = (cut[i] == k / 10).float().mean()
-            assert float(soft[i, k]) == pytest.approx(float(pixels), abs=1e-6)
+    assert not torch.equal(mixed, x)
+    pasted = 0
+    for seed in range(4):
+        cfg = AugmentConfig(mix_p=1.0, cutmix_share=1.0, cutmix_alpha=1.0)
+        cut, soft = mix(x, y, cfg, seed=seed)
+        torch.testing.assert_close(soft.sum(1), torch.ones(8))
+        for i in range(8):  # the label share of each source = its share of the pixels
+            for k in range(8):
+                pixels = (cut[i] == k / 10).float().mean()
+                assert float(soft[i, k]) == pytest.approx(float(pixels), abs=1e-6)
+        pasted += int((soft.max(1).values < 1).sum())
+    assert pasted > 0  # some boxes were pasted (the test can fail)
+    assert mix(x, y, AugmentConfig(mix_p=0.0), seed=0)[0] is x

@@ -66,6 +66,38 @@ def test_grad_cam_mass_lies_in_the_deciding_region(trained: ImageClassifier):
     assert irrelevant <= 0.2
 
 
+def test_last_block_output_gives_patch_tokens_no_gradient():
+    """Why Grad-CAM must read a block's norm1 and not the last block's output: under [CLS]
+    pooling the last block's patch outputs never reach the logit (gradient exactly 0, so a map
+    there is all zero), while its norm1 output reaches [CLS] through attention."""
+    torch.manual_seed(2)  # holds for any weights: a random ViT is enough
+    trained = ImageClassifier(ViTConfig(n_layer=2, n_head=2, d_model=32, dropout=0.0, num_labels=2))
+    x, _ = region_set(8, 4)
+    saved: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_m, _i, out: torch.Tensor) -> None:
+            out.retain_grad()
+            saved[name] = out
+
+        return hook
+
+    last = trained.vit.blocks[-1]
+    handles = [
+        last.register_forward_hook(keep("out")),
+        last.norm1.register_forward_hook(keep("n1")),
+    ]
+    try:
+        trained(x)[:, 1].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        trained.zero_grad(set_to_none=True)
+    out, n1 = saved["out"].grad, saved["n1"].grad  # (B, 1 + N, C)
+    assert bool((out[:, 1:] == 0).all()) and bool((out[:, 0] != 0).any())
+    assert bool((n1[:, 1:].abs().sum(-1) > 0).all())
+
+
 def test_attention_rollout_favours_the_deciding_region(trained: ImageClassifier):
     x, _ = region_set(128, 3)
     maps = attention_rollout(trained, x)

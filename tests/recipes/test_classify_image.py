@@ -1,20 +1,22 @@
 """`lmforge classify-image` end to end on the digits with a tiny ViT: run folder, best
 checkpoint, the classification report and plots, a model that learned (test accuracy well
-above chance), `lmforge.load` rebuilding the exact model; .npz input; clear errors."""
+above chance), `lmforge.load` rebuilding the exact model; `lmforge eval` on the run's test split or an .npz;
+`--resume` equal to an uninterrupted run; .npz input; clear errors."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import lmforge
 from lmforge.cli import main
-from lmforge.data.images import to_model_input
-from lmforge.recipes.classify_image import ImageDataConfig, read_splits
+from lmforge.data.images import ImageDataConfig, read_splits, to_model_input
 
 TINY = [
     "--model.n_layer=1",
@@ -103,3 +105,57 @@ def test_export_hf_reloads_in_transformers_with_equal_logits(run_dir: Path, tmp_
     with torch.no_grad():
         torch.testing.assert_close(hf(pixel_values=x).logits, model(x), atol=1e-5, rtol=1e-4)
     assert hf.config.id2label[7] == "7"
+
+
+def test_eval_scores_the_runs_test_split_as_the_run_did(run_dir: Path, tmp_path: Path, capsys):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert main(["eval", f"--checkpoint={run_dir}", f"--out_dir={tmp_path / 'ev'}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["data"].endswith("(test split)")
+    for k in ("accuracy", "f1_macro", "roc_auc"):
+        assert printed[k] == pytest.approx(summary[f"eval_{k}"], abs=1e-12)
+    assert (tmp_path / "ev" / "report.md").is_file()
+    # the same images as an .npz (uint8, so rounded): the accuracy of those pixels
+    _, _, test = read_splits(ImageDataConfig())
+    pixels = np.round(test.images[:, 0] * 255).astype(np.uint8)
+    np.savez(tmp_path / "t.npz", images=pixels, labels=np.array(test.names)[test.labels])
+    model, _, _ = lmforge.load(run_dir)
+    with torch.no_grad():
+        x = to_model_input(torch.from_numpy(pixels[:, None] / np.float32(255)))
+        want = float((model(x).argmax(-1).numpy() == test.labels).mean())
+    assert main(["eval", f"--checkpoint={run_dir}", f"--data={tmp_path / 't.npz'}",
+                 f"--out_dir={tmp_path / 'ev2'}"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(want, abs=1e-12)
+    np.savez(tmp_path / "bad.npz", images=pixels[:4], labels=np.array(["x", "y", "x", "y"]))
+    assert main(["eval", f"--checkpoint={run_dir}", f"--data={tmp_path / 'bad.npz'}"]) == 1
+    assert "not among the training classes" in capsys.readouterr().err
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path):
+    """Resumed from its step-6 checkpoint (augmentation, MixUp/CutMix and dropout on, so batch
+    cursor, augmentation seeds and RNG state all matter), a run ends with the weights and test
+    metrics of the run that never stopped."""
+    args = [a for a in TINY if not a.startswith(("--train.", "--model.dropout"))]
+    args += ["--model.dropout=0.1", "--augment.mix_p=0.5", "--augment.randaug_p=0.3",
+             "--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6",
+             "--train.keep_last=2", "--train.num_threads=1", "--train.batch_size=32"]  # fmt: skip
+    whole = tmp_path / "whole"
+    assert main(["classify-image", *args, f"--out_dir={whole}"]) == 0
+    resumed = tmp_path / "resumed"  # the run as it was after step 6
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000012")
+    for pointer in ("latest", "best"):
+        (resumed / "checkpoints" / pointer).write_text("step-000006\n")
+    shutil.rmtree(resumed / "eval")
+    (resumed / "summary.json").unlink()
+    # as printed on an interrupt: the run's own config.yaml, no other arguments
+    step6 = resumed / "checkpoints" / "step-000006"
+    assert main(["classify-image", f"--resume={step6}"]) == 0
+    a = load_file(str(whole / "checkpoints" / "step-000012" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-000012" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s_whole = json.loads((whole / "summary.json").read_text())
+    s_resumed = json.loads((resumed / "summary.json").read_text())
+    assert s_resumed["steps"] == 12
+    assert s_resumed["eval_accuracy"] == s_whole["eval_accuracy"]
+    assert Path(s_resumed["best_checkpoint"]).name == Path(s_whole["best_checkpoint"]).name

@@ -1,22 +1,26 @@
-"""Image augmentation on batched tensors: random resized crop, horizontal flip, colour jitter,
-Gaussian noise, RandAugment-style ops, MixUp / CutMix — each applied with its own probability.
+"""Image augmentation on batched tensors through kornia: random resized crop, horizontal flip,
+colour jitter, Gaussian noise, RandAugment / TrivialAugment, CutMix — and MixUp — each applied
+with its own probability.
 
-Hand-written on purpose, in a few vectorised tensor ops: the well-kept libraries are not
-installed beside torch 2.13 here (torchvision's PyPI builds want a newer torch; kornia 0.9.0
-imports and runs beside 2.13 from its wheel, but is not in this environment and may not be
-installed into it). Geometric ops share one path — a per-image affine matrix and
-``F.grid_sample`` — the way kornia and torchvision's tensor backend implement them.
-All randomness comes from the ``torch.Generator`` passed in, so a seed reproduces a batch.
+kornia (0.8–0.9) installs beside torch 2.13 from its wheel; torchvision's PyPI builds want a
+newer torch. kornia draws from torch's global generator, so ``augment`` and ``mix`` take a seed
+and run inside ``torch.random.fork_rng``: a seed reproduces a batch, and the caller's RNG stream
+(dropout, init) is left exactly as it was — which is what makes ``--resume`` exact.
 
 images: (B, C, H, W) float in [0, 1]; every op keeps that range.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Literal
 
+import kornia.augmentation as K
 import torch
-import torch.nn.functional as F
+from kornia.augmentation.auto import RandAugment, TrivialAugment
+from kornia.augmentation.auto.rand_augment.rand_augment import default_policy
 from pydantic import Field
 
 from lmforge.config import Section
@@ -43,9 +47,14 @@ class AugmentConfig(Section):
     noise_p: float = Field(0.3, ge=0, le=1, description="additive Gaussian noise")
     noise_std: float = Field(0.05, ge=0, description="noise standard deviation (pixels in 0..1)")
     randaug_p: float = Field(0.0, ge=0, le=1, description="RandAugment-style ops")
-    randaug_n: int = Field(2, ge=1, description="RandAugment: ops drawn per image")
+    randaug_policy: Literal["randaugment", "trivialaugment"] = Field(
+        "randaugment",
+        description="randaugment: randaug_n ops at randaug_magnitude; trivialaugment: one op "
+        "at a random magnitude",
+    )
+    randaug_n: int = Field(2, ge=1, le=14, description="RandAugment: ops drawn per batch")
     randaug_magnitude: float = Field(
-        5.0, ge=0, le=10, description="RandAugment magnitude on its 0..10 scale"
+        5.0, gt=0, lt=10, description="RandAugment magnitude on its 0..10 scale"
     )
     mix_p: float = Field(0.0, ge=0, le=1, description="MixUp or CutMix on a batch")
     mixup_alpha: float = Field(0.2, gt=0, description="MixUp: λ ~ Beta(α, α)")
@@ -53,142 +62,82 @@ class AugmentConfig(Section):
     cutmix_share: float = Field(0.5, ge=0, le=1, description="chance a mix is CutMix, not MixUp")
 
 
-def _chance(p: float, n: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=gen) < p  # (n,) bool
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run kornia's draws (torch's global CPU generator) from ``seed``, restoring the caller's
+    generator state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
-def _uniform(lo: float, hi: float, n: int, gen: torch.Generator) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
+@lru_cache(maxsize=8)
+def _pipeline(cfg_json: str, channels: int, height: int, width: int) -> K.AugmentationSequential:
+    """The per-image ops of ``cfg`` in kornia (built once per config and image shape; kornia
+    modules draw fresh parameters on every call, so caching them is safe)."""
+    cfg = AugmentConfig.model_validate_json(cfg_json)
+    return K.AugmentationSequential(
+        K.RandomResizedCrop((height, width), scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                            p=cfg.crop_p),
+        K.RandomHorizontalFlip(p=cfg.flip_p),
+        # saturation needs 3 channels; hue is left out (it would recolour digits and photos alike)
+        K.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation if channels == 3 else 0.0,
+                      0.0, p=cfg.jitter_p),
+    )  # fmt: skip
 
 
-def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample every image through its affine map (B, 2, 3): output pixel at normalised
-    (x, y) ∈ [-1, 1]² reads input at theta @ (x, y, 1). Outside the image reads 0 (black)."""
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+@lru_cache(maxsize=8)
+def _auto_policy(cfg_json: str, channels: int) -> RandAugment | TrivialAugment:
+    """kornia's RandAugment / TrivialAugment; for grey images without the ``color`` (saturation)
+    op, which needs RGB."""
+    cfg = AugmentConfig.model_validate_json(cfg_json)
+    policy = [p for p in default_policy if channels == 3 or p[0][0] != "color"]
+    if cfg.randaug_policy == "trivialaugment":
+        return TrivialAugment(policy=policy)
+    # kornia's magnitude scale is (0, 30); lmforge keeps RandAugment's paper scale 0..10
+    return RandAugment(n=cfg.randaug_n, m=round(3 * cfg.randaug_magnitude), policy=policy)
 
 
-def _identity(n: int) -> torch.Tensor:
-    return torch.eye(2, 3).repeat(n, 1, 1)  # (n, 2, 3)
+def augment(images: torch.Tensor, cfg: AugmentConfig, seed: int) -> torch.Tensor:
+    """Each op on the images its probability picks; (B, C, H, W) in [0, 1] → same.
 
-
-def random_resized_crop(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
-    """A random box of ``crop_scale`` of the area and ``crop_ratio`` aspect, scaled back to size."""
-    n = images.size(0)
-    area = _uniform(*cfg.crop_scale, n, gen)
-    log_r = _uniform(math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), n, gen)
-    w = (area * log_r.exp()).sqrt().clamp(max=1.0)  # box side as a fraction of the image
-    h = (area / log_r.exp()).sqrt().clamp(max=1.0)
-    cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)  # box stays inside the image
-    cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    return warp(images, theta)
-
-
-def colour_jitter(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
-    """Brightness (scale), contrast (blend with the image mean), saturation (blend with grey)."""
-    n = images.size(0)
-    b = _uniform(1 - cfg.brightness, 1 + cfg.brightness, n, gen).view(n, 1, 1, 1)
-    c = _uniform(1 - cfg.contrast, 1 + cfg.contrast, n, gen).view(n, 1, 1, 1)
-    x = (images * b).clamp(0, 1)
-    grey = _grey(x)
-    x = (grey.mean(dim=(1, 2, 3), keepdim=True) * (1 - c) + x * c).clamp(0, 1)
-    if x.size(1) == 3:
-        s = _uniform(1 - cfg.saturation, 1 + cfg.saturation, n, gen).view(n, 1, 1, 1)
-        x = (_grey(x) * (1 - s) + x * s).clamp(0, 1)
-    return x
-
-
-def _grey(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, 1, H, W) luma (ITU-R 601 weights for RGB, as PIL and torchvision)."""
-    if x.size(1) != 3:
-        return x.mean(dim=1, keepdim=True)
-    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
-
-
-def _rand_augment_one(x: torch.Tensor, op: int, m: float, sign: float) -> torch.Tensor:
-    """One RandAugment op at magnitude m ∈ [0, 1] on a single image (1, C, H, W)."""
-    t = _identity(1)
-    if op == 0:  # rotate up to 30°
-        a = math.radians(30 * m * sign)
-        t[0, :, :2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    elif op == 1:  # shear x up to 0.3
-        t[0, 0, 1] = 0.3 * m * sign
-    elif op == 2:  # shear y
-        t[0, 1, 0] = 0.3 * m * sign
-    elif op == 3:  # translate x up to 30 % of the width (normalised coordinates span 2)
-        t[0, 0, 2] = 0.6 * m * sign
-    elif op == 4:  # translate y
-        t[0, 1, 2] = 0.6 * m * sign
-    elif op == 5:  # solarize: invert pixels above a threshold that falls with the magnitude
-        return torch.where(x >= 1 - m, 1 - x, x)
-    else:  # autocontrast: stretch each channel to 0..1
-        lo = x.amin(dim=(2, 3), keepdim=True)
-        hi = x.amax(dim=(2, 3), keepdim=True)
-        return torch.where(hi > lo, (x - lo) / (hi - lo).clamp(min=1e-6), x)
-    return warp(x, t)
-
-
-N_RANDAUG_OPS = 7
-
-
-def rand_augment(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator):
-    """``randaug_n`` ops drawn uniformly per image, each at ``randaug_magnitude`` (random sign)."""
-    m = cfg.randaug_magnitude / 10
-    out = []
-    for i in range(images.size(0)):
-        x = images[i : i + 1]
-        for op in torch.randint(N_RANDAUG_OPS, (cfg.randaug_n,), generator=gen).tolist():
-            sign = 1.0 if bool(torch.rand(1, generator=gen) < 0.5) else -1.0
-            x = _rand_augment_one(x, op, m, sign)
-        out.append(x)
-    return torch.cat(out)
-
-
-def augment(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Each op on the images its probability picks; (B, C, H, W) in [0, 1] → same."""
+    Order: crop, flip, colour jitter, RandAugment, noise. kornia's RandAugment draws its ops
+    once per call, so the images ``randaug_p`` picks share the ops (each has its own sign)."""
     if not cfg.enabled:
         return images
-    x = images.clone()
-    n = x.size(0)
-    ops = (
-        (cfg.crop_p, random_resized_crop),
-        (cfg.flip_p, lambda t, c, g: t.flip(-1)),
-        (cfg.jitter_p, colour_jitter),
-        (cfg.randaug_p, rand_augment),
-        (cfg.noise_p, lambda t, c, g: t + c.noise_std * torch.randn(t.shape, generator=g)),
-    )
-    for p, op in ops:
-        pick = _chance(p, n, gen)
+    b, c, h, w = images.shape
+    key = cfg.model_dump_json()
+    with seeded(seed):
+        x = _pipeline(key, c, h, w)(images)
+        pick = torch.rand(b) < cfg.randaug_p
         if pick.any():
-            x[pick] = op(x[pick], cfg, gen).clamp(0, 1)
-    return x
+            x = x.clone()
+            x[pick] = _auto_policy(key, c)(x[pick]).clamp(0, 1)
+        if cfg.noise_p > 0:
+            x = K.RandomGaussianNoise(std=cfg.noise_std, p=cfg.noise_p)(x)
+    return x.clamp(0, 1)
 
 
 def mix(
-    images: torch.Tensor, targets: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+    images: torch.Tensor, targets: torch.Tensor, cfg: AugmentConfig, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp (blend two images) or CutMix (paste a box of one into another), with ``mix_p`` per
     batch; targets (B, K) class probabilities mix by the same λ (CutMix: the pasted area)."""
-    if not cfg.enabled or not bool(torch.rand(1, generator=gen) < cfg.mix_p):
+    if not cfg.enabled or cfg.mix_p == 0:
         return images, targets
-    perm = torch.randperm(images.size(0), generator=gen)
-    cutmix = bool(torch.rand(1, generator=gen) < cfg.cutmix_share)
-    alpha = cfg.cutmix_alpha if cutmix else cfg.mixup_alpha
-    # Beta(α, α) as X / (X + Y) of two Gamma draws: torch's Beta sampler takes no generator
-    g = torch._standard_gamma(torch.full((2,), alpha), generator=gen)
-    lam = float(g[0] / g.sum())
-    if not cutmix:
-        return lam * images + (1 - lam) * images[perm], lam * targets + (1 - lam) * targets[perm]
-    H, W = images.shape[-2:]
-    ch, cw = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-    cy = int(torch.randint(H, (1,), generator=gen))
-    cx = int(torch.randint(W, (1,), generator=gen))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
-    out = images.clone()
-    out[:, :, y0:y1, x0:x1] = images[perm][:, :, y0:y1, x0:x1]
-    lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the share actually kept after clipping the box
-    return out, lam * targets + (1 - lam) * targets[perm]
+    with seeded(seed):
+        if not bool(torch.rand(1) < cfg.mix_p):
+            return images, targets
+        if bool(torch.rand(1) < cfg.cutmix_share):
+            cut = K.RandomCutMixV2(beta=cfg.cutmix_alpha, use_correct_lambda=True,
+                                   data_keys=["input", "class"])  # fmt: skip
+            # labels = row numbers, so the (own, partner, λ) rows kornia returns index any
+            # targets, soft ones included; λ = 1 - pasted area = the share of the own image
+            out, rows = cut(images, torch.arange(images.size(0)))
+            partner, lam = rows[0, :, 1].long(), rows[0, :, 2:3].to(targets.dtype)  # (B,), (B, 1)
+            return out, lam * targets + (1 - lam) * targets[partner]
+        # MixUp by hand (two lines): kornia's RandomMixUpV2 draws λ uniformly from a range, not
+        # from the MixUp paper's Beta(α, α) that ``mixup_alpha`` sets
+        lam = float(torch.distributions.Beta(cfg.mixup_alpha, cfg.mixup_alpha).sample())
+        perm = torch.randperm(images.size(0))
+    return lam * images + (1 - lam) * images[perm], lam * targets + (1 - lam) * targets[perm]

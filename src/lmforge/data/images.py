@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from sklearn.model_selection import train_test_split
 
+from lmforge.config import Section
 from lmforge.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -170,3 +173,57 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 def _natural(name: str) -> tuple[int, int | str]:
     """Numeric class names sort as numbers (2 before 10), others alphabetically after them."""
     return (0, int(name)) if name.lstrip("-").isdigit() else (1, name)
+
+
+class ImageDataConfig(Section):
+    """Where the labelled images come from and how they are split."""
+
+    path: str | None = Field(
+        None, description="folder of class folders, or .npz (images, labels); null = the 8×8 "
+        "digits shipped in scikit-learn",
+    )  # fmt: skip
+    test: str | None = Field(None, description="held-out images; null = split test_fraction off")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="test split when test is null")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="of the rest, the val split")
+    image_size: int | None = Field(
+        None, gt=0, description="resize every image to this square side; null = keep (square)"
+    )
+    split_seed: int = Field(0, description="seed of the stratified splits")
+
+
+def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    index = np.arange(len(labels))
+    try:
+        a, b = train_test_split(index, test_size=fraction, random_state=seed, stratify=labels)
+    except ValueError as e:  # a class with a single image cannot be in both parts
+        raise DataError(f"cannot split the images stratified: {e}; add images of rare classes "
+                        "or give data.test") from None  # fmt: skip
+    return np.sort(a), np.sort(b)
+
+
+def read_splits(dcfg: ImageDataConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """(train, val, test), resized to ``image_size`` when set; test from data.test or a split."""
+    full = read_images(dcfg.path) if dcfg.path else digits()
+    if dcfg.test:
+        test = read_images(dcfg.test, names=full.names)
+        rest = full
+    else:
+        keep, held = _stratified(full.labels, dcfg.test_fraction, dcfg.split_seed)
+        rest, test = full.subset(keep), full.subset(held)
+    tr, va = _stratified(rest.labels, dcfg.val_fraction, dcfg.split_seed)
+    train, val = rest.subset(tr), rest.subset(va)
+    sets = [train, val, test]
+    size = dcfg.image_size
+    if size is None:
+        shapes = {s.images.shape[1:] for s in sets}
+        h, w = train.images.shape[-2:]
+        if len(shapes) > 1 or h != w:
+            raise DataError(f"images of shapes {sorted(shapes)}: set data.image_size to resize "
+                            "them all to one square side")  # fmt: skip
+    else:
+        for s in sets:
+            s.images = resize(s.images, size)
+    if test.images.shape[1] != train.images.shape[1]:
+        raise DataError(f"{test.source}: {test.images.shape[1]} colour channels, the training "
+                        f"images have {train.images.shape[1]}")  # fmt: skip
+    return train, val, test

@@ -10,6 +10,10 @@
   of the mean over tokens; ``lmforge explain`` draws that one: on the synthetic region test
   (tests/diagnose/test_gradcam.py) it localised the deciding region more reliably across
   training seeds, and block 0 (the patch tokens before attention mixes them) best of all.
+  The last block (pytorch-grad-cam's usual ViT target) is ≈ uniform on a small ViT: its norm1
+  output reaches the logit only through the [CLS] query's attention (∂y/∂z_j ∝ a_0j), which
+  token-mean weights average away, and block 0 has already mixed the region's evidence into
+  every token; docs/vision.md gives the derivation and the measurement.
 - Attention rollout (Abnar & Zuidema 2020): each layer's head-averaged attention, with the
   residual connection added as 0.5·A + 0.5·I and rows renormalised, multiplied from the first
   layer to the last; the [CLS] row over the patches says how much each patch flowed into the

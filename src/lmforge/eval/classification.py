@@ -1,7 +1,9 @@
-"""Classification evaluation: probabilities of a sequence classifier and every report metric.
+"""Classification evaluation: probabilities of a sequence or image classifier and every report
+metric.
 
-``lmforge classify`` evaluates with these while training and on its test file; ``lmforge eval``
-of a classifier checkpoint calls ``evaluate_classifier``.
+``lmforge classify`` / ``classify-image`` evaluate with these while training and on their test
+data; ``lmforge eval`` of a classifier checkpoint calls ``evaluate_classifier`` /
+``evaluate_image_classifier``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ from lmforge.data.classification import (
     encode_texts,
     read_examples,
 )
-from lmforge.errors import CheckpointError
+from lmforge.data.images import (
+    ImageDataConfig,
+    ImageSet,
+    read_images,
+    read_splits,
+    resize,
+    to_model_input,
+)
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.eval.metrics import classification_metrics
 from lmforge.eval.mode import eval_mode
 from lmforge.eval.report import classification_report
 from lmforge.models.encoder import SequenceClassifier
+from lmforge.models.vit import ImageClassifier
 
 
 def predict_probs(
@@ -113,3 +124,65 @@ def evaluate_classifier(
         "report": str(out / "report.md"),
         **scalars(metrics),
     }
+
+
+# Image classifiers (lmforge classify-image): the same metrics on pixels
+
+
+def image_probs(
+    model: ImageClassifier, images: np.ndarray, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Softmax probabilities (N, K) of [0, 1] images (N, C, H, W), in data order."""
+    out = []
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = to_model_input(torch.from_numpy(images[i : i + batch_size]).to(device))
+            out.append(model(x).float().softmax(-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate_images(
+    model: ImageClassifier, data: ImageSet, batch_size: int, device: torch.device
+) -> tuple[dict[str, Any], np.ndarray]:
+    """(metrics incl. the mean ``loss`` in nats, probabilities) on a labelled image set."""
+    probs = image_probs(model, data.images, batch_size, device)
+    metrics = classification_metrics(data.labels, probs, data.names)
+    p = np.clip(probs[np.arange(len(data)), data.labels], 1e-12, 1.0)
+    metrics["loss"] = float(-np.log(p).mean())
+    return metrics, probs
+
+
+def evaluate_image_classifier(
+    loaded: Loaded, data: str | None, batch_size: int, device: torch.device, out_dir: str | None
+) -> dict[str, Any]:
+    """Metrics + report folder of an image-classifier checkpoint on ``data`` (a folder of class
+    folders or an .npz, resized to the model's input) or, with ``data`` None, on the test split
+    of the ``classify-image`` run that wrote it (re-made from its config.yaml). The report goes
+    to ``out_dir``, else ``<run folder>/eval``."""
+    model, _, manifest = loaded
+    ckpt = manifest.path
+    names = model.label_names
+    if data is not None:
+        test = read_images(data, names=names)
+        test.images = resize(test.images, model.cfg.image_size)
+        if test.images.shape[1] != model.cfg.num_channels:
+            raise ConfigError(f"data: {data} has {test.images.shape[1]} colour channels; the "
+                              f"model reads {model.cfg.num_channels}")  # fmt: skip
+        shown = data
+    elif manifest.source == "lmforge" and (ckpt / "config.yaml").is_file():
+        saved = read_yaml(ckpt / "config.yaml")  # the classify-image run's data section
+        where = f"{ckpt / 'config.yaml'} (data)"
+        dcfg = validate_config(ImageDataConfig, saved.get("data", {}), where)
+        test = read_splits(dcfg)[2]
+        shown = f"{test.source} (test split)" if dcfg.test is None else test.source
+    else:
+        raise ConfigError(f"{ckpt}: a {manifest.source} image classifier has no run config to "
+                          "re-make a test split from; give --data=FOLDER_OR_NPZ")  # fmt: skip
+    metrics, probs = evaluate_images(model, test, batch_size, device)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    out = Path(out_dir) if out_dir else run_dir / "eval"
+    info = {"checkpoint": str(ckpt), "data": shown, "labels": ", ".join(names)}
+    rows = [f"image {i}" for i in range(len(test))]
+    classification_report(out, metrics, test.labels, probs, names, rows, info)
+    return {"checkpoint": str(ckpt), "data": shown, "report": str(out / "report.md"),
+            **scalars(metrics)}  # fmt: skip

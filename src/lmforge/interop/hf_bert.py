@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
-from lmforge.interop.key_map import KeyMap, Source
+from lmforge.interop.key_map import KeyMap, Source, load_by_key_map
 from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 
@@ -38,7 +38,7 @@ BERT_EMBEDDINGS = {
 }
 # Tensors that are no weights (position_ids buffer) or belong to heads lmforge does not load
 # into an Encoder (pre-training heads of a BertForPreTraining folder).
-IGNORED = ("embeddings.position_ids", "cls.")
+IGNORED = ("embeddings.position_ids", "cls.", "bert.embeddings.position_ids", "bert.cls.")
 
 # EncoderConfig field ↔ config.json key
 CONFIG_KEYS = {
@@ -126,35 +126,6 @@ def _read_all(folder: Path) -> dict[str, torch.Tensor]:
     return dict(read_tensors(weight_files(folder)))
 
 
-def _fill(
-    model: torch.nn.Module,
-    key_map: KeyMap,
-    tensors: dict[str, torch.Tensor],
-    source: str,
-    ignored: tuple[str, ...],
-) -> None:
-    """Assemble the state dict through ``key_map`` and load it strictly."""
-    used = {n for src in key_map.values() for n in src.names}
-    extra = [
-        n for n in tensors if n not in used and not n.removeprefix("bert.").startswith(ignored)
-    ]
-    if extra:
-        raise CheckpointError(
-            f"{source}: {len(extra)} tensors lmforge has no place for, e.g. {extra[:5]}"
-        )
-    missing = sorted(n for n in used if n not in tensors)
-    if missing:
-        raise CheckpointError(f"{source}: {len(missing)} tensors missing, e.g. {missing[:5]}")
-    state = {}
-    for ours, src in key_map.items():
-        parts = [tensors[n].float() for n in src.names]
-        state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: weights do not fit its config.json: {e}") from None
-
-
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
@@ -184,7 +155,7 @@ def load_hf_encoder(folder: str | Path) -> tuple[Encoder, Tokenizer | None]:
     tensors = {n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)}
     cfg = config_from_hf(hf, "pooler.dense.weight" in tensors, str(folder / "config.json"))
     model = Encoder(cfg)
-    _fill(model, bert_key_map(cfg), tensors, str(folder), IGNORED)
+    load_by_key_map(model, bert_key_map(cfg), tensors, str(folder), IGNORED)
     return model, _tokenizer(folder)
 
 
@@ -211,7 +182,7 @@ def load_hf_classifier(
         dropout=hf.get("classifier_dropout") or cfg.dropout,
     )
     model = SequenceClassifier(Encoder(cfg), head)
-    _fill(model, classifier_key_map(cfg), tensors, str(folder), IGNORED)
+    load_by_key_map(model, classifier_key_map(cfg), tensors, str(folder), IGNORED)
     return model, _tokenizer(folder), labels
 
 

@@ -3,7 +3,7 @@
 The names are those of the Hub checkpoints (``vit.encoder.layer.i.attention.attention.query``;
 transformers 5 renames them in memory but still reads and writes these). lmforge's fused
 attention projection is the rows ``[query; key; value]``. ViT classifiers are small, so a
-checkpoint is read whole and loaded strictly (the filling is ``hf_bert``'s).
+checkpoint is read whole and loaded strictly (``key_map.load_by_key_map``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.errors import CheckpointError
-from lmforge.interop.hf_bert import _fill, _read_all, _read_config
-from lmforge.interop.key_map import KeyMap, Source
-from lmforge.interop.safetensors_folder import write_hf_folder
+from lmforge.interop.key_map import KeyMap, Source, load_by_key_map
+from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.vit import ImageClassifier, ViTConfig
 
 # lmforge module in block i → HF module in vit.encoder.layer.i (query/key/value fuse into qkv)
@@ -107,8 +107,8 @@ def config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
 def load_hf_vit(folder: str | Path) -> ImageClassifier:
     """A ViTForImageClassification folder → ImageClassifier (eval-ready, fp32)."""
     folder = Path(folder)
-    hf = _read_config(folder)
-    tensors = _read_all(folder)
+    hf = read_json_object(folder / "config.json")
+    tensors = dict(read_tensors(weight_files(folder)))
     if "classifier.weight" not in tensors:
         raise CheckpointError(
             f"{folder}: no classifier.weight; lmforge reads ViTForImageClassification folders "
@@ -118,7 +118,7 @@ def load_hf_vit(folder: str | Path) -> ImageClassifier:
     cfg = config_from_hf(hf, n, str(folder / "config.json"))
     model = ImageClassifier(cfg)
     # pooler tensors belong to ViTModel(add_pooling_layer=True), unused by the classifier
-    _fill(model, vit_key_map(cfg), tensors, str(folder), ("vit.pooler.",))
+    load_by_key_map(model, vit_key_map(cfg), tensors, str(folder), ("vit.pooler.",))
     return model
 
 

@@ -1,12 +1,17 @@
 """The shape of every Hugging Face conversion: a plain dict ``{lmforge tensor: Source}``.
 
-Each family module (``hf.py`` decoders, ``hf_bert.py``; later T5, BART, ViT) builds one from its
-config; loading and export both read it, so the two directions cannot drift apart.
+Each family module (``hf.py`` decoders, ``hf_bert.py``, ``hf_seq2seq.py``, ``hf_vit.py``) builds
+one from its config; loading and export both read it, so the two directions cannot drift apart.
+``load_by_key_map`` fills a model from a whole checkpoint through one, strictly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -19,3 +24,32 @@ class Source:
 
 
 KeyMap = dict[str, Source]
+
+
+def load_by_key_map(
+    model: torch.nn.Module,
+    key_map: KeyMap,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    ignored: tuple[str, ...] = (),
+) -> None:
+    """Assemble the state dict through ``key_map`` and load it strictly: every checkpoint tensor
+    must find its place (unless its name starts with one of ``ignored``) and every place must be
+    filled; otherwise a CheckpointError naming ``source`` and examples."""
+    used = {n for src in key_map.values() for n in src.names}
+    extra = [n for n in tensors if n not in used and not n.startswith(ignored)]
+    if extra:
+        raise CheckpointError(
+            f"{source}: {len(extra)} tensors lmforge has no place for, e.g. {extra[:5]}"
+        )
+    missing = sorted(n for n in used if n not in tensors)
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors missing, e.g. {missing[:5]}")
+    state = {}
+    for ours, src in key_map.items():
+        parts = [tensors[n].float() for n in src.names]
+        state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: weights do not fit its config.json: {e}") from None

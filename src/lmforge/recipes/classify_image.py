@@ -3,8 +3,9 @@
 Read top to bottom: resolve the config, read the images (a folder per class, an ``.npz``, or
 — with no arguments — scikit-learn's 8×8 handwritten digits), split them stratified, build a
 ViT sized to the images, fit with the shared ``fit`` (augmentation and MixUp/CutMix on each
-training batch, best checkpoint and early stopping on a val metric), then evaluate the best
-checkpoint on the test split and write ``eval/`` — the report text classification writes
+training batch, best checkpoint and early stopping on a val metric; ``--resume`` continues
+exactly), then evaluate the best checkpoint on the test split and write ``eval/`` — the report
+text classification writes
 (accuracy, macro-F1, confusion matrix, ROC, PR, calibration, worst examples).
 """
 
@@ -15,22 +16,18 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from sklearn.model_selection import train_test_split
 
 from lmforge import runs
 from lmforge.checkpoint.store import load_weights, pointed
 from lmforge.config import Section, to_yaml
 from lmforge.data.image_augment import AugmentConfig, augment, mix
-from lmforge.data.images import ImageSet, digits, read_images, resize, to_model_input
+from lmforge.data.images import ImageDataConfig, ImageSet, read_splits, to_model_input
 from lmforge.data.loader import MicroBatch
-from lmforge.errors import ConfigError, DataError
-from lmforge.eval.classification import scalars
-from lmforge.eval.metrics import classification_metrics
-from lmforge.eval.mode import eval_mode
+from lmforge.errors import ConfigError
+from lmforge.eval.classification import evaluate_images, scalars
 from lmforge.eval.report import classification_report
 from lmforge.models.vit import ImageClassifier, ViTConfig
 from lmforge.train.device import setup_device
@@ -41,22 +38,6 @@ from lmforge.train.optim import OptimConfig, build_optimizer
 log = logging.getLogger(__name__)
 
 VAL_LOGGED = ("accuracy", "f1_macro", "roc_auc", "loss")
-
-
-class ImageDataConfig(Section):
-    """Where the labelled images come from and how they are split."""
-
-    path: str | None = Field(
-        None, description="folder of class folders, or .npz (images, labels); null = the 8×8 "
-        "digits shipped in scikit-learn",
-    )  # fmt: skip
-    test: str | None = Field(None, description="held-out images; null = split test_fraction off")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="test split when test is null")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="of the rest, the val split")
-    image_size: int | None = Field(
-        None, gt=0, description="resize every image to this square side; null = keep (square)"
-    )
-    split_seed: int = Field(0, description="seed of the stratified splits")
 
 
 class ClassifyImageConfig(Section):
@@ -83,6 +64,11 @@ class ClassifyImageConfig(Section):
     out_dir: str | None = Field(
         None, description="run folder; null = runs/classify-image-<date>-<time>"
     )
+    resume: bool | str = Field(
+        False,
+        description="true = continue the run in out_dir from its latest checkpoint; or a "
+        "checkpoint / run folder of the run to continue",
+    )
 
 
 class ImageBatches:
@@ -91,7 +77,7 @@ class ImageBatches:
     y is (B, K) class probabilities (one-hot, or MixUp/CutMix-mixed). ``fit`` counts every
     y element as a target, i.e. B·K per batch, so ``image_loss`` multiplies the summed
     cross-entropy by K: the normalised loss is then the mean per image. The augmentation
-    generator is re-seeded from (seed, batches drawn), so a resumed run draws the same batches.
+    draws are seeded from (seed, batches drawn), so a resumed run draws the same batches.
     """
 
     context = 1  # fit's token-window length; unused (no val_tokens)
@@ -108,9 +94,10 @@ class ImageBatches:
         epoch, pos = divmod(self.drawn, per_epoch)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         index = order[pos * b : (pos + 1) * b]
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.drawn)
+        seed = self.seed * 1_000_003 + 2 * self.drawn
         self.drawn += 1
-        x, y = mix(augment(self.images[index], self.aug, gen), self.targets[index], self.aug, gen)
+        x = augment(self.images[index], self.aug, seed)
+        x, y = mix(x, self.targets[index], self.aug, seed + 1)
         return to_model_input(x), y, {}
 
     def state_dict(self) -> dict[str, int]:
@@ -129,73 +116,12 @@ def image_loss(model: ImageClassifier):
     return loss_fn
 
 
-def image_probs(
-    model: ImageClassifier, images: np.ndarray, batch_size: int, device: torch.device
-) -> np.ndarray:
-    """Softmax probabilities (N, K) of [0, 1] images (N, C, H, W), in data order."""
-    out = []
-    with eval_mode(model), torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = to_model_input(torch.from_numpy(images[i : i + batch_size]).to(device))
-            out.append(model(x).float().softmax(-1).cpu().numpy())
-    return np.concatenate(out)
-
-
-def evaluate_images(
-    model: ImageClassifier, data: ImageSet, batch_size: int, device: torch.device
-) -> tuple[dict[str, Any], np.ndarray]:
-    """(metrics incl. the mean ``loss`` in nats, probabilities) on a labelled image set."""
-    probs = image_probs(model, data.images, batch_size, device)
-    metrics = classification_metrics(data.labels, probs, data.names)
-    p = np.clip(probs[np.arange(len(data)), data.labels], 1e-12, 1.0)
-    metrics["loss"] = float(-np.log(p).mean())
-    return metrics, probs
-
-
-def _stratified(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    index = np.arange(len(labels))
-    try:
-        a, b = train_test_split(index, test_size=fraction, random_state=seed, stratify=labels)
-    except ValueError as e:  # a class with a single image cannot be in both parts
-        raise DataError(f"cannot split the images stratified: {e}; add images of rare classes "
-                        "or give data.test") from None  # fmt: skip
-    return np.sort(a), np.sort(b)
-
-
-def read_splits(dcfg: ImageDataConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
-    """(train, val, test), resized to ``image_size`` when set; test from data.test or a split."""
-    full = read_images(dcfg.path) if dcfg.path else digits()
-    if dcfg.test:
-        test = read_images(dcfg.test, names=full.names)
-        rest = full
-    else:
-        keep, held = _stratified(full.labels, dcfg.test_fraction, dcfg.split_seed)
-        rest, test = full.subset(keep), full.subset(held)
-    tr, va = _stratified(rest.labels, dcfg.val_fraction, dcfg.split_seed)
-    train, val = rest.subset(tr), rest.subset(va)
-    sets = [train, val, test]
-    size = dcfg.image_size
-    if size is None:
-        shapes = {s.images.shape[1:] for s in sets}
-        h, w = train.images.shape[-2:]
-        if len(shapes) > 1 or h != w:
-            raise DataError(f"images of shapes {sorted(shapes)}: set data.image_size to resize "
-                            "them all to one square side")  # fmt: skip
-    else:
-        for s in sets:
-            s.images = resize(s.images, size)
-    if test.images.shape[1] != train.images.shape[1]:
-        raise DataError(f"{test.source}: {test.images.shape[1]} colour channels, the training "
-                        f"images have {train.images.shape[1]}")  # fmt: skip
-    return train, val, test
-
-
 def classify_image(cfg: ClassifyImageConfig) -> dict[str, Any]:
     """Run the training; returns the summary also written to ``summary.json``."""
     t_start = time.perf_counter()
     check_warmup(cfg.sched, cfg.train.max_steps)
     device = setup_device(cfg.train.device, cfg.train.num_threads, cfg.train.precision)
-    run = runs.start("classify-image", cfg.out_dir)
+    run = runs.start("classify-image", cfg.out_dir, cfg.resume)
     with runs.failure_note(run):
         return _classify_image(cfg, run, device, t_start)
 
@@ -220,6 +146,8 @@ def _classify_image(
         raise ConfigError(f"model: {e}") from None
     torch.manual_seed(cfg.train.seed)
     model = ImageClassifier(model_cfg).to(device)
+    if run.resume_from is not None:  # fit restores the optimizer, batch cursor and RNGs
+        load_weights(model, run.resume_from)
     log.info("ViT: %.3fM parameters, %d patches", model.vit.num_params() / 1e6,
              model_cfg.n_patches)  # fmt: skip
     data_cfg = cfg.data.model_copy(update={"image_size": h})
@@ -246,6 +174,7 @@ def _classify_image(
         evaluate=evaluate,
         monitor=f"val_{cfg.monitor.removeprefix('val_')}",
         monitor_mode="min" if cfg.monitor == "val_loss" else "max",
+        resume_from=run.resume_from,
     )
 
     best = pointed(run_dir / "checkpoints", "best") or result.checkpoint

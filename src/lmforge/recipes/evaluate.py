@@ -28,9 +28,11 @@ class EvalConfig(Section):
     checkpoint: str = Field(
         description="checkpoint folder, or a run folder (its latest checkpoint)"
     )
-    data: str = Field(
+    data: str | None = Field(
+        None,
         description="prepared data folder, a .bin token file, or a UTF-8 text file (pkg:lmforge/"
-        "data/corpora/chinese_classical.txt names a shipped one)"
+        "data/corpora/chinese_classical.txt names a shipped one); for an image classifier a "
+        "folder of class folders or an .npz (null: its run's test split)",
     )
     max_bytes: int | None = Field(
         None, gt=0, description="text files: score only the last max_bytes bytes (from a line "
@@ -82,10 +84,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ConfigError(err)
     # Task dispatch: classifier checkpoints → classification metrics; a prompt/reference
     # .jsonl → generation metrics; otherwise (below) perplexity and bits-per-byte.
-    from lmforge.eval.classification import evaluate_classifier
+    from lmforge.eval.classification import evaluate_classifier, evaluate_image_classifier
     from lmforge.eval.generation import evaluate_generation, is_prompt_file
 
-    loaded = load(cfg.checkpoint, device, expect=("decoder", "sequence-classifier"))
+    kinds = ("decoder", "sequence-classifier", "image-classifier")
+    loaded = load(cfg.checkpoint, device, expect=kinds)
+    if loaded.manifest.kind == "image-classifier":
+        return evaluate_image_classifier(loaded, cfg.data, cfg.batch_size, device, cfg.out_dir)
+    if cfg.data is None:
+        raise ConfigError(f"data: {cfg.checkpoint} is a {loaded.manifest.kind}; give --data")
     if loaded.manifest.kind == "sequence-classifier":
         return evaluate_classifier(loaded, cfg.data, cfg.batch_size, device, cfg.out_dir)
     model, tokenizer, manifest = loaded
