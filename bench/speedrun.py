@@ -7,7 +7,8 @@ host: thread count does not change the bits), the time column the whole command'
 
     python bench/speedrun.py                      # every lever, its bpb (2 at a time, 1 thread each)
     python bench/speedrun.py --only default --time   # `lmforge pretrain` timed alone, 2 threads
-    python bench/speedrun.py --only "300 steps" "+ wsd" --parallel 1
+    python bench/speedrun.py --only "A:" "B:" --parallel 1
+    python bench/speedrun.py --parts              # where a step's time goes (Muon, QK-norm)
 
 Wall times are only meaningful with ``--time`` on a quiet machine (it runs one command at a
 time with the preset's threads); the bpb column is valid under any load.
@@ -26,24 +27,77 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = ["--optim.name=adamw", "--sched.name=cosine", "--sched.min_lr_ratio=0.1", "--optim.lr=2e-3"]
-# (row, overrides). "default" is the preset as shipped; the others start from the preset
-# before this issue (450 steps, AdamW, cosine to 10 %) so each row shows one lever's effect.
+OLD = [
+    "--optim.name=adamw",
+    "--sched.name=cosine",
+    "--sched.min_lr_ratio=0.1",
+    "--model.qk_norm=false",
+]
+A = [*OLD, "--train.max_steps=300"]
+B = [*A, "--sched.name=wsd", "--sched.min_lr_ratio=0"]
+C = [*B, "--optim.name=muon"]
+D = [*C, "--model.qk_norm=true"]
+# (row, overrides). "default" is the preset as shipped (= D); the others start from the preset
+# before issue 18 (450 AdamW steps, cosine to 10 %) and add one lever at a time.
 LEVERS: list[tuple[str, list[str]]] = [
     ("default", []),
-    ("before: 450 steps, cosine to 10 %", [*OLD, "--train.max_steps=450"]),
-    ("300 steps (what fits in 300 s here)", [*OLD, "--train.max_steps=300"]),
-    ("+ linear decay to 0", [*OLD, "--train.max_steps=300", "--sched.name=linear",
-                             "--sched.min_lr_ratio=0"]),
-    ("+ wsd (stable, last 30 % to 0)", [*OLD, "--train.max_steps=300", "--sched.name=wsd",
-                                        "--sched.min_lr_ratio=0"]),
-    ("+ wsd, lr 4e-3", [*OLD, "--train.max_steps=300", "--sched.name=wsd",
-                        "--sched.min_lr_ratio=0", "--optim.lr=4e-3"]),
-    ("+ wsd, Muon", [*OLD, "--train.max_steps=300", "--sched.name=wsd",
-                     "--sched.min_lr_ratio=0", "--optim.name=muon"]),
-    ("+ wsd, batch 16 x 600 steps", [*OLD, "--train.max_steps=600", "--train.batch_size=16",
-                                     "--sched.name=wsd", "--sched.min_lr_ratio=0"]),
+    ("before: 450 AdamW steps, cosine to 10 %", [*OLD, "--train.max_steps=450"]),
+    ("A: the old preset cut to 300 steps", A),
+    ("A + linear decay to 0", [*A, "--sched.name=linear", "--sched.min_lr_ratio=0"]),
+    ("B: A + warm-up-stable-decay to 0", B),
+    ("B + lr 4e-3", [*B, "--optim.lr=4e-3"]),
+    ("B + QK-norm (AdamW)", [*B, "--model.qk_norm=true"]),
+    ("C: B + Muon", C),
+    ("C + lr 3e-3", [*C, "--optim.lr=3e-3"]),
+    ("C + batch 16 x 600 steps", [*C, "--train.batch_size=16", "--train.max_steps=600"]),
+    ("D: C + QK-norm (the preset)", D),
+    ("D + lr 3e-3", [*D, "--optim.lr=3e-3"]),
+    ("D + lr 5e-3", [*D, "--optim.lr=5e-3"]),
+    ("D + lr 3e-3, batch 16 x 600", [*D, "--optim.lr=3e-3", "--train.batch_size=16",
+                                     "--train.max_steps=600"]),
+    ("D at 225 steps", [*D, "--train.max_steps=225"]),
 ]  # fmt: skip
+
+
+def step_parts(threads: int = 2, rounds: int = 6) -> None:
+    """Where a step of the preset's model goes: forward + backward (QK-norm on and off), the
+    Muon update, the AdamW update — medians in one process, after one warm-up round."""
+    import statistics
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from lmforge.models.decoder import Decoder, DecoderConfig
+    from lmforge.train.optim import OptimConfig, build_optimizer
+
+    torch.set_num_threads(threads)
+    shape = dict(arch="llama", vocab_size=1024, context_length=128, n_layer=4, n_head=4,
+                 d_model=256, tie_embeddings=True)  # fmt: skip
+    models = {qk: Decoder(DecoderConfig(**shape, qk_norm=qk)).train() for qk in (True, False)}
+    muon = build_optimizer(models[True], OptimConfig(name="muon", lr=1e-4))
+    adamw = build_optimizer(models[True], OptimConfig(name="adamw", lr=1e-4))
+    x = torch.randint(0, 1024, (32, 129))
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+
+    def fwd_bwd(model) -> None:
+        logits = model(x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+
+    for _ in range(rounds):
+        timed("forward + backward, QK-norm off", lambda: fwd_bwd(models[False]))
+        timed("forward + backward, QK-norm on", lambda: fwd_bwd(models[True]))
+        timed("Muon update", muon.step)
+        timed("AdamW update", adamw.step)
+        muon.zero_grad()
+        models[False].zero_grad()
+    print(f"| part of a step (32 x 128 tokens, {threads} threads) | median ms |\n|---|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {statistics.median(t[1:]) * 1000:,.0f} |")
 
 
 def run(name: str, overrides: list[str], threads: int | None, out: Path) -> dict:
@@ -67,7 +121,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these rows (by name prefix)")
     ap.add_argument("--time", action="store_true", help="one at a time with the preset's threads")
     ap.add_argument("--parallel", type=int, default=2, help="commands at once in bpb mode")
+    ap.add_argument("--parts", action="store_true", help="time the parts of one step instead")
     args = ap.parse_args()
+    if args.parts:
+        return step_parts()
     rows = [r for r in LEVERS if not args.only or any(r[0].startswith(o) for o in args.only)]
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

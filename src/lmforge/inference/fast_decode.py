@@ -84,7 +84,9 @@ class _Layer:
 def _plain_linear(m: nn.Module) -> bool:
     # Exact type: a LoRA adapter or a quantized linear subclasses or replaces nn.Linear and
     # must keep its own forward.
-    return type(m) is nn.Linear and m.weight.is_floating_point()
+    # torchao's quantized weights are tensor subclasses inside a plain nn.Linear: not ours.
+    plain_weight = type(m.weight) in (torch.Tensor, nn.Parameter)
+    return type(m) is nn.Linear and plain_weight and m.weight.is_floating_point()
 
 
 @dataclass(frozen=True)

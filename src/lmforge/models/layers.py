@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,47 +20,8 @@ def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps, bias=bias)
     if kind == "rmsnorm":
-        return RMSNorm(dim, eps=eps)
+        return nn.RMSNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r}")
-
-
-class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` (same parameter, same forward maths) whose training backward is
-    hand-written: PyTorch's CPU ``rms_norm`` is a composite of small ops, and autograd
-    through it saves x, x², the normalised x and more, then runs ~14 ops backward; this saves
-    x and one scale per row and runs 7 (``RMSNormFunction``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.is_grad_enabled()
-            and self.weight is not None
-            and x.dtype == self.weight.dtype  # mixed dtypes: leave the promotion rules to torch
-            and self.eps is not None
-        ):
-            return RMSNormFunction.apply(x, self.weight, self.eps)
-        return super().forward(x)
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """y = x · rsqrt(mean(x²) + eps) · w over the last dimension; the forward is computed as
-    transformers' LlamaRMSNorm (and torch's composite) computes it, so outputs are equal."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
-        ctx.save_for_backward(x, weight, rstd)
-        return x * rstd * weight
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        # With x̂ = x·rstd: dw = Σ_rows g·x̂; dx = rstd · (g·w − x̂ · mean(g·w·x̂)).
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x * rstd
-        g_xhat = grad * xhat
-        grad_w = g_xhat.reshape(-1, x.size(-1)).sum(0)
-        mean = (g_xhat @ weight).unsqueeze(-1).div_(x.size(-1))  # (..., 1) = mean(g·w·x̂)
-        grad_x = torch.addcmul(grad * weight, xhat, mean, value=-1).mul_(rstd)
-        return grad_x, grad_w, None
 
 
 def llama3_inv_freq(
@@ -128,67 +88,16 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor) -> torch.Tensor:
         """x: (B, nh, T, hd) → same shape, rotated by positions start_pos … start_pos+T-1,
         or by ``start_pos`` given as a (B, T) tensor of positions (packed documents restart at 0)."""
-        return self.rotate(x, start_pos, seq_dim=-2)
-
-    def rotate(self, x: torch.Tensor, start_pos: int | torch.Tensor, seq_dim: int) -> torch.Tensor:
-        """``forward`` for any layout: x (..., T, ..., hd) with positions along ``seq_dim``,
-        e.g. (B, T, nh, hd) with seq_dim=1, where q and k of a fused projection are rotated in
-        one call before the heads are transposed."""
-        seq_dim = seq_dim - x.dim() if seq_dim >= 0 else seq_dim
-        T, half = x.size(seq_dim), self.head_dim // 2
-        trailing = [1] * (-seq_dim - 2)  # one axis per dimension between T and hd
-        # cos/sin repeat their first half (emb = [freqs, freqs]): the half tables suffice
+        T = x.size(-2)
         if isinstance(start_pos, torch.Tensor):
-            cos = self.cos[start_pos, :half].to(x.dtype)  # (B, T, hd/2)
-            sin = self.sin[start_pos, :half].to(x.dtype)
-            if seq_dim == -2:
-                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd/2)
-            else:
-                shape = (*cos.shape[:2], *trailing, half)  # (B, T, 1…, hd/2)
-                cos, sin = cos.view(shape), sin.view(shape)
+            cos = self.cos[start_pos].unsqueeze(1).to(x.dtype)  # (B, 1, T, hd)
+            sin = self.sin[start_pos].unsqueeze(1).to(x.dtype)
         else:
-            cos = self.cos[start_pos : start_pos + T, :half].to(x.dtype)  # (T, hd/2)
-            sin = self.sin[start_pos : start_pos + T, :half].to(x.dtype)
-            cos, sin = cos.view(T, *trailing, half), sin.view(T, *trailing, half)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return Rotate.apply(x, cos, sin)
-        return rotate_halves(x, cos, sin, 1.0)
-
-
-def rotate_halves(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float
-) -> torch.Tensor:
-    """Rotate-half RoPE: [x1·cos − x2·sin, x2·cos + x1·sin] (``sign`` −1: the inverse rotation).
-
-    x (..., hd); cos, sin (..., hd/2) broadcasting to x's halves. Equal, elementwise, to
-    transformers' ``x * cos + rotate_half(x) * sin`` (the same products and sums), without
-    its negated and concatenated copy of x.
-    """
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    o1, o2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-sign)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin, value=sign)
-    return out
-
-
-class Rotate(torch.autograd.Function):
-    """RoPE with a hand-written backward: a rotation's gradient is the inverse rotation of the
-    output's gradient, so nothing but the cos/sin tables is saved (autograd of the plain maths
-    keeps x, its halves and the rotated copy, and runs ~12 small ops instead of 4 per pass:
-    RoPE was the largest share of the non-matmul time of a Llama training step on CPU)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(cos, sin)
-        return rotate_halves(x, cos, sin, 1.0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        cos, sin = ctx.saved_tensors
-        return rotate_halves(grad, cos, sin, -1.0), None, None
+            cos = self.cos[start_pos : start_pos + T].to(x.dtype)
+            sin = self.sin[start_pos : start_pos + T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return x * cos + rotated * sin
 
 
 @dataclass
@@ -270,17 +179,19 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, C = x.shape
         hd = self.head_dim
-        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, hd)
-        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
-        if self.qk_norm:  # each head's q and k to unit RMS (v is not normalised)
-            qk = F.rms_norm(qk, (hd,))
-        if self.rope is not None:  # q and k in one call, before the heads move forward
-            qk = self.rope.rotate(qk, start_pos if positions is None else positions, seq_dim=1)
-        q, k = (t.transpose(1, 2) for t in qk.split([self.n_head, self.n_kv_head], dim=2))
-        # q (B, nh, T, hd), k (B, nkv, T, hd). v is a copy, not a view: attention saves v for
-        # backward, and a view would keep the whole fused qkv output alive (measured: +6 MiB
-        # per layer at 8 x 256 x 1024, fp32).
-        v = v.transpose(1, 2).contiguous()  # (B, nkv, T, hd)
+        q, k, v = self.qkv(x).split(
+            [self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=-1
+        )
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        # A copy, not a view: attention saves v for backward, and a view would keep the whole
+        # fused qkv output alive (measured: +6 MiB per layer at 8 x 256 x 1024, fp32).
+        v = v.reshape(B, T, self.n_kv_head, hd).transpose(1, 2).contiguous()
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
+        if self.rope is not None:
+            at = start_pos if positions is None else positions
+            q, k = self.rope(q, at), self.rope(k, at)
 
         mask, is_causal = None, self.causal
         if key_mask is not None:

@@ -262,8 +262,16 @@ def load_optimizer(
         set_optimizer_state_dict,
     )
 
-    from lmforge.checkpoint.sharded import load_sharded
+    from lmforge.checkpoint.sharded import load_sharded, read_metadata
+    from lmforge.train.optim import MuonWithAdamW
 
+    read_metadata(Path(ckpt) / "optimizer" / ".metadata")  # refuses a crafted file first
+    if isinstance(optimizer, MuonWithAdamW):
+        raise CheckpointError(
+            f"{ckpt}: its optimizer state is sharded (fsdp/tp); optim.name=muon updates whole "
+            "matrices and runs with dist.strategy=none or ddp only: resume with the optimizer "
+            "and strategy the run used"
+        )
     osd = get_optimizer_state_dict(model, optimizer)  # initialises empty state to load into
     holder = {"optimizer": osd}
     load_sharded(holder, Path(ckpt) / "optimizer")

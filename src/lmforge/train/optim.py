@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from lmforge.config import Section
+from lmforge.errors import ConfigError
 from lmforge.train.precision import auto_precision
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "adagrad", "rmsprop", "muon")
@@ -109,6 +110,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 (matrices if p.dim() == 2 and id(p) not in outer else kept).append(p)
             group["params"] = kept
+        if any(type(p).__name__ == "DTensor" for p in matrices):
+            raise ConfigError(
+                "optim.name=muon orthogonalises whole matrices; under dist.strategy=fsdp or tp "
+                "each rank holds a shard: use dist.strategy=none or ddp, or optim.name=adamw"
+            )
         adam_groups = [g for g in adam_groups if g["params"]]
         self.adamw = torch.optim.AdamW(adam_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         muon = {"params": matrices, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
