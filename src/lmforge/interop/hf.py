@@ -23,7 +23,7 @@ from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import declare_special_tokens, load_tokenizer, special_token_ids
 from lmforge.errors import CheckpointError
-from lmforge.interop.key_map import KeyMap, Source
+from lmforge.interop.key_map import KeyMap, Source, export_by_key_map
 from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.decoder import Decoder, DecoderConfig, RopeScaling
 from lmforge.models.layers import RotaryEmbedding
@@ -312,16 +312,7 @@ def hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
     key_map = FAMILIES[hf_model_type(model.cfg)].key_map(model.cfg)
     ours = model.state_dict()
     assert set(ours) - set(key_map) <= {"lm_head.weight"}, set(ours) - set(key_map)
-    out = {}
-    for name, src in key_map.items():
-        tensor = ours[name].detach().cpu()
-        if len(src.names) > 1:  # split views share storage, which safetensors refuses
-            parts = [p.clone() for p in tensor.split(list(src.rows))]
-        else:
-            parts = [tensor]
-        for hf_name, part in zip(src.names, parts, strict=True):
-            out[hf_name] = part.T.contiguous() if src.transpose else part
-    return out
+    return export_by_key_map(ours, key_map)
 
 
 def _json_object(path: Path) -> dict[str, Any]:

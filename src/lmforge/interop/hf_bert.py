@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
-from lmforge.interop.key_map import KeyMap, Source, load_by_key_map
+from lmforge.interop.key_map import KeyMap, Source, export_by_key_map, load_by_key_map
 from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.encoder import Encoder, EncoderConfig, HeadConfig, SequenceClassifier
 
@@ -196,17 +196,7 @@ def hf_state_dict(model: Encoder | SequenceClassifier) -> dict[str, torch.Tensor
         key_map = classifier_key_map(model.encoder.cfg)
     else:
         key_map = bert_key_map(model.cfg)
-    ours = model.state_dict()
-    out = {}
-    for name, src in key_map.items():
-        tensor = ours[name].detach().cpu()
-        parts = (
-            [p.clone() for p in tensor.split(list(src.rows))]
-            if len(src.names) > 1
-            else [tensor.contiguous()]
-        )
-        out.update(zip(src.names, parts, strict=True))
-    return out
+    return export_by_key_map(model.state_dict(), key_map)
 
 
 def export_hf_bert(

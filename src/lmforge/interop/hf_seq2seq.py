@@ -19,7 +19,7 @@ from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
-from lmforge.interop.key_map import KeyMap, Source
+from lmforge.interop.key_map import KeyMap, Source, export_by_key_map
 from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -288,16 +288,7 @@ def hf_state_dict(model: Seq2Seq) -> dict[str, torch.Tensor]:
         raise ValueError(
             "transformers 5 ties T5's lm_head to the embedding: export needs tie_embeddings"
         )
-    ours = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for name, src in key_map(model.cfg).items():
-        tensor = ours[name].detach().cpu()
-        if len(src.names) > 1:
-            parts = [p.clone() for p in tensor.split(list(src.rows))]
-        else:
-            parts = [tensor.clone().contiguous()]
-        out.update(zip(src.names, parts, strict=True))
-    return out
+    return export_by_key_map(model.state_dict(), key_map(model.cfg), clone=True)
 
 
 def export_hf_seq2seq(model: Seq2Seq, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.errors import CheckpointError
-from lmforge.interop.key_map import KeyMap, Source, load_by_key_map
+from lmforge.interop.key_map import KeyMap, Source, export_by_key_map, load_by_key_map
 from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.vit import ImageClassifier, ViTConfig
 
@@ -128,17 +128,7 @@ def hf_state_dict(model: ImageClassifier) -> dict[str, torch.Tensor]:
         raise ValueError(
             "ViTForImageClassification classifies the [CLS] state: export needs model.pooling=cls"
         )
-    ours = model.state_dict()
-    out = {}
-    for name, src in vit_key_map(model.cfg).items():
-        tensor = ours[name].detach().cpu()
-        parts = (
-            [p.clone() for p in tensor.split(list(src.rows))]
-            if len(src.names) > 1
-            else [tensor.contiguous()]
-        )
-        out.update(zip(src.names, parts, strict=True))
-    return out
+    return export_by_key_map(model.state_dict(), vit_key_map(model.cfg))
 
 
 def export_hf_vit(model: ImageClassifier, out_dir: str | Path) -> Path:

@@ -2,7 +2,8 @@
 
 Each family module (``hf.py`` decoders, ``hf_bert.py``, ``hf_seq2seq.py``, ``hf_vit.py``) builds
 one from its config; loading and export both read it, so the two directions cannot drift apart.
-``load_by_key_map`` fills a model from a whole checkpoint through one, strictly.
+``load_by_key_map`` fills a model from a whole checkpoint through one, strictly;
+``export_by_key_map`` gives a model's tensors under the Hugging Face names.
 """
 
 from __future__ import annotations
@@ -53,3 +54,22 @@ def load_by_key_map(
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{source}: weights do not fit its config.json: {e}") from None
+
+
+def export_by_key_map(
+    state: dict[str, torch.Tensor], key_map: KeyMap, clone: bool = False
+) -> dict[str, torch.Tensor]:
+    """``state`` (lmforge names) → the Hugging Face tensors of ``key_map``, ready for
+    ``save_file``: fused tensors split into their rows (as copies: split views share storage,
+    which safetensors refuses), transposed where the checkpoint stores (in, out). ``clone``
+    copies the unsplit tensors too (for models whose state dict holds tied tensors twice)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, src in key_map.items():
+        tensor = state[name].detach().cpu()
+        if len(src.names) > 1:
+            parts = [p.clone() for p in tensor.split(list(src.rows))]
+        else:
+            parts = [tensor.clone() if clone else tensor]
+        for hf_name, part in zip(src.names, parts, strict=True):
+            out[hf_name] = (part.T if src.transpose else part).contiguous()
+    return out
