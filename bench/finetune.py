@@ -24,6 +24,7 @@ steady-state step (the 2nd) of each eager setting, measured with lmforge's
     python bench/finetune.py              # 3 rounds × 10 timed steps (≈ 5 min on 2 cores)
     python bench/finetune.py --steps 20   # the ≥ 20 steps BENCHMARKING.md asks for (≈ 8 min)
     python bench/finetune.py --eager      # without the torch.compile rows
+    python bench/finetune.py --fp32       # fp32 rows only (hosts without native bf16)
     python bench/finetune.py --quick      # smoke test (≈ 25 s): checks that it runs, not a figure
 
 Writes bench/results/finetune-<date>.json and .txt (``--out`` changes the stem).
@@ -304,6 +305,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per setting before round 1")
     p.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
     p.add_argument("--eager", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--fp32", action="store_true",
+                   help="fp32 rows only: CPUs without native bf16 emulate it ~50x slower")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 round of 2 steps, batch 2, no compiled rows")  # fmt: skip
     p.add_argument("--out", type=Path, help="stem of the .json/.txt results (default: "
@@ -339,7 +342,7 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
     """The set-up, the quiet check, the Markdown table; returns (text, rows for JSON)."""
     out: list[str] = []
     peers = {s.bf16: s for s in settings if not s.lmforge and not s.bf16_weights}
-    peer_bw = next(s for s in settings if not s.lmforge and s.bf16_weights)
+    peer_bw = next((s for s in settings if not s.lmforge and s.bf16_weights), None)
     ours = next(s for s in settings if s.lmforge)
     other = meta["other_cpu_fraction"]
     out.append(f"command: {meta['command']}\ndate: {meta['date']}; CPU: {meta['cpu']}")
@@ -389,15 +392,16 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
         peer = peers[s.bf16]
         ratios = [a / b for a, b in zip(s.tokens_per_s, peer.tokens_per_s, strict=True)]
         # against the peer with bf16 weights: bf16 rows only (it runs under bf16 autocast)
-        ratios_bw = [a / b for a, b in zip(s.tokens_per_s, peer_bw.tokens_per_s, strict=True)]
-        ratios_bw = ratios_bw if s.bf16 else []
+        ratios_bw = []
+        if s.bf16 and peer_bw is not None:
+            ratios_bw = [a / b for a, b in zip(s.tokens_per_s, peer_bw.tokens_per_s, strict=True)]
         precision = "bf16" if s.bf16 else "fp32"  # MFU against the peak of the matmul dtype
         flops = meta["flops_lmforge" if s.lmforge else "flops_peer"]
         mfu = statistics.median(s.tokens_per_s) * flops / meta[f"peak_{precision}"]
         total = s.peak.get("Total", 0)
         mem = f"{total / mib:,.0f}" if total else "—"
         mem_ratio = f"{total / peer.peak['Total']:.2f}" if total and peer.peak else "—"
-        mem_bw = total and s.bf16 and peer_bw.peak
+        mem_bw = total and s.bf16 and peer_bw is not None and peer_bw.peak
         mem_ratio_bw = f"{total / peer_bw.peak['Total']:.2f}" if mem_bw else "—"
         out.append(
             f"| {s.name} | {spread(s.tokens_per_s, ',.0f')} | {spread(ratios, '.2f')} | "
@@ -425,7 +429,7 @@ def report(args: argparse.Namespace, settings: list[Setting], meta: dict) -> tup
 
 def main() -> None:
     args = parse_args()
-    peak_args, before, data = start_run(args.quick, args.batch, VOCAB, CONTEXT)
+    peak_args, before, data = start_run(args.quick, args.batch, VOCAB, CONTEXT, args.fp32)
 
     # The folder stays until the end: loaded weights may still map its file.
     with tempfile.TemporaryDirectory() as tmp:
@@ -444,9 +448,11 @@ def main() -> None:
             for o in OURS[2:]
             if not (o[2] and (args.quick or args.eager))
         ]
+        if args.fp32:
+            settings = [s for s in settings if not s.bf16]
         warm_up(settings, args.warmup)
         other = run_rounds(settings, args.rounds, args.steps, args.batch * CONTEXT)
-    after = matmul_peaks(*peak_args)
+    after = matmul_peaks(*peak_args, bf16_n=256 if args.fp32 else None)
 
     meta = dict(
         command="python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),

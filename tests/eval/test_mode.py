@@ -35,3 +35,29 @@ def test_eval_mode_with_grad_differentiates_without_dropout() -> None:
         a, b = model(x), model(x)
         a.sum().backward()
     assert torch.equal(a, b) and model[0].weight.grad is not None and model.training
+
+
+class NotedTrain(nn.Linear):
+    """A module with its own train(), which notes each call."""
+
+    calls: list[bool]
+
+    def train(self, mode: bool = True) -> NotedTrain:
+        self.__dict__.setdefault("calls", []).append(mode)
+        return super().train(mode)
+
+
+def test_eval_mode_restores_each_module_own_flag_and_calls_own_train() -> None:
+    # a frozen part inside a training model stays frozen afterwards (model.train(True)
+    # would have switched it back on)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
+    model[0].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[1].training and not model[0].training
+    # a module that overrides train() is switched through it, both ways
+    model = nn.Sequential(nn.Linear(2, 2), NotedTrain(2, 2)).train()
+    model[1].calls = []
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[1].training and model[1].calls == [False, True]

@@ -19,7 +19,9 @@ invariants run through this path).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -64,8 +66,8 @@ def _transposed(*linears: nn.Linear) -> _Linear:
 
 @dataclass(frozen=True)
 class _Layer:
-    norm1: nn.Module
-    norm2: nn.Module
+    norm1: Callable[[torch.Tensor], torch.Tensor]
+    norm2: Callable[[torch.Tensor], torch.Tensor]
     n_head: int
     n_kv_head: int
     head_dim: int
@@ -79,6 +81,19 @@ class _Layer:
     swiglu: bool
     act: Any  # SwiGLU / GeluMLP.act; None: GELU with ``approximate``
     approximate: str
+
+
+def _norm(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The norm as a direct functional call: the same kernel and arguments as its module,
+    without nn.Module's call machinery (60 norms per SmolLM2 token)."""
+    if type(m) is nn.RMSNorm:
+        return partial(F.rms_norm, normalized_shape=m.normalized_shape, weight=m.weight, eps=m.eps)
+    if type(m) is nn.LayerNorm:
+        return partial(
+            F.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight, bias=m.bias,
+            eps=m.eps,
+        )  # fmt: skip
+    return m
 
 
 def _plain_linear(m: nn.Module) -> bool:
@@ -95,6 +110,7 @@ class DecodeWeights:
 
     model: Decoder
     layers: list[_Layer]
+    norm_f: Callable[[torch.Tensor], torch.Tensor]
     head: _Linear
 
     @classmethod
@@ -122,8 +138,8 @@ class DecodeWeights:
                     return None
                 layers.append(
                     _Layer(
-                        block.norm1,
-                        block.norm2,
+                        _norm(block.norm1),
+                        _norm(block.norm2),
                         attn.n_head,
                         attn.n_kv_head,
                         attn.head_dim,
@@ -139,7 +155,7 @@ class DecodeWeights:
                         approximate,
                     )  # fmt: skip
                 )
-            return cls(model, layers, _transposed(model.lm_head))
+            return cls(model, layers, _norm(model.norm_f), _transposed(model.lm_head))
 
     def decode(
         self,
@@ -159,16 +175,17 @@ class DecodeWeights:
         x = _embed(self.model, idx, start_pos, at)  # (B, 1, C)
         for layer, cache in zip(self.layers, caches, strict=True):
             nh, nkv, hd = layer.n_head, layer.n_kv_head, layer.head_dim
-            q, k, v = layer.qkv(layer.norm1(x)).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = q.view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
-            k = k.view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
+            qkv = layer.qkv(layer.norm1(x))
+            # q and k side by side as (B, nh + nkv, 1, hd) — one position, so the same memory
+            # as (B, 1, nh + nkv, hd): normalised and rotated in one call each, not two
+            qk = qkv[..., : (nh + nkv) * hd].view(B, nh + nkv, 1, hd)
             if layer.qk_norm:
-                q, k = F.rms_norm(q, (hd,)), F.rms_norm(k, (hd,))
+                qk = F.rms_norm(qk, (hd,))
             if layer.rope is not None:
-                rot = start_pos if at is None else at
-                q, k = layer.rope(q, rot), layer.rope(k, rot)
-            cache.k[:, :, start_pos:S] = k
-            cache.v[:, :, start_pos:S] = v.view(B, 1, nkv, hd).transpose(1, 2)
+                qk = layer.rope(qk, start_pos if at is None else at)
+            q = qk[:, :nh]  # (B, nh, 1, hd)
+            cache.k[:, :, start_pos:S] = qk[:, nh:]
+            cache.v[:, :, start_pos:S] = qkv[..., (nh + nkv) * hd :].view(B, nkv, 1, hd)
             extra = {} if layer.scale is None else {"scale": layer.scale}
             # The query is the last position: without a mask it sees every cached key.
             y = attend(q, cache.k[:, :, :S], cache.v[:, :, :S], False, mask, **extra)
@@ -184,7 +201,7 @@ class DecodeWeights:
                     else F.gelu(h, approximate=layer.approximate)
                 )
             x = x + layer.down(h)
-        return self.head(self.model.norm_f(x[:, -1]))  # (B, V)
+        return self.head(self.norm_f(x[:, -1]))  # (B, V)
 
 
 def _embed(
