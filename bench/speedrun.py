@@ -56,6 +56,9 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("D + lr 3e-3, batch 16 x 600", [*D, "--optim.lr=3e-3", "--train.batch_size=16",
                                      "--train.max_steps=600"]),
     ("D at 225 steps", [*D, "--train.max_steps=225"]),
+    ("D + width 192", [*D, "--model.d_model=192"]),
+    ("D + context 256, batch 16", [*D, "--model.context_length=256", "--train.batch_size=16"]),
+    ("D + untied embeddings", [*D, "--model.tie_embeddings=false"]),
 ]  # fmt: skip
 
 

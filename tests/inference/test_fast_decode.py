@@ -29,9 +29,10 @@ def model(request: pytest.FixtureRequest) -> Decoder:
 
 
 @torch.inference_mode()
-def test_decode_step_equals_the_models_cached_forward(model: Decoder) -> None:
+@pytest.mark.parametrize("blocks", [1, 2, 3])  # column blocks per matrix (one per thread)
+def test_decode_step_equals_the_models_cached_forward(model: Decoder, blocks: int) -> None:
     """Three rows, two left-padded (own positions, hidden padding), decoded for 5 steps."""
-    fast = DecodeWeights.prepare(model)
+    fast = DecodeWeights.prepare(model, blocks=blocks)
     assert fast is not None
     torch.manual_seed(1)
     B, P = 3, 9

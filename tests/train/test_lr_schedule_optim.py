@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train.lr_schedule import SchedConfig, lr_at
@@ -85,8 +86,9 @@ def test_unknown_optimizer_is_rejected_with_allowed_names() -> None:
 
 
 def test_muon_step_matches_torch_muon_and_adamw_keeps_the_rest() -> None:
-    """lmforge's Muon takes torch.optim.Muon's step on the block matrices and AdamW's on the
-    head, embeddings and norms (Newton-Schulz in bf16 as torch runs it, to compare exactly)."""
+    """lmforge's Muon takes torch.optim.Muon's step on the block matrices (q, k and v of the
+    fused projection as three matrices) and AdamW's on the head, embeddings and norms
+    (Newton-Schulz in bf16 as torch runs it, to compare exactly)."""
     torch.manual_seed(0)
     cfg = DecoderConfig(
         arch="llama", vocab_size=40, context_length=8, n_layer=1, n_head=2, d_model=16
@@ -102,9 +104,19 @@ def test_muon_step_matches_torch_muon_and_adamw_keeps_the_rest() -> None:
     optimizer.ns_dtype = torch.bfloat16
     optimizer.step()
     named = dict(reference.named_parameters())
-    matrices = [p for n, p in named.items() if ".attn." in n or ".mlp." in n]
+    matrices = [p for n, p in named.items() if (".attn." in n or ".mlp." in n) and "qkv" not in n]
+    # q, k and v as the separate Linears torch's Muon would see (the fused rows are q, k, v)
+    qkv = reference.blocks[0].attn.qkv.weight
+    pieces = [nn.Parameter(w.detach().clone()) for w in qkv.split(16)]
+    for piece, grad in zip(pieces, qkv.grad.split(16), strict=True):
+        piece.grad = grad.clone()
     others = [p for n, p in named.items() if "norm" in n or "emb" in n]
-    torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+    muon = torch.optim.Muon(
+        matrices + pieces, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"
+    )
+    muon.step()
+    with torch.no_grad():
+        qkv.copy_(torch.cat(pieces))
     groups = [
         {"params": [reference.lm_head.weight], "weight_decay": 0.1},  # untied head: decayed
         {"params": others, "weight_decay": 0.0},
