@@ -78,6 +78,11 @@ def test_serve_command_binds_localhost_and_answers(tiny_ckpt: Path) -> None:
                 assert time.monotonic() < deadline, "lmforge serve did not answer within 60 s"
                 time.sleep(0.2)
         assert r.json()["data"][0]["id"] == "tiny-chat"
+        # the command decodes on its main thread (Engine.start says why): a completion comes back
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       headers={"Authorization": "Bearer k"},
+                       json={"model": "default", "prompt": "ab", "max_tokens": 4})  # fmt: skip
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
         # 127.0.0.1 only: the port is not open on the machine's other addresses
         other = socket.gethostbyname(socket.gethostname())
         if not other.startswith("127."):
@@ -85,7 +90,8 @@ def test_serve_command_binds_localhost_and_answers(tiny_ckpt: Path) -> None:
                 httpx.get(f"http://{other}:{port}/health")
     finally:
         proc.terminate()
-        proc.wait(20)
+        code = proc.wait(20)
+    assert code == 0, proc.stdout.read().decode()  # SIGTERM: a clean shutdown, as Ctrl-C
 
 
 def test_serve_command_errors_name_the_problem(tmp_path: Path, capsys) -> None:

@@ -11,7 +11,9 @@ makes every /v1 route ask for it. See docs/serving.md.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from pydantic import Field
@@ -56,7 +58,7 @@ def model_id(checkpoint: str | Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def build_app(cfg: ServeConfig):  # -> FastAPI (imported lazily: the serve extra)
+def build_app(cfg: ServeConfig, engine_thread: bool = True):  # -> FastAPI (lazy: serve extra)
     """Load the checkpoint and build the app (``serve`` runs it; tests call this directly)."""
     from lmforge.serve.app import create_app
 
@@ -84,6 +86,7 @@ def build_app(cfg: ServeConfig):  # -> FastAPI (imported lazily: the serve extra
         max_batch=cfg.max_batch,
         max_queue=cfg.max_queue,
         max_len=max_len or None,
+        engine_thread=engine_thread,
     )
 
 
@@ -91,7 +94,7 @@ def serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
-    app = build_app(cfg)
+    app = build_app(cfg, engine_thread=False)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
         log.warning("serving on %s without --api_key: anyone who can reach it can use it", cfg.host)
     # Bound here, not by uvicorn: a busy port is then a usage error that says what to do
@@ -109,4 +112,27 @@ def serve(cfg: ServeConfig) -> None:
     host, port = sock.getsockname()[:2]
     log.info("lmforge serve: http://%s:%d/v1 serving model %r; the page: http://%s:%d/",
              host, port, app.state.model_id, host, port)  # fmt: skip
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    engine = app.state.engine
+    if engine is None:  # an encoder: nothing decodes
+        server.run(sockets=[sock])
+        return
+
+    # HTTP in a thread, decoding on the main thread (Engine.start says why). The app's
+    # shutdown stops the engine's loop; Ctrl-C or SIGTERM here stops the server.
+    def http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop()  # also when the server could not start
+
+    thread = threading.Thread(target=http, name="lmforge-http", daemon=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: a clean shutdown
+    thread.start()
+    try:
+        engine.loop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -58,6 +58,7 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     max_len: int | None = None,
+    engine_thread: bool = True,
 ) -> FastAPI:
     """The app serving ``model`` as ``model_id``. A ``Decoder`` gets the completion routes
     (``chat``: its template, default ChatML; ``stop_ids``: the ids that end a reply); an
@@ -80,13 +81,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if engine is not None:
-            engine.start()
+        if engine is not None and engine_thread:
+            engine.start()  # else the caller runs engine.loop() (lmforge serve: main thread)
         try:
             yield
         finally:
             if engine is not None:
-                engine.stop()
+                engine.stop()  # also ends a loop() the caller runs
 
     app = FastAPI(title="lmforge", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine, app.state.model_id = engine, model_id
