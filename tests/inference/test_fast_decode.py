@@ -111,3 +111,18 @@ def test_both_paths_give_the_same_tokens(model: Decoder, fast_decode: bool) -> N
     ref = Engine(model, max_batch=1, fast_decode=False).run(requests)
     got = Engine(model, max_batch=3, fast_decode=fast_decode).run(requests)
     assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_quantized_models_fall_back_to_the_models_forward(arch: str) -> None:
+    """torchao's quantized weights (``lmforge compress quantize``) keep the model's own forward;
+    found by bench/compress.py: the SwiGLU gate and up were concatenated before the check."""
+    pytest.importorskip("torchao", reason="quantization needs torchao")
+    from lmforge.compress.quantize import quantize_model
+
+    model = make_model(arch, context=48).eval()
+    quantize_model(model, "int8-weight-only")
+    assert DecodeWeights.prepare(model) is None
+    sample = SampleConfig(max_new_tokens=6, temperature=0.0, top_k=None)
+    requests = [Request([3, 1, 4], sample), Request([9], sample)]
+    assert len(Engine(model).run(requests)[0].token_ids) == 6

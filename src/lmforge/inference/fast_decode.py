@@ -169,23 +169,17 @@ class DecodeWeights:
                     return None
                 attn, mlp = block.attn, block.mlp
                 if type(mlp) is SwiGLUMLP:
-                    linears = [attn.qkv, attn.proj, mlp.gate, mlp.up, mlp.proj]
-                    up, act, approximate = (
-                        _transposed(mlp.gate, mlp.up, blocks=blocks),
-                        mlp.act,
-                        "none",
-                    )
+                    ins = [mlp.gate, mlp.up]
+                    act, approximate = mlp.act, "none"
                 elif type(mlp) is GeluMLP:
-                    linears = [attn.qkv, attn.proj, mlp.fc, mlp.proj]
-                    up, act, approximate = (
-                        _transposed(mlp.fc, blocks=blocks),
-                        mlp.act,
-                        mlp.approximate,
-                    )
+                    ins = [mlp.fc]
+                    act, approximate = mlp.act, mlp.approximate
                 else:
                     return None
-                if not all(_plain_linear(lin) for lin in linears):
+                # before any weight is touched: a quantized weight cannot even be concatenated
+                if not all(_plain_linear(lin) for lin in [attn.qkv, attn.proj, *ins, mlp.proj]):
                     return None
+                up = _transposed(*ins, blocks=blocks)
                 layers.append(
                     _Layer(
                         _norm(block.norm1),
