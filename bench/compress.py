@@ -206,6 +206,9 @@ def time_variants(
                 out = generate_batch(model, [prompt], max_new_tokens=new_tokens)[0]
                 rate = len(out) / (time.perf_counter() - t0)
             else:
+                # the same 9 tokens for every variant: a run folder's tokenizer.json may pad
+                # to the training length (128), a compressed folder's does not
+                tok.no_padding()
                 ids = tok.encode("my parcel never arrived and nobody answers").ids
                 x = torch.tensor([ids])
                 with torch.no_grad():

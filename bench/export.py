@@ -140,7 +140,7 @@ def main() -> None:
     with torch.inference_mode():
         ref = model(ids).numpy()
     diff = float(np.abs(full.run(None, {"input_ids": ids.numpy()})[0] - ref).max())
-    prompt = checks.prompt_ids(tok)
+    prompt = checks.prompt_ids(tok, cfg.context_length)
     want = checks.source_greedy(model, prompt)
     got = ox.onnx_greedy(past, prompt, checks.N_TOKENS, cfg.n_layer, cfg.kv_heads,
                          cfg.d_model // cfg.n_head)  # fmt: skip
