@@ -33,11 +33,9 @@ def eval_mode(model: nn.Module, grad: bool = False, inference: bool = False) -> 
     # batch 1), although the engine's model is already in eval mode at every step.
     was_training = model.training
     switched = [m for m in model.modules() if m.training]
+    # a module with its own train() (e.g. frozen norms) must see the calls
     own_train = any(type(m).train is not nn.Module.train for m in switched)
-    if own_train:
-        model.eval()  # a module with its own train() (e.g. frozen norms) must see the call
-    for m in switched if not own_train else ():
-        object.__setattr__(m, "training", False)
+    _set_training(model, switched, False, own_train)
     if inference:
         context = torch.inference_mode()
     else:
@@ -46,7 +44,12 @@ def eval_mode(model: nn.Module, grad: bool = False, inference: bool = False) -> 
         with context:
             yield model
     finally:
-        if own_train:
-            model.train(was_training)
-        for m in switched if not own_train else ():
-            object.__setattr__(m, "training", True)
+        _set_training(model, switched, was_training, own_train)
+
+
+def _set_training(model: nn.Module, switched: list[nn.Module], mode: bool, own_train: bool) -> None:
+    if own_train:
+        model.train(mode)
+    else:
+        for m in switched:
+            object.__setattr__(m, "training", mode)

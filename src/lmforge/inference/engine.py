@@ -241,10 +241,8 @@ class Engine:
     # ---- the background thread (server) -------------------------------------------------------
 
     def start(self) -> None:
-        """Decode in a daemon thread until ``stop()``. ``lmforge serve`` runs ``loop()`` on
-        the main thread instead: torch's OpenMP parallel regions started from another thread
-        ran ~1.5x slower here (measured: a batch-1 SmolLM2 request at 13–15 against 20–22
-        tokens/s, 2 threads)."""
+        """Decode in a daemon thread until ``stop()``. ``lmforge serve`` runs ``loop()`` on the
+        main thread instead: torch ran ~1.5x slower from another thread (docs/serving.md)."""
         self._thread = threading.Thread(target=self.loop, name="lmforge-engine", daemon=True)
         self._thread.start()
 

@@ -273,10 +273,7 @@ def prefill_logits(
     head at the other positions: idx (B, T) → logits (B, V). A 200-token prompt's head alone
     is 200 x 576 x 49152 multiply-adds for SmolLM2, which the engine never reads."""
     B, T = idx.shape
-    if start_pos + T > model.cfg.context_length:
-        raise ValueError(
-            f"sequence of {start_pos + T} tokens exceeds context_length {model.cfg.context_length}"
-        )
+    model.check_length(start_pos + T)
     doc_mask = positions = None
     if attention_mask is not None:
         doc_mask, positions = padded_attention(attention_mask, T)  # (B, 1, T, S), (B, T)

@@ -19,7 +19,7 @@ from lmforge.checkpoint.manifest import read_json_object
 from lmforge.config import validate_config
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import CheckpointError
-from lmforge.interop.key_map import KeyMap, Source, export_by_key_map
+from lmforge.interop.key_map import KeyMap, Source, export_by_key_map, load_by_key_map
 from lmforge.interop.safetensors_folder import read_tensors, weight_files, write_hf_folder
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
@@ -263,21 +263,8 @@ def load_hf_seq2seq(folder: str | Path) -> tuple[Seq2Seq, Tokenizer | None]:
     used = {n for src in km.values() for n in src.names}
     # tied copies, encoder/decoder embed_tokens, and position ids are not weights of their own
     ignorable = ("lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-    extra = [n for n in tensors if n not in used and not n.endswith(ignorable)]
-    if extra:
-        raise CheckpointError(
-            f"{folder}: {len(extra)} tensors lmforge has no place for: {extra[:5]}"
-        )
-    if missing := sorted(n for n in used if n not in tensors):
-        raise CheckpointError(f"{folder}: {len(missing)} tensors missing, e.g. {missing[:5]}")
-    state = {}
-    for ours, src in km.items():
-        parts = [tensors[n].float() for n in src.names]
-        state[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: weights do not fit its config.json: {e}") from None
+    tensors = {n: t for n, t in tensors.items() if n in used or not n.endswith(ignorable)}
+    load_by_key_map(model, km, tensors, str(folder))
     tok = folder / "tokenizer.json"
     return model, load_tokenizer(tok) if tok.is_file() else None
 

@@ -277,6 +277,13 @@ class Decoder(nn.Module):
                 std = residual_std if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
+    def check_length(self, n: int) -> None:
+        """A ValueError when ``n`` positions exceed the context the model was built for."""
+        if n > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {n} tokens exceeds context_length {self.cfg.context_length}"
+            )
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -293,10 +300,7 @@ class Decoder(nn.Module):
         the new positions: batched generation of prompts of different lengths (each row as alone).
         """
         B, T = idx.shape
-        if start_pos + T > self.cfg.context_length:
-            raise ValueError(
-                f"sequence of {start_pos + T} tokens exceeds context_length {self.cfg.context_length}"
-            )
+        self.check_length(start_pos + T)
         doc_mask = positions = None
         if segments is not None:
             doc_mask, positions = packed_attention(segments)  # (B, 1, T, T), (B, T)
