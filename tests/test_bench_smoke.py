@@ -23,8 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ["bench/export.py", "--model", "demo", "--quick", "--threads", "1"],
         ["bench/augment.py", "--seeds", "1", "--steps", "20", "--out", "{tmp}/augment.json"],
+        # every patched speedrun lever at once, two steps (bench/speedrun.py runs them this way)
+        [
+            "bench/speedrun_patches.py",
+            "softcap",
+            "zero_proj",
+            "relu2",
+            "adamw_lr_scale",
+            "--",
+            "pretrain",
+            "--out_dir={tmp}/run",
+            "--train.max_steps=2",
+            "--train.eval_every=2",
+            "--optim.name=muon",
+            "--model.mlp=gelu",
+            "--model.d_ff=1024",
+            "--sample.max_new_tokens=1",
+            "--train.num_threads=1",
+        ],
     ],
-    ids=["export", "augment"],
+    ids=["export", "augment", "speedrun_patches"],
 )
 def test_bench_quick_mode_runs(args: list[str], tmp_path: Path) -> None:
     args = [a.format(tmp=tmp_path) for a in args]

@@ -1,0 +1,99 @@
+"""Speedrun levers that are not lmforge options: each is patched in, then `lmforge pretrain` runs.
+
+    python bench/speedrun_patches.py PATCH [PATCH ...] -- pretrain --out_dir=... [overrides]
+
+``bench/speedrun.py`` runs its patched rows through this file, so the lever table stays
+reproducible without shipping an option for every lever that did not pay off. A lever that wins
+becomes a real option (as QK-norm did) and leaves this file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's lmforge
+from lmforge.models import decoder, layers
+from lmforge.train import optim
+
+
+def softcap(cap: float = 15.0) -> None:
+    """Logits → cap · tanh(logits / cap) (modded-nanogpt; Gemma 2)."""
+    forward = decoder.Decoder.forward
+
+    def capped(self, *args, **kwargs):
+        return cap * torch.tanh(forward(self, *args, **kwargs) / cap)
+
+    decoder.Decoder.forward = capped
+
+
+def zero_proj() -> None:
+    """Residual projections (attention and MLP ``proj``) start at zero (modded-nanogpt)."""
+    reset = decoder.Decoder.reset_parameters
+
+    def reset_then_zero(self) -> None:
+        reset(self)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("blocks") and name.endswith("proj.weight"):
+                    p.zero_()
+
+    decoder.Decoder.reset_parameters = reset_then_zero
+
+
+def relu2() -> None:
+    """The GELU MLP's activation becomes relu(x)² (modded-nanogpt). Run with
+    ``--model.mlp=gelu --model.d_ff=1024``: two matrices of the SwiGLU's parameter count."""
+    init = layers.GeluMLP.__init__
+
+    def init_relu2(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        self.act = lambda h: F.relu(h).square()
+
+    layers.GeluMLP.__init__ = init_relu2
+
+
+def adamw_lr_scale() -> None:
+    """Muon's inner AdamW (embeddings, norm gains) at ``ADAMW_LR_SCALE`` (default 3) × lr."""
+    scale = float(os.environ.get("ADAMW_LR_SCALE", "3"))
+    step = optim.MuonWithAdamW.step
+
+    def scaled_step(self, closure: object = None) -> None:
+        groups = self.adamw.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] *= scale
+        try:
+            step(self, closure)
+        finally:
+            for g, lr in zip(groups, saved, strict=True):
+                g["lr"] = lr
+
+    optim.MuonWithAdamW.step = scaled_step
+
+
+PATCHES = {"softcap": softcap, "zero_proj": zero_proj, "relu2": relu2,
+           "adamw_lr_scale": adamw_lr_scale}  # fmt: skip
+
+
+def main() -> None:
+    if "--" not in sys.argv:
+        raise SystemExit(__doc__)
+    split = sys.argv.index("--")
+    names, command = sys.argv[1:split], sys.argv[split + 1 :]
+    unknown = [n for n in names if n not in PATCHES]
+    if unknown:
+        raise SystemExit(f"unknown patch {unknown}: choose from {', '.join(PATCHES)}")
+    for name in names:
+        PATCHES[name]()
+    from lmforge.cli import main as lmforge_main
+
+    raise SystemExit(lmforge_main(command))
+
+
+if __name__ == "__main__":
+    main()
