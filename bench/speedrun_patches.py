@@ -1,6 +1,8 @@
 """Speedrun levers that are not lmforge options: each is patched in, then `lmforge pretrain` runs.
 
-    python bench/speedrun_patches.py PATCH [PATCH ...] -- pretrain --out_dir=... [overrides]
+    python bench/speedrun_patches.py PATCH[=VALUE] [...] -- pretrain --out_dir=... [overrides]
+
+VALUE is the patch's one number, where it has one (``softcap=30``, ``adamw_lr_scale=10``).
 
 ``bench/speedrun.py`` runs its patched rows through this file, so the lever table stays
 reproducible without shipping an option for every lever that did not pay off. A lever that wins
@@ -9,7 +11,6 @@ becomes a real option (as QK-norm did) and leaves this file.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -57,9 +58,8 @@ def relu2() -> None:
     layers.GeluMLP.__init__ = init_relu2
 
 
-def adamw_lr_scale() -> None:
-    """Muon's inner AdamW (embeddings, norm gains) at ``ADAMW_LR_SCALE`` (default 3) × lr."""
-    scale = float(os.environ.get("ADAMW_LR_SCALE", "3"))
+def adamw_lr_scale(scale: float = 3.0) -> None:
+    """Muon's inner AdamW (embeddings, norm gains) at ``scale`` × lr."""
     step = optim.MuonWithAdamW.step
 
     def scaled_step(self, closure: object = None) -> None:
@@ -84,12 +84,15 @@ def main() -> None:
     if "--" not in sys.argv:
         raise SystemExit(__doc__)
     split = sys.argv.index("--")
-    names, command = sys.argv[1:split], sys.argv[split + 1 :]
-    unknown = [n for n in names if n not in PATCHES]
+    patches, command = [a.partition("=") for a in sys.argv[1:split]], sys.argv[split + 1 :]
+    unknown = [name for name, _, _ in patches if name not in PATCHES]
     if unknown:
         raise SystemExit(f"unknown patch {unknown}: choose from {', '.join(PATCHES)}")
-    for name in names:
-        PATCHES[name]()
+    for name, _, value in patches:
+        try:
+            PATCHES[name](*([float(value)] if value else []))
+        except (TypeError, ValueError):
+            raise SystemExit(f"patch {name}={value}: {PATCHES[name].__doc__}") from None
     from lmforge.cli import main as lmforge_main
 
     raise SystemExit(lmforge_main(command))

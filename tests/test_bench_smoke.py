@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
         # every patched speedrun lever at once, two steps (bench/speedrun.py runs them this way)
         [
             "bench/speedrun_patches.py",
-            "softcap",
+            "softcap=30",
             "zero_proj",
             "relu2",
-            "adamw_lr_scale",
+            "adamw_lr_scale=10",
             "--",
             "pretrain",
             "--out_dir={tmp}/run",

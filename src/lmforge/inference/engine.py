@@ -4,17 +4,15 @@
 all decode through ``Engine``. Requests join and leave between decoding steps; each has its
 own sampling settings, seed, stop strings, stop ids and token budget.
 
-How rows share one cache (no model changes needed): every active row occupies one batch slot
-of a (slots, n_kv_head, width, head_dim) cache per layer, and all rows end at the same column
-``ptr`` — a row that joins is right-aligned there (left padding), exactly the layout of a
-left-padded batch. ``Decoder.forward``'s ``attention_mask`` then gives each row its own
-positions and hides the columns before its ``start``, so a row is computed as if alone
-(tests/inference/test_engine.py checks the tokens). The requests joining at one step are
-prefilled together, left-padded among themselves, straight into their slots' columns; a row
-that leaves is replaced by the last slot (swap-remove) so the active rows stay the first ``n`` slots and a step touches only them. Columns no active
-row uses are dropped by shifting left ("compaction") when space is needed, or when it lets
-every row start at column 0: then no mask is needed and a lone request takes the very path
-``generate_tokens`` takes.
+How rows share one cache: each active row holds one batch slot of a per-layer (slots,
+n_kv_head, width, head_dim) cache, and all rows end at the same column ``ptr`` (a joining row is
+right-aligned there: the layout of a left-padded batch). ``Decoder.forward``'s
+``attention_mask`` gives each row its own positions and hides the columns before its ``start``,
+so a row is computed as if alone (tests/inference/test_engine.py). Rows joining at one step are
+prefilled together into their slots; a leaving row is replaced by the last slot (swap-remove),
+so the active rows are the first ``n`` slots and a step touches only them. Unused columns are
+dropped by shifting left ("compaction") when space is needed, or when every row can then start
+at column 0: no mask is needed then, and a lone request takes ``generate_tokens``'s path.
 
 Hand-written rather than vLLM/TGI: those are CUDA servers that do not load lmforge models;
 this is the scheduler of a few hundred lines that the CPU and ``Decoder`` need. The forward
