@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -129,6 +130,7 @@ class StepClock:
             self.peak = self.tracker.peak_breakdown("cpu")
             self.tracker = None
         if self.track_memory and i == MEMORY_STEP:
+            gc.collect()  # as plan.tracker.track_peak: no cycle collected mid-step skews the peak
             self.tracker = LiveTensorTracker()
             self.tracker.track_external(model, optimizer)
             self.tracker.__enter__()

@@ -112,10 +112,10 @@ def build(c: dict) -> tuple[DecoderConfig, Decoder]:
     model = Decoder(cfg).to(dtype=weight_dtype(c["prec"]))
     model.activation_checkpointing = c["ac"]
     if c["method"] == "lora":
-        from lmforge.models.lora import LoraConfig, apply_lora
+        from lmforge.models.lora import LoraConfig, prepare_model
 
         targets = [LORA_TARGETS[t] for t in c["targets"]]
-        apply_lora(model, LoraConfig(rank=8, targets=targets))
+        model = prepare_model(model, "lora", LoraConfig(rank=8, targets=targets))
     return cfg, model
 
 

@@ -66,6 +66,9 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("E + AdamW (embeddings, norms) at 3x lr", ["patch:adamw_lr_scale"]),
     ("E + AdamW (embeddings, norms) at 10x lr", ["patch:adamw_lr_scale=10"]),
     ("E + ReLU^2 MLP (1024 wide)", ["patch:relu2", "--model.mlp=gelu", "--model.d_ff=1024"]),
+    ("E + value residual 0.5", ["patch:value_residual"]),
+    ("E + Newton-Schulz 3 iterations", ["patch:ns_steps=3"]),
+    ("E + dropout 0.1", ["--model.dropout=0.1"]),
 ]  # fmt: skip
 
 

@@ -76,8 +76,41 @@ def adamw_lr_scale(scale: float = 3.0) -> None:
     optim.MuonWithAdamW.step = scaled_step
 
 
+def value_residual(mix: float = 0.5) -> None:
+    """Every layer after the first attends with values (1 - mix) · v + mix · v₁, v₁ the first
+    layer's values at the same positions (ResFormer, Zhou et al. 2024; modded-nanogpt's value
+    embeddings are a relative)."""
+    forward, attend = decoder.Decoder.forward, layers.attend
+    first: list[torch.Tensor] = []  # the first block's values of the running forward
+
+    def forward_fresh(self, *args, **kwargs):
+        first.clear()
+        return forward(self, *args, **kwargs)
+
+    def attend_mixed(q, k, v, *args, **kwargs):
+        if not first:
+            first.append(v)
+        elif first[0].shape == v.shape:
+            v = torch.lerp(v, first[0], mix)
+        return attend(q, k, v, *args, **kwargs)
+
+    decoder.Decoder.forward = forward_fresh
+    layers.attend = attend_mixed
+
+
+def ns_steps(steps: float = 3) -> None:
+    """Muon's Newton-Schulz iteration runs ``steps`` times instead of 5 (each is 3 matmuls)."""
+    newton_schulz = optim.newton_schulz
+
+    def fewer(grad: torch.Tensor, dtype: torch.dtype, steps_: int = int(steps)) -> torch.Tensor:
+        return newton_schulz(grad, dtype, steps_)
+
+    optim.newton_schulz = fewer
+
+
 PATCHES = {"softcap": softcap, "zero_proj": zero_proj, "relu2": relu2,
-           "adamw_lr_scale": adamw_lr_scale}  # fmt: skip
+           "adamw_lr_scale": adamw_lr_scale, "value_residual": value_residual,
+           "ns_steps": ns_steps}  # fmt: skip
 
 
 def main() -> None:

@@ -191,3 +191,44 @@ def test_fused_lora_falls_back_to_peft_where_it_does_not_apply() -> None:
     assert layer._fusable() is None
     layer.enable_adapters(True)
     assert layer._fusable() == "default"
+
+
+def _saved_bytes_and_grads(model: Decoder, x: torch.Tensor) -> tuple[int, dict]:
+    """Bytes of the distinct storages autograd holds for backward after one forward (the
+    graph kept alive by the loss), and the adapters' gradients of that step."""
+    from lmforge.plan.tracker import track_peak
+
+    model.train().zero_grad(set_to_none=True)
+    with track_peak(model) as peak:
+        model(x).float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return peak["Activation"], grads
+
+
+def test_lean_lora_blocks_give_the_same_gradients_with_less_memory() -> None:
+    """``prepare_model``'s LoRA model rebuilds its norm outputs in backward and, in plain
+    LoRA, forms the SwiGLU product inside the down adapter: bit-identical gradients, and the
+    saved bytes drop by what the two changes leave out (fp32, batch 4 x 32, width 32, d_ff 96:
+    the three norm outputs whose input is saved anyway, and two (N, d_ff) products a block)."""
+    from lmforge.models.lora import prepare_model
+
+    x = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+    lean = prepare_model(tiny(), "lora", LoraConfig(rank=4, alpha=8))
+    randomise_adapters(lean)
+    assert lean.rebuild_norm_outputs
+    plain = copy.deepcopy(lean)
+    plain.rebuild_norm_outputs = False
+    for m in plain.modules():  # the down adapters take the eager SwiGLU path
+        if hasattr(m, "gated_forward"):
+            m.gated_forward = None
+    lean_bytes, lean_grads = _saved_bytes_and_grads(lean, x)
+    plain_bytes, plain_grads = _saved_bytes_and_grads(plain, x)
+    assert lean_grads.keys() == plain_grads.keys() and lean_grads
+    for n in lean_grads:
+        assert torch.equal(lean_grads[n], plain_grads[n]), n
+    n_tok, d, d_ff, layers = 4 * 32, 32, lean.cfg.ff_width, lean.cfg.n_layer
+    norms = (2 * layers - 1) * n_tok * d * 4  # block 0's first norm: its input is kept instead
+    products = 2 * layers * n_tok * d_ff * 4
+    assert plain_bytes - lean_bytes == pytest.approx(norms + products, rel=0.02)
+    dora = prepare_model(tiny(), "dora", LoraConfig(rank=4, alpha=8))
+    assert not dora.rebuild_norm_outputs  # measured: its rebuilt outputs outlive their use

@@ -2,7 +2,8 @@
 batch never changes, precision and method change only when allowed and only when needed, a plan
 that cannot fit says what it needs and what to allow, ``finetune --train.memory_budget`` applies
 the plan; a fine-tune preset's model comes from its base (or --model), its adapters from
-lora.targets under lmforge's module names; freeze and DoRA estimates match measured bytes."""
+lora.targets under lmforge's module names; freeze and DoRA estimates match measured bytes;
+the LoRA block's savings are estimated as measured."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from lmforge.errors import ConfigError
 from lmforge.interop.hf import config_from_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.plan.autofit import apply_memory_budget, plan_fit, train_workload
-from lmforge.plan.estimate import GiB, Workload, estimate, lora_terms, parse_bytes
+from lmforge.plan.estimate import GiB, PeerPractice, Workload, estimate, lora_terms, parse_bytes
 from lmforge.plan.tracker import track_peak
 from lmforge.train.loop import TrainConfig, accumulate_gradients
 from lmforge.train.optim import OptimConfig, build_optimizer
@@ -285,3 +286,48 @@ def test_a_budget_that_is_not_a_size_names_the_flag_and_the_accepted_forms(tmp_p
         apply_memory_budget(train, w, cfg, "cpu", tmp_path)
     with pytest.raises(ValueError, match="not a memory size"):
         parse_bytes("lots")
+
+
+def test_lean_lora_blocks_save_what_the_estimate_says() -> None:
+    """lmforge's LoRA blocks rebuild their norm outputs and form the SwiGLU product inside the
+    down adapter (``PeerPractice.lean_lora_blocks``): the estimate drops what the measured peak
+    drops, to one norm output (block 0's first norm keeps its input instead)."""
+    pytest.importorskip("peft", reason="LoRA comes from peft")
+    from lmforge.models.lora import LoraConfig, prepare_model
+
+    cfg = DecoderConfig(
+        arch="llama", vocab_size=512, context_length=64, n_layer=4, n_head=4, n_kv_head=2,
+        d_model=128,
+    )  # fmt: skip
+    lc = LoraConfig(rank=8)  # every linear of the blocks, the down projection too
+
+    def measured(lean: bool) -> int:
+        torch.manual_seed(0)
+        model = prepare_model(Decoder(cfg), "lora", lc)
+        model.rebuild_norm_outputs = lean
+        if not lean:
+            for m in model.modules():  # the down adapters take the eager SwiGLU path
+                if hasattr(m, "gated_forward"):
+                    m.gated_forward = None
+        opt = build_optimizer(model, OptimConfig())
+
+        def step() -> None:
+            xy = (torch.randint(0, 512, (4, 64)), torch.randint(0, 512, (4, 64)))
+            accumulate_gradients(model, [xy], "fp32", torch.device("cpu"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        with track_peak(model, opt) as peak:
+            step()
+        return peak["Total"]
+
+    w = Workload(batch=4, seq=64, method="lora", lora_rank=8, lora_targets=lora_terms(lc.targets))
+    lean_estimate = estimate(cfg, w).peak
+    plain_estimate = estimate(cfg, w, PeerPractice(lean_lora_blocks=False)).peak
+    one_norm_output = 4 * 64 * cfg.d_model * 4
+    saved_measured = measured(False) - measured(True)
+    assert saved_measured > 0.25 * lean_estimate  # 4.1 of 14.0 MB here
+    assert plain_estimate - lean_estimate == pytest.approx(
+        saved_measured + one_norm_output, rel=0.02
+    )

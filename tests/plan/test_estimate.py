@@ -98,6 +98,7 @@ LITGPT = PeerPractice(
     loss_chunks=11,  # litgpt lm_head_chunk_size=128 over the longest Alpaca sample
     loss_upcast=True,  # its loss upcasts each chunk's logits to fp32
     logits_in_backward=True,  # its finetune loop holds the logits through backward
+    lean_lora_blocks=False,  # its LoRA blocks keep norm outputs and the SwiGLU product
 )
 LITGPT_QLORA = replace(LITGPT, quantize_head=True)  # its bnb plugin quantises the head too
 TT = dict(batch=2, seq=2048, precision="bf16", device="cuda", checkpointing="full")
@@ -105,6 +106,7 @@ TORCHTUNE = PeerPractice(
     loss_chunks=8,
     loss_fused=True,  # CEWithChunkedOutputLoss, compiled
     loss_upcast=True,  # each chunk upcast to fp32 for F.cross_entropy
+    lean_lora_blocks=False,
 )  # logits_in_backward=False (the default): its recipes `del logits` before calling backward
 TT_LORA = ("q", "v", "o", "gate", "up", "down")
 PUBLIC = [  # (name, HF config, workload, the peer's loop practice, reported bytes)

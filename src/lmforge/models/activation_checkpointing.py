@@ -6,6 +6,10 @@ still runs under ``torch.utils.checkpoint``, but a policy keeps the outputs of t
 (matmuls and the attention kernel) and backward reruns only the cheap ones in between (norms,
 activations, RoPE, softmax, dropout, residual adds, dtype casts) from those saved outputs.
 
+``rebuilt_in_backward`` is the smallest case, used without ``checkpoint``: a LoRA block's norm
+outputs are saved only as the adapters' inputs, while the norm keeps its own input anyway, so
+backward can rerun the norm (one pointwise pass) instead of holding its output.
+
 Why this split: the pointwise ops hold most of a block's saved bytes (a GELU or SwiGLU block
 keeps 2-4 tensors of hidden width for them, norms keep their input and output, RoPE its halves)
 but cost O(B·T·d) FLOPs, while the matmuls cost O(B·T·d²) and attention O(B·T²·d). Saving the
@@ -15,7 +19,8 @@ time; full checkpointing saves more memory but recomputes the whole forward (+1/
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Literal
 
@@ -75,3 +80,44 @@ def run_block(
         context = partial(create_selective_checkpoint_contexts, selective_policy(not dropout))
         return checkpoint(block, *args, use_reentrant=False, context_fn=context)
     raise ValueError(f"activation checkpointing must be none, selective or full (got {mode!r})")
+
+
+class _Rebuild:
+    """A saved tensor stored as how to make it again: ``rebuild()`` viewed as the saved view."""
+
+    def __init__(self, rebuild: Callable[[], torch.Tensor], like: torch.Tensor) -> None:
+        self.rebuild = rebuild
+        self.size, self.stride, self.offset = like.size(), like.stride(), like.storage_offset()
+
+    def materialize(self, cache: list) -> torch.Tensor:
+        if not cache:  # several ops may save the same output (gate and up): rebuild it once
+            with torch.no_grad():
+                cache.append(self.rebuild())
+        return cache[0].as_strided(self.size, self.stride, self.offset)
+
+
+@contextlib.contextmanager
+def rebuilt_in_backward(
+    output: torch.Tensor, rebuild: Callable[[], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, an op that saves ``output`` (or a view of it) for backward saves a
+    recipe instead, and backward calls ``rebuild()`` (which must return the same values with
+    the same layout, e.g. the norm that made ``output`` applied to its input again).
+
+    Only worth it when ``rebuild`` keeps nothing alive that backward did not keep anyway (a
+    norm's input is saved by the norm itself). Not for use under ``checkpoint`` or autocast
+    (their own saved-tensor handling and casts): ``Block`` calls it only without them."""
+    # the address and dtype only: the hooks must not keep ``output`` itself alive
+    storage, dtype = output.untyped_storage().data_ptr(), output.dtype
+    cache: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor | tuple[_Rebuild, list]:
+        if t.untyped_storage().data_ptr() == storage and t.dtype == dtype:
+            return _Rebuild(rebuild, t), cache
+        return t
+
+    def unpack(saved: torch.Tensor | tuple[_Rebuild, list]) -> torch.Tensor:
+        return saved if isinstance(saved, torch.Tensor) else saved[0].materialize(saved[1])
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

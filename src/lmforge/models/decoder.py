@@ -221,6 +221,9 @@ class Decoder(nn.Module):
             )
         self.cfg = cfg
         self.activation_checkpointing: Checkpointing = "none"  # training only; see run_block
+        # Backward reruns the block norms instead of keeping their outputs (Block.forward); set
+        # by models/lora.prepare_model: with frozen linears only the adapters need them.
+        self.rebuild_norm_outputs = False
         hd = cfg.d_model // cfg.n_head
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = (
@@ -317,7 +320,8 @@ class Decoder(nn.Module):
             else:
                 mode = self.activation_checkpointing if self.training else "none"
                 drop = self.cfg.dropout > 0
-                x = run_block(block, mode, x, 0, None, doc_mask, positions, dropout=drop)
+                rebuild = self.rebuild_norm_outputs and mode == "none"  # see Block.forward
+                x = run_block(block, mode, x, 0, None, doc_mask, positions, rebuild, dropout=drop)
         return self.lm_head(self.norm_f(x))
 
     def new_kv_caches(

@@ -6,6 +6,7 @@ file composes them explicitly (torchtune style) and tests can build one layer al
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmforge.models.activation_checkpointing import rebuilt_in_backward
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
@@ -366,7 +369,13 @@ class SwiGLUMLP(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(self.act(self.gate(x)) * self.up(x)))
+        gate, up = self.gate(x), self.up(x)
+        # A LoRA-adapted down projection (models/fused_lora.py) forms silu(gate) * up itself
+        # and saves only gate and up for backward, not the two (N, d_ff) products as well.
+        gated = getattr(self.proj, "gated_forward", None)
+        if gated is not None and self.act is F.silu:
+            return self.drop(gated(gate, up))
+        return self.drop(self.proj(self.act(gate) * up))
 
 
 def make_mlp(kind: str, d_model: int, d_ff: int, bias: bool, dropout: float) -> nn.Module:
@@ -393,10 +402,29 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         doc_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        rebuild_norms: bool = False,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), start_pos, cache, doc_mask=doc_mask, positions=positions)
-        x = x + self.mlp(self.norm2(x))
-        return x
+        """``rebuild_norms``: backward reruns the two norms instead of keeping their outputs
+        (``rebuilt_in_backward``): the Decoder asks for it in LoRA training, where those
+        outputs are saved only as the adapters' inputs (8 bytes per token and width, fp32)."""
+        h = self.norm1(x)
+        with self._norm_rebuilt(rebuild_norms, h, self.norm1, x):
+            a = self.attn(h, start_pos, cache, doc_mask=doc_mask, positions=positions)
+        x = x + a
+        h = self.norm2(x)
+        with self._norm_rebuilt(rebuild_norms, h, self.norm2, x):
+            m = self.mlp(h)
+        return x + m
+
+    @staticmethod
+    def _norm_rebuilt(
+        rebuild: bool, h: torch.Tensor, norm: nn.Module, x: torch.Tensor
+    ) -> contextlib.AbstractContextManager:
+        if not rebuild or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        if torch.is_autocast_enabled(x.device.type):  # the adapters save cast copies, not h
+            return contextlib.nullcontext()
+        return rebuilt_in_backward(h, lambda: norm(x))
 
 
 def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

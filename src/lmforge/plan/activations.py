@@ -59,11 +59,17 @@ def _dropout_mask_bytes(w: Workload) -> int:
     return tensor_widths(w).matmul_output if w.device == "cpu" else 1
 
 
-def block_activation_terms(cfg: DecoderConfig, w: Workload) -> dict[str, float]:
+def block_activation_terms(
+    cfg: DecoderConfig, w: Workload, lean_lora: bool = True
+) -> dict[str, float]:
     """Bytes one block saves for backward per micro-batch, by term.
 
     ``w.method`` decides what a frozen linear (LoRA base) no longer needs: a linear whose
     weight is frozen needs only its weight for the input gradient, not its input.
+    ``lean_lora`` (lmforge's adapters, ``PeerPractice.lean_lora_blocks``): without
+    checkpointing or autocast the norm outputs are rebuilt in backward (``Block.forward``), and
+    a plain LoRA on the SwiGLU down projection without dropout saves only gate and up
+    (``models/fused_lora.SwiGLUDownLora``).
     """
     n_tok, d_model, d_ff = w.tokens, cfg.d_model, cfg.ff_width
     batch, seq, n_head = w.batch, w.seq, cfg.n_head
@@ -82,11 +88,16 @@ def block_activation_terms(cfg: DecoderConfig, w: Workload) -> dict[str, float]:
     def input_saved(*linears: str) -> bool:  # the input of these linears is kept
         return full or bool(adapted & set(linears))
 
+    lean = lean_lora and w.method == "lora"
+    rebuilt_norms = lean and not w.mixed and w.checkpointing == "none"
+    fused_down = lean and w.lora_dropout == 0 and "down" in adapted
+
     terms: dict[str, float] = {}
     terms["residual stream (block input, mid)"] = 2 * n_tok * d_model * width.residual
     mlp_in = ("gate", "up") if cfg.mlp == "swiglu" else ("fc",)
     norm_outputs = input_saved("q", "k", "v") + input_saved(*mlp_in)
-    terms["norm outputs (linear inputs)"] = n_tok * d_model * cast_b * norm_outputs
+    if not rebuilt_norms:
+        terms["norm outputs (linear inputs)"] = n_tok * d_model * cast_b * norm_outputs
     stats = 2 if cfg.norm == "layernorm" else 1  # (mean, rstd) or rstd per norm
     stat_b = 2 if w.precision == "bf16" and cfg.norm == "layernorm" else 4
     terms["norm statistics"] = 2 * stats * n_tok * stat_b
@@ -112,7 +123,9 @@ def block_activation_terms(cfg: DecoderConfig, w: Workload) -> dict[str, float]:
             terms["rope cos/sin casts"] = 4 * seq * head_dim * 2
     if dropout:
         terms["residual dropout masks"] = 2 * n_tok * d_model * mask_b
-    if cfg.mlp == "swiglu":
+    if cfg.mlp == "swiglu" and fused_down:
+        terms["mlp gate, up"] = 2 * n_tok * d_ff * out_b
+    elif cfg.mlp == "swiglu":
         terms["mlp gate, silu, up"] = 3 * n_tok * d_ff * out_b
         terms["mlp product (down input)"] = n_tok * d_ff * out_b * input_saved("down")
     else:
@@ -171,11 +184,9 @@ def selective_activation_terms(cfg: DecoderConfig, w: Workload) -> tuple[dict[st
 
 def costliest_block_workload(w: Workload) -> Workload:
     """The workload of the most expensive block, as ``block_activation_terms`` knows methods:
-    a trained block of a freeze is a full fine-tune's; DoRA is LoRA plus ``all_blocks``' extra
-    term."""
-    if w.method == "freeze":
-        return replace(w, method="full")
-    return replace(w, method="lora") if w.method == "dora" else w
+    a trained block of a freeze is a full fine-tune's (DoRA is LoRA there, plus
+    ``all_blocks``' extra term)."""
+    return replace(w, method="full") if w.method == "freeze" else w
 
 
 def all_blocks(cfg: DecoderConfig, w: Workload, per_layer: float) -> float:

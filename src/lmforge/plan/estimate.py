@@ -213,7 +213,7 @@ def estimate(cfg: DecoderConfig, w: Workload, peer: PeerPractice = LMFORGE_PRACT
         # DDP's gradient_as_bucket_view=False keeps a second copy in its buckets
         components["DDP gradient buckets"] = components["gradients"]
 
-    block = block_activation_terms(cfg, costliest_block_workload(w))
+    block = block_activation_terms(cfg, costliest_block_workload(w), peer.lean_lora_blocks)
     per_layer = sum(block.values())
     activations = _activations(cfg, w, per_layer)
     components |= activations.saved

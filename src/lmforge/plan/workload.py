@@ -66,6 +66,9 @@ class PeerPractice:
     optimizer_in_backward: bool = False  # each gradient applied and freed as it is produced
     paged_optimizer: bool = False  # bitsandbytes paged states: managed memory, off the allocator
     quantize_head: bool = False  # QLoRA also quantises the output head (litgpt's bnb plugin)
+    lean_lora_blocks: bool = True  # lmforge: a LoRA block rebuilds its norm outputs in backward
+    # and its SwiGLU down adapter forms silu(gate)·up itself (models/fused_lora.py); peers
+    # (peft, litgpt, torchtune) keep both
 
     @property
     def upcasts_logits(self) -> bool:
