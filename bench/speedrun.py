@@ -69,6 +69,11 @@ LEVERS: list[tuple[str, list[str]]] = [
     ("E + value residual 0.5", ["patch:value_residual"]),
     ("E + Newton-Schulz 3 iterations", ["patch:ns_steps=3"]),
     ("E + dropout 0.1", ["--model.dropout=0.1"]),
+    ("E + weight decay 0.5", ["--optim.weight_decay=0.5"]),
+    ("E + weight decay 1.0", ["--optim.weight_decay=1.0"]),
+    ("E + weight decay 2.0", ["--optim.weight_decay=2.0"]),
+    ("E + value residual 0.5 + weight decay 1.0", ["patch:value_residual",
+                                                   "--optim.weight_decay=1.0"]),
 ]  # fmt: skip
 
 

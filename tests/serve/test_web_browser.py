@@ -334,7 +334,9 @@ def test_chat_streams_a_reply_with_the_sampling_controls(browser: Any) -> None:
     seen: list[dict[str, Any]] = []
     with serve_in_thread(fake_openai_app(seen, api_key="k-123")) as url:
         page, errors = open_page(browser, url)
-        assert page.locator("#view-chat").is_visible()  # no runs_dir: the chat is the page
+        # no runs_dir: the chat is the page (the script picks the view after load: wait for it;
+        # an immediate check failed once on a loaded machine)
+        page.wait_for_selector("#view-chat", state="visible")
         assert page.locator("#tab-runs").is_hidden()
         page.wait_for_selector("#chat-error:not([hidden])")  # /v1/models wants the key
         assert "API key" in page.inner_text("#chat-error")
