@@ -210,17 +210,15 @@ def test_lean_lora_blocks_give_the_same_gradients_with_less_memory() -> None:
     LoRA, forms the SwiGLU product inside the down adapter: bit-identical gradients, and the
     saved bytes drop by what the two changes leave out (fp32, batch 4 x 32, width 32, d_ff 96:
     the three norm outputs whose input is saved anyway, and two (N, d_ff) products a block)."""
+    from tests.measure import eager_lora_blocks
+
     from lmforge.models.lora import prepare_model
 
     x = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
     lean = prepare_model(tiny(), "lora", LoraConfig(rank=4, alpha=8))
     randomise_adapters(lean)
     assert lean.rebuild_norm_outputs
-    plain = copy.deepcopy(lean)
-    plain.rebuild_norm_outputs = False
-    for m in plain.modules():  # the down adapters take the eager SwiGLU path
-        if hasattr(m, "gated_forward"):
-            m.gated_forward = None
+    plain = eager_lora_blocks(copy.deepcopy(lean))
     lean_bytes, lean_grads = _saved_bytes_and_grads(lean, x)
     plain_bytes, plain_grads = _saved_bytes_and_grads(plain, x)
     assert lean_grads.keys() == plain_grads.keys() and lean_grads

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.measure import eager_lora_blocks, second_step_peak
 from tests.tiny_checkpoint import write_tiny_decoder
 
 from lmforge.cli import main
@@ -20,9 +21,8 @@ from lmforge.interop.hf import config_from_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.plan.autofit import apply_memory_budget, plan_fit, train_workload
 from lmforge.plan.estimate import GiB, PeerPractice, Workload, estimate, lora_terms, parse_bytes
-from lmforge.plan.tracker import track_peak
-from lmforge.train.loop import TrainConfig, accumulate_gradients
-from lmforge.train.optim import OptimConfig, build_optimizer
+from lmforge.train.loop import TrainConfig
+from lmforge.train.optim import OptimConfig
 
 GPT2_124M = DecoderConfig(
     arch="gpt2", vocab_size=50257, context_length=1024, n_layer=12, d_model=768, n_head=12
@@ -244,18 +244,7 @@ def test_freeze_and_dora_estimates_match_measured(method: str, lora: dict) -> No
     )  # fmt: skip
     torch.manual_seed(0)
     lc = LoraConfig(rank=8, **lora)
-    model = prepare_model(Decoder(cfg), method, lc)
-    opt = build_optimizer(model, OptimConfig())
-
-    def step() -> None:
-        xy = (torch.randint(0, 512, (4, 64)), torch.randint(0, 512, (4, 64)))
-        accumulate_gradients(model, [xy], "fp32", torch.device("cpu"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    with track_peak(model, opt) as peak:
-        step()
+    peak = second_step_peak(prepare_model(Decoder(cfg), method, lc), 4, 64)
     w = Workload(
         batch=4, seq=64, method=method, lora_rank=8, lora_targets=lora_terms(lc.targets),
         train_blocks=lc.train_blocks, train_norms=lc.train_norms,
@@ -304,23 +293,7 @@ def test_lean_lora_blocks_save_what_the_estimate_says() -> None:
     def measured(lean: bool) -> int:
         torch.manual_seed(0)
         model = prepare_model(Decoder(cfg), "lora", lc)
-        model.rebuild_norm_outputs = lean
-        if not lean:
-            for m in model.modules():  # the down adapters take the eager SwiGLU path
-                if hasattr(m, "gated_forward"):
-                    m.gated_forward = None
-        opt = build_optimizer(model, OptimConfig())
-
-        def step() -> None:
-            xy = (torch.randint(0, 512, (4, 64)), torch.randint(0, 512, (4, 64)))
-            accumulate_gradients(model, [xy], "fp32", torch.device("cpu"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        with track_peak(model, opt) as peak:
-            step()
-        return peak["Total"]
+        return second_step_peak(model if lean else eager_lora_blocks(model), 4, 64)["Total"]
 
     w = Workload(batch=4, seq=64, method="lora", lora_rank=8, lora_targets=lora_terms(lc.targets))
     lean_estimate = estimate(cfg, w).peak

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.measure import second_step_peak
 
 from lmforge.cli import main
 from lmforge.data.loader import TokenBatches
 from lmforge.interop.hf import config_from_hf
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.plan.estimate import GiB, PeerPractice, Workload, count_params, estimate
-from lmforge.plan.tracker import BudgetTracker, LiveTensorTracker, track_peak
+from lmforge.plan.tracker import BudgetTracker, LiveTensorTracker
 from lmforge.plan.workload import LMFORGE_PRACTICE
-from lmforge.train.loop import TrainConfig, accumulate_gradients, fit, split_micro_batches
+from lmforge.train.loop import TrainConfig, fit, split_micro_batches
 from lmforge.train.lr_schedule import SchedConfig
 from lmforge.train.optim import OptimConfig, build_optimizer
 
@@ -29,19 +30,7 @@ def _measured_step(cfg: DecoderConfig, precision: str, B: int, T: int, ac: str =
     torch.manual_seed(0)
     model = Decoder(cfg).to(torch.bfloat16 if precision == "bf16" else torch.float32)
     model.activation_checkpointing = ac
-    opt = build_optimizer(model, OptimConfig())
-    V = cfg.vocab_size
-
-    def step() -> None:
-        xy = (torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T)))
-        accumulate_gradients(model, [xy], precision, CPU)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    with track_peak(model, opt) as peak:
-        step()
-    return peak["Total"]
+    return second_step_peak(model, B, T, precision)["Total"]
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,36 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+def _lora_forward(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, in) → y = x2 Wᵀ + b + s · h Bᵀ (N, out) and h = x2 Aᵀ (N, r), saved for dB."""
+    h = x2 @ lora_a.t()
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+    y.addmm_(h, lora_b.t(), alpha=scaling)  # y += s · h Bᵀ, no (N, out) temporary
+    return y, h
+
+
+def _output_grads(
+    grad_y: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d y as (N, out), and d loss / d h (N, r) = s · g B."""
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    return g, (g @ lora_b).mul_(scaling)
+
+
+def _input_grad(
+    g: torch.Tensor, g_h: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor
+) -> torch.Tensor:
+    """d loss / d x2 = g W + g_h A, (N, in)."""
+    return (g @ weight).addmm_(g_h, lora_a)
+
+
 class LoraMatmuls(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x Aᵀ) Bᵀ with W, b frozen; A (r, in) and B (out, r) trainable."""
 
@@ -51,9 +81,7 @@ class LoraMatmuls(torch.autograd.Function):
     ) -> torch.Tensor:
         """x: (..., in); weight: (out, in); bias: (out,) or None → y: (..., out)."""
         x2 = x.reshape(-1, x.shape[-1])  # (N, in), a view when x is contiguous
-        h = x2 @ lora_a.t()  # (N, r)
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (N, out)
-        y.addmm_(h, lora_b.t(), alpha=scaling)  # y += s · h Bᵀ, no (N, out) temporary
+        y, h = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
@@ -64,11 +92,10 @@ class LoraMatmuls(torch.autograd.Function):
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, h, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
-        g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
-        g_h = (g @ lora_b).mul_(s)  # (N, r): d loss / d h
+        g, g_h = _output_grads(grad_y, lora_b, s)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g_h, lora_a).view(ctx.x_shape)  # (..., in)
+            grad_x = _input_grad(g, g_h, weight, lora_a).view(ctx.x_shape)  # (..., in)
         if ctx.needs_input_grad[3]:
             grad_a = g_h.t() @ x2  # (r, in)
         if ctx.needs_input_grad[4]:
@@ -93,9 +120,7 @@ class SwiGLUDownLora(torch.autograd.Function):
         """gate, up: (..., d_ff); weight: (out, d_ff) → y: (..., out)."""
         g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
         x2 = F.silu(g2).mul_(u2)  # (N, d_ff), freed when forward returns
-        h = x2 @ lora_a.t()  # (N, r)
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(h, lora_b.t(), alpha=scaling)
+        y, h = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling)
         ctx.save_for_backward(g2, u2, h, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.shape = gate.shape
@@ -106,8 +131,7 @@ class SwiGLUDownLora(torch.autograd.Function):
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         g2, u2, h, weight, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
-        g = grad_y.reshape(-1, grad_y.shape[-1])  # (N, out)
-        g_h = (g @ lora_b).mul_(s)  # (N, r)
+        g, g_h = _output_grads(grad_y, lora_b, s)
         grad_a = grad_b = grad_gate = grad_up = None
         if ctx.needs_input_grad[5]:
             grad_b = (g.t() @ h).mul_(s)  # (out, r)
@@ -117,7 +141,7 @@ class SwiGLUDownLora(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_a = g_h.t() @ (silu * u2)  # (r, d_ff): the product, rebuilt for this matmul
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x = (g @ weight).addmm_(g_h, lora_a)  # (N, d_ff): d loss / d product
+            grad_x = _input_grad(g, g_h, weight, lora_a)  # (N, d_ff): d loss / d product
             if ctx.needs_input_grad[1]:
                 grad_up = silu.mul_(grad_x).view(ctx.shape)
             del silu
